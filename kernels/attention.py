@@ -1,0 +1,238 @@
+"""Prefill attention: a fused causal/GQA attention forward in Triton, with its PyTorch reference.
+
+One program owns BLOCK_M query rows of one (batch, query head) and streams the K/V tiles of the matching
+KV head through an online softmax (Milakov & Gimelshein 2018, "Online normalizer calculation for softmax";
+the tiling of FlashAttention, Dao et al. 2022; layout after Triton tutorial 06-fused-attention). The scores
+are kept in log2 units so the exponentials are exp2. With causal masking the tiles right of the diagonal
+are never loaded, and the tiles left of it run without masks.
+
+Forward only: sampling never needs a backward.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+import torch
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # CPU-only installs: every public function falls back to its reference
+    triton = None
+
+RCP_LN2 = 1.4426950408889634  # 1 / ln(2): exp(x) == exp2(x * RCP_LN2)
+_BACKENDS = ("auto", "triton", "torch")
+
+
+def interpreting() -> bool:
+    """True when TRITON_INTERPRET asks Triton to run kernels on the CPU interpreter (used by the tests)."""
+    return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
+
+
+def use_triton(backend: str, *tensors: torch.Tensor) -> bool:
+    """Resolve `backend` ("auto", "triton" or "torch") to whether the Triton kernel runs on `tensors`."""
+    if backend not in _BACKENDS:
+        raise ValueError(f"unknown backend {backend!r}; choose one of {list(_BACKENDS)}")
+    if backend == "torch":
+        return False
+    on_cuda = all(t.is_cuda for t in tensors)
+    if triton is not None and (on_cuda or interpreting()):
+        return True
+    if backend == "triton":
+        why = "triton is not installed" if triton is None else "the tensors are not on a CUDA device"
+        raise RuntimeError(
+            f"backend='triton' cannot run: {why}; use backend='torch' (or 'auto'), "
+            "or set TRITON_INTERPRET=1 before importing triton to run the kernels on the CPU interpreter"
+        )
+    return False
+
+
+if triton is not None:
+
+    @triton.jit
+    def _attn_fwd_inner(
+        acc, l_i, m_i, q,
+        k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd,
+        offs_m, offs_d, lo, hi, S, qk_scale,
+        BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
+        MASK_KV: tl.constexpr, CAUSAL: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    ):
+        """Fold the K/V tiles [lo, hi) into the running (acc, l_i, m_i) of one query block.
+
+        MASK_KV is off for the tiles that lie wholly inside the sequence and left of the diagonal, so the
+        bulk of the loop carries no per-element masks; the diagonal and tail tiles turn it on.
+        """
+        offs_n0 = tl.arange(0, BLOCK_N)
+        d_ok = offs_d[None, :] < HEAD_DIM  # (1, BLOCK_D): false only on the padded head dims
+        for start_n in range(lo, hi, BLOCK_N):
+            offs_n = start_n + offs_n0
+            kv_mask = d_ok
+            if MASK_KV:
+                kv_mask = kv_mask & (offs_n[:, None] < S)
+            k = tl.load(k_base + offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kd,
+                        mask=kv_mask, other=0.0)  # (BLOCK_N, BLOCK_D)
+            qk = tl.dot(q, tl.trans(k), input_precision=INPUT_PRECISION)  # (BLOCK_M, BLOCK_N)
+            if MASK_KV:
+                valid = offs_n[None, :] < S
+                if CAUSAL:
+                    valid = valid & (offs_m[:, None] >= offs_n[None, :])
+                qk = tl.where(valid, qk, float("-inf"))
+            # Every row meets at least one live key by the time it reaches here (key 0 is in the first
+            # tile and is never masked), so m_new is finite and exp2(-inf - m_new) == 0 is safe.
+            m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
+            p = tl.exp2(qk * qk_scale - m_new[:, None])
+            alpha = tl.exp2(m_i - m_new)
+            l_i = l_i * alpha + tl.sum(p, 1)
+            v = tl.load(v_base + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd,
+                        mask=kv_mask, other=0.0)  # (BLOCK_N, BLOCK_D)
+            acc = acc * alpha[:, None]
+            acc = tl.dot(p.to(v.dtype), v, acc, input_precision=INPUT_PRECISION)
+            m_i = m_new
+        return acc, l_i, m_i
+
+    @triton.jit
+    def _attn_fwd_kernel(
+        q_ptr, k_ptr, v_ptr, o_ptr,
+        stride_qb, stride_qh, stride_qt, stride_qd,
+        stride_kb, stride_kh, stride_kn, stride_kd,
+        stride_vb, stride_vh, stride_vn, stride_vd,
+        stride_ob, stride_oh, stride_ot, stride_od,
+        H_Q, GROUP, T, S, qk_scale,
+        CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+        HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    ):
+        start_m = tl.program_id(0)
+        off_bh = tl.program_id(1)
+        off_b = (off_bh // H_Q).to(tl.int64)
+        off_h = (off_bh % H_Q).to(tl.int64)
+        off_hkv = off_h // GROUP  # GQA: GROUP consecutive query heads share one KV head
+
+        offs_m = start_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        offs_d = tl.arange(0, BLOCK_D)
+        q_mask = (offs_m[:, None] < T) & (offs_d[None, :] < HEAD_DIM)
+        q_base = q_ptr + off_b * stride_qb + off_h * stride_qh
+        q = tl.load(q_base + offs_m[:, None] * stride_qt + offs_d[None, :] * stride_qd,
+                    mask=q_mask, other=0.0)  # (BLOCK_M, BLOCK_D)
+        k_base = k_ptr + off_b * stride_kb + off_hkv * stride_kh
+        v_base = v_ptr + off_b * stride_vb + off_hkv * stride_vh
+
+        m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+        l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+        acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+        if CAUSAL:
+            # T == S: keys < start_m * BLOCK_M are visible to every row of this block and inside the
+            # sequence; the diagonal block needs the mask; keys past the block's last row are skipped.
+            lo_masked = start_m * BLOCK_M
+            hi = tl.minimum((start_m + 1) * BLOCK_M, S)
+        else:
+            lo_masked = (S // BLOCK_N) * BLOCK_N
+            hi = S
+        acc, l_i, m_i = _attn_fwd_inner(
+            acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd,
+            offs_m, offs_d, 0, lo_masked, S, qk_scale,
+            BLOCK_N, HEAD_DIM, False, CAUSAL, INPUT_PRECISION,
+        )
+        acc, l_i, m_i = _attn_fwd_inner(
+            acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd,
+            offs_m, offs_d, lo_masked, hi, S, qk_scale,
+            BLOCK_N, HEAD_DIM, True, CAUSAL, INPUT_PRECISION,
+        )
+        o = acc / l_i[:, None]
+        o_base = o_ptr + off_b * stride_ob + off_h * stride_oh
+        tl.store(o_base + offs_m[:, None] * stride_ot + offs_d[None, :] * stride_od,
+                 o.to(o_ptr.dtype.element_ty), mask=q_mask)
+
+
+def _check_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool) -> None:
+    if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
+        raise ValueError(f"attention expects q (B, Hq, T, D) and k, v (B, Hkv, S, D); got q {tuple(q.shape)}, "
+                         f"k {tuple(k.shape)}, v {tuple(v.shape)}")
+    B, Hq, T, D = q.shape
+    if k.shape != v.shape or k.shape[0] != B or k.shape[3] != D:
+        raise ValueError(f"k and v must both be (B={B}, Hkv, S, D={D}); got k {tuple(k.shape)}, v {tuple(v.shape)}")
+    if Hq % k.shape[1] != 0:
+        raise ValueError(f"query heads ({Hq}) must be a multiple of KV heads ({k.shape[1]}) for GQA")
+    if causal and T != k.shape[2]:
+        raise ValueError(f"causal attention here is for prefill and needs T == S; got T={T}, S={k.shape[2]} "
+                         "(use decode_attention for single-token steps)")
+    if not (q.dtype == k.dtype == v.dtype) or q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        raise TypeError(f"q, k, v must share one dtype of float16, bfloat16, float32; got {q.dtype}, {k.dtype}, "
+                        f"{v.dtype}")
+    if not (q.device == k.device == v.device):
+        raise ValueError(f"q, k, v must be on one device; got {q.device}, {k.device}, {v.device}")
+
+
+def _attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, sm_scale: float):
+    B, Hq, T, D = q.shape
+    Hkv, S = k.shape[1], k.shape[2]
+    o = torch.empty((B, Hq, T, D), dtype=q.dtype, device=q.device)
+    if o.numel() == 0:
+        return o
+    block_d = max(16, triton.next_power_of_2(D))
+    if interpreting():
+        # Small tiles keep the interpreter fast and still cross several tiles and the diagonal in the tests.
+        block_m, block_n, num_warps, num_stages = 32, 16, 4, 1
+    elif q.dtype == torch.float32 or block_d > 128:
+        block_m, block_n, num_warps, num_stages = 64, 32, 4 if block_d <= 64 else 8, 2
+    else:
+        block_m, block_n = 128, 64
+        num_warps, num_stages = (4, 3) if block_d <= 64 else (8, 3)
+    # Short prompts: smaller query blocks waste fewer masked rows and give more programs.
+    block_m = max(16, min(block_m, triton.next_power_of_2(T)))
+    block_n = min(block_n, block_m)  # the causal split at start_m * BLOCK_M must fall on a K/V tile edge
+    grid = (triton.cdiv(T, block_m), B * Hq)
+    _attn_fwd_kernel[grid](
+        q, k, v, o,
+        *q.stride(), *k.stride(), *v.stride(), *o.stride(),
+        Hq, Hq // Hkv, T, S, sm_scale * RCP_LN2,
+        CAUSAL=causal, BLOCK_M=block_m, BLOCK_N=block_n, HEAD_DIM=D, BLOCK_D=block_d,
+        # fp32 inputs ask for fp32 accuracy, so no silent TF32 on the tensor cores
+        INPUT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+        num_warps=num_warps, num_stages=num_stages,
+    )
+    return o
+
+
+def attention_reference(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool = True, sm_scale: float | None = None
+) -> torch.Tensor:
+    """Plain PyTorch attention in fp32 (the test oracle and the CPU fallback); same contract as `attention`."""
+    _check_qkv(q, k, v, causal)
+    B, Hq, T, D = q.shape
+    Hkv, S = k.shape[1], k.shape[2]
+    scale = 1.0 / math.sqrt(D) if sm_scale is None else sm_scale
+    qg = q.float().reshape(B, Hkv, Hq // Hkv, T, D)  # (B, Hkv, G, T, D): GQA groups share one KV head
+    scores = torch.einsum("bkgtd,bksd->bkgts", qg, k.float()) * scale  # (B, Hkv, G, T, S)
+    if causal:
+        visible = torch.ones(T, S, dtype=torch.bool, device=q.device).tril()
+        scores = scores.masked_fill(~visible, float("-inf"))
+    p = torch.softmax(scores, dim=-1)
+    o = torch.einsum("bkgts,bksd->bkgtd", p, v.float())  # (B, Hkv, G, T, D)
+    return o.reshape(B, Hq, T, D).to(q.dtype)
+
+
+def attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    causal: bool = True,
+    sm_scale: float | None = None,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """softmax(q k^T * sm_scale [+ causal mask]) v for prefill.
+
+    q (B, Hq, T, D); k, v (B, Hkv, S, D) with Hq % Hkv == 0 (query head h reads KV head h // (Hq // Hkv));
+    causal needs T == S. Any strides, fp16/bf16/fp32, any head dim (padded to a power of 2 inside the
+    kernel). sm_scale defaults to 1/sqrt(D). Returns o (B, Hq, T, D), contiguous, in q's dtype.
+    backend: "auto" (Triton on CUDA or under TRITON_INTERPRET=1, else the reference), "triton", "torch".
+    """
+    _check_qkv(q, k, v, causal)
+    scale = 1.0 / math.sqrt(q.shape[-1]) if sm_scale is None else float(sm_scale)
+    if not use_triton(backend, q, k, v):
+        return attention_reference(q, k, v, causal=causal, sm_scale=scale)
+    if k.shape[2] == 0:
+        raise ValueError("attention over an empty key sequence (S == 0) is undefined")
+    return _attention_triton(q, k, v, causal, scale)

@@ -1,0 +1,325 @@
+"""Sampling: cached decoding vs full recompute, the sampler's support and distribution, the
+counter-based noise, classifier-free guidance and its schedules, seed independence, validation."""
+
+import math
+
+import pytest
+import torch
+
+from vqgpt.generate import (
+    MASK32,
+    SamplingConfig,
+    counter_uniform,
+    decode_one_token,
+    exponential_noise,
+    generate,
+    logits_to_probs,
+    prefill,
+    sample,
+)
+from vqgpt.model import GPT, GPTConfig
+
+V = 64
+
+
+@pytest.fixture(autouse=True)
+def single_thread():
+    """Tiny tensors: on a shared 2-core machine extra intra-op threads only add contention."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def tiny_model(seed: int = 0, **overrides) -> GPT:
+    """A tiny GPT in eval mode with a random output head (the real init zeros it, i.e. uniform logits)."""
+    cfg = dict(text_vocab_size=V, text_len=8, image_vocab_size=V, image_grid=(4, 4), dim=32, n_layer=2, n_head=4)
+    torch.manual_seed(seed)
+    model = GPT(GPTConfig(**{**cfg, **overrides}))
+    torch.nn.init.normal_(model.head.weight, std=0.5)
+    return model.eval()
+
+
+def prompts(B: int, seed: int = 1) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    text = torch.randint(1, V, (B, 8), generator=g)
+    text[:, 5:] = 0  # right-padded captions
+    return text
+
+
+@torch.no_grad()
+def naive_generate(model: GPT, text: torch.Tensor, cfg: SamplingConfig, seeds: torch.Tensor) -> torch.Tensor:
+    """Reference sampler: no cache, the whole sequence recomputed at every step, guidance from two
+    separate forward passes (conditional, and with the all-PAD null caption)."""
+    B, N = text.shape[0], model.config.n_image
+    null = torch.full_like(text, model.config.text_pad_id)
+    codes = torch.zeros(B, N, dtype=torch.long)
+    for k, s in enumerate(cfg.scales(N)):
+        logits = model(text, codes[:, : k + 1])[:, k]
+        if s != 1:
+            uncond = model(null, codes[:, : k + 1])[:, k]
+            logits = uncond + s * (logits - uncond)
+        codes[:, k] = sample(logits, cfg, exponential_noise(seeds, k, V))
+    return codes.view(B, *model.config.image_grid)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Cached decoding
+
+
+@pytest.mark.parametrize("n_kv_head", [4, 2])
+def test_cached_decoding_matches_full_recompute(n_kv_head):
+    model = tiny_model(n_kv_head=n_kv_head)
+    model.setup_cache(5)  # larger than the batch: the first rows of the cache are used
+    text = prompts(3)
+    codes = torch.randint(0, V, (3, 16), generator=torch.Generator().manual_seed(2))
+    pos = torch.tensor(model.config.image_start)
+    with torch.no_grad():
+        cached = [prefill(model, text)]
+        for k in range(1, 16):
+            cached.append(decode_one_token(model, codes[:, k - 1], pos))
+            pos += 1
+        for k in range(16):  # recompute everything up to step k, as if there were no cache
+            full = model(text, codes[:, : k + 1])[:, k]
+            torch.testing.assert_close(cached[k], full, rtol=1e-5, atol=1e-5, msg=f"step {k}")
+
+
+def test_forward_cached_needs_a_cache():
+    model = tiny_model()
+    with pytest.raises(RuntimeError, match="setup_cache"):
+        model.forward_cached(text_ids=prompts(1))
+    model.setup_cache(1)
+    with pytest.raises(ValueError, match="exceeds the KV cache"):
+        model.forward_cached(text_ids=prompts(2))
+
+
+# ---------------------------------------------------------------------------------------------------
+# The sampler
+
+
+def test_counter_uniform_is_an_exact_uint32_hash():
+    """The int64 tensor arithmetic equals the same hash in plain Python integers (exact uint32 math),
+    which is what a kernel on another device reproduces."""
+
+    def fmix(x):
+        x ^= x >> 16
+        x = (x * 0x85EBCA6B) & MASK32
+        x ^= x >> 13
+        x = (x * 0xC2B2AE35) & MASK32
+        return x ^ (x >> 16)
+
+    def ref(seed, step, i):
+        seed &= (1 << 64) - 1
+        key = fmix((seed & MASK32) ^ fmix((seed >> 32) ^ 0x9E3779B9))
+        key = fmix(key ^ fmix((step + 0x9E3779B9) & MASK32))
+        bits = fmix((fmix(i ^ key) + key) & MASK32)
+        return ((bits >> 9) + 0.5) / 2**23
+
+    seeds = torch.tensor([0, 1, 2**40 + 7, -3])
+    u = counter_uniform(seeds, 5, 300)
+    for b, seed in enumerate(seeds.tolist()):
+        for i in (0, 1, 17, 299):
+            assert u[b, i].item() == ref(seed, 5, i)
+    assert 0 < u.min() and u.max() < 1
+
+
+def test_noise_is_a_function_of_seed_step_index_only():
+    seeds = torch.arange(2000)
+    u = counter_uniform(seeds, 0, V)
+    assert torch.equal(counter_uniform(seeds[[7, 3]], 0, V), u[[7, 3]])  # batch composition is irrelevant
+    assert not torch.equal(counter_uniform(seeds, 1, V), u)  # each step draws fresh noise
+    assert u.mean().item() == pytest.approx(0.5, abs=0.005)
+    assert exponential_noise(seeds, 0, V).mean().item() == pytest.approx(1.0, abs=0.01)
+    step_tensor = counter_uniform(seeds[:4], torch.tensor(3), V)  # step as a device tensor (graph capture)
+    assert torch.equal(step_tensor, counter_uniform(seeds[:4], 3, V))
+
+
+def test_top_k_1_is_greedy():
+    logits = torch.randn(500, V, generator=torch.Generator().manual_seed(0))
+    noise = exponential_noise(torch.arange(500), 0, V)
+    greedy = sample(logits, SamplingConfig(temperature=0.0), noise)
+    assert torch.equal(greedy, logits.argmax(-1))
+    assert torch.equal(sample(logits, SamplingConfig(top_k=1, temperature=1.7), noise), greedy)
+
+
+def test_generate_top_k_1_equals_temperature_0():
+    model = tiny_model()
+    text, seeds = prompts(2), torch.tensor([3, 4])
+    a = generate(model, text, SamplingConfig(cfg_scale=2.0, top_k=1), seeds)
+    b = generate(model, text, SamplingConfig(cfg_scale=2.0, temperature=0.0), seeds + 100)
+    assert torch.equal(a, b)
+
+
+def _draws(logits: torch.Tensor, cfg: SamplingConfig, n: int) -> torch.Tensor:
+    """n independent draws from one row of logits, one seed per draw."""
+    seeds = torch.arange(n)
+    return sample(logits.expand(n, -1), cfg, exponential_noise(seeds, 0, logits.shape[-1]))
+
+
+def test_tokens_outside_top_k_are_never_drawn():
+    logits = torch.randn(V, generator=torch.Generator().manual_seed(1)) * 2
+    allowed = set(logits.topk(5).indices.tolist())
+    drawn = set(_draws(logits, SamplingConfig(top_k=5), 4000).tolist())
+    assert drawn == allowed  # nothing outside, and the support is not degenerate
+
+
+def test_tokens_outside_top_p_are_never_drawn():
+    probs = torch.tensor([0.35, 0.25, 0.15, 0.1, 0.05] + [0.1 / (V - 5)] * (V - 5))
+    perm = torch.randperm(V, generator=torch.Generator().manual_seed(2))
+    logits = probs.log()[perm]  # shuffled so order in the vocab means nothing
+    # mass 0.35 + 0.25 = 0.60 < 0.7, so the nucleus for top_p = 0.7 is the three most likely tokens
+    nucleus = {perm.tolist().index(i) for i in range(3)}
+    assert set(_draws(logits, SamplingConfig(top_p=0.7), 4000).tolist()) == nucleus
+    # with top_k = 2 the nucleus is taken within the top 2 (renormalized 0.58 / 0.42): top_p 0.5 keeps one
+    assert set(_draws(logits, SamplingConfig(top_k=2, top_p=0.5), 500).tolist()) == {perm.tolist().index(0)}
+
+
+@pytest.mark.parametrize(
+    "cfg", [SamplingConfig(top_k=8, temperature=0.7), SamplingConfig(top_p=0.9, temperature=1.3)]
+)
+def test_sampled_frequencies_match_the_distribution(cfg):
+    """Pearson chi-square against probabilities computed independently (float64, explicit sort)."""
+    n, vocab = 20000, 12
+    logits = torch.randn(vocab, generator=torch.Generator().manual_seed(3)) * 1.5
+    z = logits.double() / cfg.temperature
+    order = z.argsort(descending=True)
+    keep = order[: cfg.top_k] if cfg.top_k else order
+    p = torch.softmax(z[keep], 0)
+    if cfg.top_p < 1:
+        keep = keep[: int((p.cumsum(0) - p < cfg.top_p).sum())]
+    expected = torch.zeros(vocab, dtype=torch.float64)
+    expected[keep] = torch.softmax(z[keep], 0)
+    torch.testing.assert_close(logits_to_probs(logits, cfg.temperature, cfg.top_k, cfg.top_p).double(), expected)
+
+    counts = torch.bincount(_draws(logits, cfg, n), minlength=vocab).double()
+    assert counts[expected == 0].sum() == 0
+    support = expected > 0
+    chi2 = ((counts[support] - n * expected[support]) ** 2 / (n * expected[support])).sum().item()
+    dof = int(support.sum()) - 1
+    assert chi2 < dof + 6 * math.sqrt(2 * dof), f"chi2 {chi2:.1f} with {dof} dof"  # ~1e-4 false alarm
+
+
+# ---------------------------------------------------------------------------------------------------
+# generate: guidance, seeds, schedules
+
+
+@pytest.mark.parametrize(
+    "cfg",
+    [
+        SamplingConfig(cfg_scale=3.0, top_k=20),
+        SamplingConfig(cfg_scale=2.0, cfg_schedule="linear", top_p=0.9),
+        SamplingConfig(cfg_scale=4.0, cfg_schedule="interval", cfg_interval=5, temperature=0.8),
+        SamplingConfig(cfg_scale=1.0),
+    ],
+    ids=["constant", "linear", "interval", "no-cfg"],
+)
+def test_generate_matches_naive_reference(cfg):
+    model = tiny_model()
+    text, seeds = prompts(3), torch.tensor([10, 11, 12])
+    codes = generate(model, text, cfg, seeds)
+    assert codes.shape == (3, 4, 4) and codes.dtype == torch.long
+    assert torch.equal(codes, naive_generate(model, text, cfg, seeds))
+
+
+def _rows_seen(model: GPT, monkeypatch) -> list[int]:
+    rows = []
+    original = model.forward_cached
+
+    def spy(**kwargs):
+        x = kwargs.get("text_ids", kwargs.get("codes"))
+        rows.append(x.shape[0])
+        return original(**kwargs)
+
+    monkeypatch.setattr(model, "forward_cached", spy)
+    return rows
+
+
+def test_cfg_scale_1_skips_unconditional_rows(monkeypatch):
+    model = tiny_model()
+    text, seeds = prompts(3), torch.tensor([1, 2, 3])
+    rows = _rows_seen(model, monkeypatch)
+    plain = generate(model, text, SamplingConfig(cfg_scale=1.0, top_k=10), seeds)
+    assert rows and set(rows) == {3}
+    rows.clear()
+    off = SamplingConfig(cfg_scale=5.0, cfg_schedule="interval", cfg_interval=0, top_k=10)  # never on
+    assert torch.equal(generate(model, text, off, seeds), plain)
+    assert set(rows) == {3}
+    rows.clear()
+    guided = generate(model, text, SamplingConfig(cfg_scale=3.0, top_k=10), seeds)
+    assert set(rows) == {6}  # conditional + unconditional in one batch
+    assert not torch.equal(guided, plain)
+
+
+def test_same_seed_same_codes_whatever_the_batch():
+    model = tiny_model()
+    text, seeds = prompts(4), torch.tensor([101, 202, 303, 404])
+    cfg = SamplingConfig(cfg_scale=3.0, top_k=32)
+    full = generate(model, text, cfg, seeds)
+    alone = generate(model, text[2:3], cfg, seeds[2:3])
+    assert torch.equal(alone[0], full[2])
+    perm = torch.tensor([3, 0, 2])
+    assert torch.equal(generate(model, text[perm], cfg, seeds[perm]), full[perm])
+    # Same prompt, different seeds: different images.
+    same_prompt = generate(model, text[:1].expand(2, -1), cfg, torch.tensor([1, 2]))
+    assert not torch.equal(same_prompt[0], same_prompt[1])
+
+
+def test_generate_restores_training_mode_and_shows_progress(capsys):
+    model = tiny_model().train()
+    generate(model, prompts(1), SamplingConfig(), torch.tensor([0]), progress=True)
+    assert model.training
+    assert "sampling" in capsys.readouterr().err
+
+
+def test_cfg_schedules():
+    assert SamplingConfig(cfg_scale=3.0).scales(4) == [3.0] * 4
+    assert SamplingConfig(cfg_scale=3.0, cfg_schedule="linear").scales(5) == [1.0, 1.5, 2.0, 2.5, 3.0]
+    assert SamplingConfig(cfg_scale=3.0, cfg_schedule="interval", cfg_interval=2).scales(4) == [3, 3, 1, 1]
+
+
+# ---------------------------------------------------------------------------------------------------
+# Validation
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(cfg_scale=-1.0), "cfg_scale"),
+        (dict(cfg_scale=float("inf")), "cfg_scale"),
+        (dict(cfg_scale=float("nan")), "cfg_scale"),
+        (dict(cfg_schedule="cosine"), "cfg_schedule"),
+        (dict(cfg_schedule="interval"), "needs cfg_interval"),
+        (dict(cfg_schedule="interval", cfg_interval=-1), "cfg_interval"),
+        (dict(cfg_interval=10), "only used with cfg_schedule='interval'"),
+        (dict(top_k=0), r"top_k .*\[1, 64\]"),
+        (dict(top_k=65), r"top_k .*\[1, 64\]"),
+        (dict(top_k=2.5), "top_k"),
+        (dict(top_p=0.0), r"top_p must be in \(0, 1\]"),
+        (dict(top_p=1.5), "top_p"),
+        (dict(top_p=float("nan")), "top_p"),
+        (dict(temperature=-0.1), "temperature"),
+        (dict(temperature=float("nan")), "temperature"),
+    ],
+)
+def test_invalid_sampling_config(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        SamplingConfig(**kwargs).validate(codebook_size=V)
+    with pytest.raises(ValueError, match=match):  # and generate checks before doing any work
+        generate(tiny_model(), prompts(1), SamplingConfig(**kwargs), torch.tensor([0]))
+
+
+def test_valid_edge_configs_pass():
+    SamplingConfig(cfg_scale=0.0, top_k=V, top_p=1.0, temperature=0.0).validate(V)
+    SamplingConfig(cfg_schedule="interval", cfg_interval=0).validate(V)
+
+
+def test_invalid_generate_inputs():
+    model = tiny_model()
+    with pytest.raises(ValueError, match="non-empty"):
+        generate(model, torch.zeros(0, 8, dtype=torch.long), SamplingConfig(), torch.zeros(0, dtype=torch.long))
+    with pytest.raises(ValueError, match="text context is 8"):
+        generate(model, torch.zeros(2, 5, dtype=torch.long), SamplingConfig(), torch.tensor([0, 1]))
+    with pytest.raises(ValueError, match=r"seeds must be an integer tensor of shape \(2,\)"):
+        generate(model, prompts(2), SamplingConfig(), torch.tensor([0]))
+    with pytest.raises(ValueError, match="seeds must be an integer tensor"):
+        generate(model, prompts(2), SamplingConfig(), torch.tensor([0.0, 1.0]))

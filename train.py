@@ -1,0 +1,474 @@
+"""Train vqgpt: stage 1 the image tokenizer, stage 2 the text-to-image GPT.
+
+    python train.py                                               # the embedded demo: both stages, then samples
+    python train.py tokenizer --data openmoji --out runs/tok       # stage 1
+    python train.py gpt --data openmoji --tokenizer runs/tok --out runs/t2i   # stage 2
+    torchrun --nproc_per_node 2 train.py gpt ...                   # data-parallel, same flags
+    python train.py gpt ... --resume runs/t2i                      # continue exactly where it stopped
+
+--data is `openmoji`, `shapes`, a local imagefolder (metadata.jsonl with file_name/text) or a hub dataset
+name. Every run directory holds the latest model in the public format (ImageTokenizer / TextToImage
+`from_pretrained` read it), numbered checkpoints under checkpoints/, and sample grids under samples/.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from vqgpt import data as vdata
+from vqgpt import training as T
+from vqgpt.checkpoint import CheckpointManager
+from vqgpt.tokenizer import ImageTokenizer, TokenizerConfig, tokenizer_config
+
+# Defaults of the embedded demo, chosen to fit 2 CPU cores: the tokenizer in <= 10 minutes, both stages
+# in <= 20 (see README for what they reach).
+DEMO = {
+    "tokenizer": dict(data="openmoji", preset="demo", steps=1500, batch_size=32, lr=2e-3),
+    "gpt": dict(data="openmoji", preset="demo", steps=2000, batch_size=64, lr=1e-3),
+}
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="stage")
+
+    def common(sp, stage):
+        d = DEMO[stage]
+        sp.add_argument("--data", default=d["data"], help="openmoji | shapes | a folder | a hub dataset name")
+        sp.add_argument("--image-column", default="image")
+        sp.add_argument("--caption-column", default="text")
+        sp.add_argument("--limit", type=int, default=None, help="use at most this many training images")
+        sp.add_argument("--out", default=f"runs/{'tok' if stage == 'tokenizer' else 't2i'}")
+        sp.add_argument("--preset", default=d["preset"])
+        sp.add_argument("--steps", type=int, default=d["steps"])
+        sp.add_argument("--batch-size", type=int, default=d["batch_size"], help="global batch (all ranks)")
+        sp.add_argument("--grad-accum", type=int, default=1, help="micro-batches per step (per rank)")
+        sp.add_argument("--lr", type=float, default=d["lr"])
+        sp.add_argument("--warmup", type=int, default=None, help="warm-up steps (default 5%% of --steps)")
+        sp.add_argument("--weight-decay", type=float, default=0.0)
+        sp.add_argument("--clip", type=float, default=1.0, help="gradient norm clip")
+        sp.add_argument("--seed", type=int, default=0)
+        sp.add_argument("--save-every", type=int, default=500)
+        sp.add_argument("--eval-every", type=int, default=500)
+        sp.add_argument("--log-every", type=int, default=25)
+        sp.add_argument("--keep", type=int, default=3, help="checkpoints to keep")
+        sp.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+        sp.add_argument("--wandb", default=None, choices=["online", "offline", "disabled"],
+                        help="default: online with an account configured, else offline")
+        sp.add_argument("--resume", default=None, metavar="RUN_DIR", help="continue the run saved in RUN_DIR")
+        sp.add_argument("--compile", action="store_true", help="torch.compile the model")
+
+    tok = sub.add_parser("tokenizer", help="train the image tokenizer (VQ-VAE)")
+    common(tok, "tokenizer")
+    tok.add_argument("--image-size", type=int, default=None, help="override the preset's image size")
+    tok.add_argument("--quantizer", choices=["fsq", "vq"], default=None, help="override the preset's")
+    tok.add_argument("--gan-weight", type=float, default=0.0, help="PatchGAN hinge loss weight (0 = off)")
+    tok.add_argument("--gan-start", type=int, default=None, help="step the GAN loss starts (default half)")
+
+    gpt = sub.add_parser("gpt", help="train the text-to-image GPT on a trained tokenizer's codes")
+    common(gpt, "gpt")
+    gpt.add_argument("--tokenizer", default="runs/tok", help="image tokenizer directory (stage 1 output)")
+    gpt.add_argument("--text-tokenizer", default=None,
+                     help="a transformers tokenizer name or path; default: a BPE trained on the captions")
+    gpt.add_argument("--text-vocab", type=int, default=1024, help="vocabulary of the trained BPE")
+    gpt.add_argument("--text-len", type=int, default=None, help="text context in tokens (default: fit 99%%)")
+    gpt.add_argument("--cfg-dropout", type=float, default=None, help="caption dropout prob (CFG training)")
+    gpt.add_argument("--text-loss-weight", type=float, default=None)
+    gpt.add_argument("--sample-prompts", nargs="*", default=None, help="prompts of the sample grids")
+
+    args = p.parse_args(argv)
+    return p, args
+
+
+# ----------------------------------------------------------------------------------------------------
+# Shared pieces
+
+
+def make_optimizer(model: torch.nn.Module, lr: float, weight_decay: float) -> torch.optim.AdamW:
+    # No weight decay on norms, biases and embeddings-as-vectors (the usual GPT-2 split).
+    params = [p for p in model.parameters() if p.requires_grad]
+    decay = [p for p in params if p.dim() >= 2]
+    no_decay = [p for p in params if p.dim() < 2]
+    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.95), fused=False)
+
+
+def wrap_for_training(module: torch.nn.Module, d: T.Dist, compile: bool) -> torch.nn.Module:
+    """DDP across ranks when launched by torchrun (gradients all-reduced in backward), then compile."""
+    if d.enabled:
+        ids = [d.local_rank] if d.device.type == "cuda" else None
+        module = torch.nn.parallel.DistributedDataParallel(module, device_ids=ids)
+    return torch.compile(module) if compile else module
+
+
+class GPTLoss(torch.nn.Module):
+    """GPT.loss as a forward(), so that DDP's gradient hooks see the call."""
+
+    def __init__(self, gpt):
+        super().__init__()
+        self.gpt = gpt
+
+    def forward(self, text_ids, codes):
+        return self.gpt.loss(text_ids, codes)
+
+
+def trainer_state(step, optimizer, guard, extra=None) -> dict:
+    return {"step": step, "optimizer": optimizer.state_dict(), "skipped": guard.skipped, **(extra or {})}
+
+
+def save_grid(rows: list[torch.Tensor], path: Path, labels: list[str] | None = None) -> Path:
+    """Tile image batches (each (n, 3, H, W) in [0, 1]) into one PNG at `path`: one batch per row."""
+    from vqgpt.pipeline import image_grid
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    image_grid(rows, labels).save(path)
+    return path
+
+
+def progress(total: int, start: int, enabled: bool):
+    from tqdm import tqdm
+
+    return tqdm(total=total, initial=start, disable=not enabled, dynamic_ncols=True, unit="step")
+
+
+# ----------------------------------------------------------------------------------------------------
+# Stage 1: the image tokenizer
+
+
+def patch_discriminator():
+    """A small PatchGAN (Isola et al. 2017) for the optional adversarial loss."""
+    import torch.nn as nn
+
+    def block(i, o, norm=True):
+        return [nn.Conv2d(i, o, 4, 2, 1), *( [nn.GroupNorm(8, o)] if norm else []), nn.LeakyReLU(0.2)]
+
+    return nn.Sequential(*block(3, 64, norm=False), *block(64, 128), *block(128, 256), nn.Conv2d(256, 1, 3, 1, 1))
+
+
+@torch.no_grad()
+def evaluate_tokenizer(model: ImageTokenizer, images: torch.Tensor, batch_size: int = 256) -> dict:
+    from vqgpt.metrics import codebook_stats, psnr
+
+    was = model.training
+    model.eval()
+    x = images.float().div(255)
+    codes = torch.cat([model.encode(b.to(model.device)) for b in x.split(batch_size)])
+    recon = torch.cat([model.decode(c).cpu() for c in codes.split(batch_size)])
+    model.train(was)
+    return {"psnr": psnr(recon, x), **codebook_stats(codes, model.codebook_size)}, recon
+
+
+def train_tokenizer(args) -> Path:
+    d = T.setup_distributed(args.device)
+    out = Path(args.out)
+    ckpts = CheckpointManager(out, keep=args.keep)
+    resume = ckpts.require_latest() if args.resume else None
+    if args.resume and Path(args.resume) != out:
+        raise ValueError(f"--resume {args.resume} must be the run directory itself (--out is {args.out})")
+
+    # Model: built after the process group exists, so a VQ codebook knows to synchronise across ranks.
+    if resume is not None:
+        config = TokenizerConfig.from_dict(json.loads(resume.file("tokenizer_config.json").read_text()))
+    else:
+        overrides = {k: v for k, v in (("image_size", args.image_size), ("quantizer", args.quantizer)) if v}
+        config = tokenizer_config(args.preset, **overrides)
+    model = ImageTokenizer(config).to(d.device)
+
+    images, _ = vdata.load_image_tensors(args.data, "train", config.image_size, image_column=args.image_column,
+                                         caption_column=args.caption_column, limit=args.limit)
+    held_out, _ = vdata.load_image_tensors(args.data, "test", config.image_size, image_column=args.image_column,
+                                           caption_column=args.caption_column)
+    if len(held_out) == 0:
+        held_out = images[:64]
+    held_out = held_out[:512]
+
+    disc = patch_discriminator().to(d.device) if args.gan_weight > 0 else None
+    optimizer = make_optimizer(model, args.lr, args.weight_decay)
+    disc_opt = torch.optim.AdamW(disc.parameters(), lr=args.lr, betas=(0.5, 0.9)) if disc else None
+    guard = T.NonFiniteGuard()
+    start = 0
+    if resume is not None:
+        from vqgpt.tokenizer import load_state_strict
+
+        load_state_strict(model, str(resume.file("model.safetensors")))
+        state = resume.trainer_state()
+        optimizer.load_state_dict(state["optimizer"])
+        if disc is not None and "disc" in state:
+            disc.load_state_dict(state["disc"])
+            disc_opt.load_state_dict(state["disc_optimizer"])
+        start, guard.skipped = state["step"], state["skipped"]
+        if d.main:
+            print(f"resuming {out} from step {start}", flush=True)
+    train_model = wrap_for_training(model, d, args.compile)
+
+    warmup = args.warmup if args.warmup is not None else max(1, args.steps // 20)
+    gan_start = args.gan_start if args.gan_start is not None else args.steps // 2
+    per_rank = args.batch_size // d.world
+    if per_rank * d.world != args.batch_size or per_rank % args.grad_accum:
+        raise ValueError(f"--batch-size {args.batch_size} must split evenly over {d.world} ranks x "
+                         f"{args.grad_accum} micro-batches")
+    run_config = {"stage": "tokenizer", "tokenizer": config.to_dict(), "args": vars(args), "world": d.world,
+                  "params": sum(p.numel() for p in model.parameters())}
+    wb = T.init_wandb(args.wandb, "vqgpt", f"tok-{out.name}", run_config, str(out), enabled=d.main)
+    if d.main:
+        print(f"tokenizer: {run_config['params'] / 1e6:.2f}M params, {len(images)} train / {len(held_out)} "
+              f"held-out images, codes {config.grid_size}x{config.grid_size} of {config.codebook_size}",
+              flush=True)
+
+    def save(step):
+        if not d.main:
+            return
+        extra = {"disc": disc.state_dict(), "disc_optimizer": disc_opt.state_dict()} if disc else {}
+        ckpts.save(step, model.state_dict(), trainer_state(step, optimizer, guard, extra),
+                   files={"tokenizer_config.json": json.dumps(config.to_dict())},
+                   export=model.save_pretrained)
+
+    bar = progress(args.steps, start, d.main)
+    t_last, seen = time.time(), 0
+    model.train()
+    for step in range(start, args.steps):
+        gen = T.seed_step(args.seed, step, d.rank)
+        lr = T.lr_at(step, max_lr=args.lr, warmup=warmup, total=args.steps)
+        for g in optimizer.param_groups:
+            g["lr"] = lr
+        idx = T.epoch_batch(len(images), step, args.batch_size, args.seed)[d.rank * per_rank:(d.rank + 1) * per_rank]
+        x = images[idx].to(d.device).float().div_(255)
+        flip = torch.rand(len(x), generator=gen) < 0.5  # horizontal flips: free extra data
+        x[flip.to(d.device)] = x[flip.to(d.device)].flip(-1)
+        use_gan = disc is not None and step >= gan_start
+        optimizer.zero_grad(set_to_none=True)
+        for micro in x.chunk(args.grad_accum):
+            with T.autocast(d.device):
+                recon, _, aux = train_model(micro)
+                recon = recon.float()
+                rec = F.l1_loss(recon, micro) + F.mse_loss(recon, micro)
+                loss = rec + aux
+                if use_gan:
+                    loss = loss - args.gan_weight * disc(recon * 2 - 1).mean()  # hinge generator loss
+            (loss / args.grad_accum).backward()
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.clip)
+        if guard.check(loss.detach(), grad_norm, step):
+            optimizer.step()
+        if use_gan:  # discriminator step on detached reconstructions (hinge loss)
+            disc_opt.zero_grad(set_to_none=True)
+            d_loss = F.relu(1 - disc(x * 2 - 1)).mean() + F.relu(1 + disc(recon.detach() * 2 - 1)).mean()
+            d_loss.backward()
+            disc_opt.step()
+        seen += len(x) * d.world
+        bar.update(1)
+        done = step + 1
+        if done % args.log_every == 0 or done == args.steps:
+            rate = seen / (time.time() - t_last)
+            t_last, seen = time.time(), 0
+            loss_v = T.all_reduce_mean(loss.detach(), d).item()
+            bar.set_postfix(loss=f"{loss_v:.4f}", lr=f"{lr:.2e}", img_s=f"{rate:.0f}")
+            if wb:
+                wb.log({"train/loss": loss_v, "train/rec_loss": rec.item(), "lr": lr, "images_per_s": rate,
+                        "skipped_steps": guard.skipped}, step=done)
+        if d.main and (done % args.eval_every == 0 or done == args.steps):
+            metrics, recon = evaluate_tokenizer(model, held_out)
+            grid = save_grid([held_out[:8].float() / 255, recon[:8]], out / "samples" / f"recon-{done:07d}.png")
+            bar.write(f"step {done}: held-out PSNR {metrics['psnr']:.2f} dB, usage {metrics['usage']:.1%}, "
+                      f"perplexity {metrics['perplexity']:.0f} -> {grid}")
+            if wb:
+                import wandb
+
+                wb.log({"eval/psnr": metrics["psnr"], "eval/usage": metrics["usage"],
+                        "eval/perplexity": metrics["perplexity"], "eval/recon": wandb.Image(str(grid))}, step=done)
+        if done % args.save_every == 0 or done == args.steps:
+            save(done)
+    bar.close()
+    if wb:
+        wb.finish()
+    T.cleanup_distributed(d)
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------
+# Stage 2: the text-to-image GPT
+
+DEFAULT_PROMPTS = {
+    "openmoji": ["green apple", "red heart", "grinning face", "dog face", "sun", "rocket", "pizza", "snowman"],
+    "shapes": ["a large red circle at the center on a white background",
+               "a small blue square at the top left on a black background",
+               "a large green triangle at the bottom right on a white background",
+               "a small yellow star at the top right on a blue background"],
+}
+
+
+def train_gpt(args) -> Path:
+    from vqgpt.generate import SamplingConfig
+    from vqgpt.model import GPT, GPTConfig, gpt_config
+    from vqgpt.pipeline import TextToImage
+    from vqgpt.text import TextTokenizer
+    from vqgpt.tokenizer import load_state_strict
+
+    d = T.setup_distributed(args.device)
+    out = Path(args.out)
+    ckpts = CheckpointManager(out, keep=args.keep)
+    resume = ckpts.require_latest() if args.resume else None
+    tok_dir = resume.file("image_tokenizer") if resume is not None else Path(args.tokenizer)
+    image_tok = ImageTokenizer.from_pretrained(tok_dir, device=d.device)
+    kw = dict(image_column=args.image_column, caption_column=args.caption_column)
+    codes, captions = vdata.load_codes(args.data, "train", image_tok, limit=args.limit, **kw)
+    test_codes, test_captions = vdata.load_codes(args.data, "test", image_tok, **kw)
+
+    if resume is not None:
+        text_tok = TextTokenizer.from_pretrained(resume.file("text_tokenizer"))
+        config = GPTConfig.from_dict(json.loads(resume.file("gpt_config.json").read_text()))
+    else:
+        text_tok = (TextTokenizer.from_pretrained(args.text_tokenizer) if args.text_tokenizer
+                    else TextTokenizer.train(captions, vocab_size=args.text_vocab))
+        text_len = args.text_len or fit_text_len(text_tok, captions)
+        overrides = {k: v for k, v in (("cfg_dropout", args.cfg_dropout), ("text_loss_weight", args.text_loss_weight))
+                     if v is not None}
+        config = gpt_config(args.preset, text_vocab_size=text_tok.vocab_size, text_pad_id=text_tok.pad_id,
+                            text_len=text_len, image_vocab_size=image_tok.codebook_size,
+                            image_grid=(image_tok.grid_size, image_tok.grid_size), **overrides)
+    text_ids = text_tok(captions, config.text_len)  # (N, T_text)
+    test_ids = text_tok(test_captions, config.text_len)
+    codes, test_codes = codes.flatten(1), test_codes.flatten(1)  # (N, h*w)
+
+    model = GPT(config).to(d.device)
+    optimizer = make_optimizer(model, args.lr, args.weight_decay)
+    guard = T.NonFiniteGuard()
+    start = 0
+    if resume is not None:
+        load_state_strict(model, str(resume.file("model.safetensors")))
+        state = resume.trainer_state()
+        optimizer.load_state_dict(state["optimizer"])
+        start, guard.skipped = state["step"], state["skipped"]
+        if d.main:
+            print(f"resuming {out} from step {start}", flush=True)
+    loss_fn = wrap_for_training(GPTLoss(model), d, args.compile)
+
+    warmup = args.warmup if args.warmup is not None else max(1, args.steps // 20)
+    per_rank = args.batch_size // d.world
+    if per_rank * d.world != args.batch_size or per_rank % args.grad_accum:
+        raise ValueError(f"--batch-size {args.batch_size} must split evenly over {d.world} ranks x "
+                         f"{args.grad_accum} micro-batches")
+    prompts = args.sample_prompts or DEFAULT_PROMPTS.get(args.data, captions[:8])
+    run_config = {"stage": "gpt", "gpt": config.to_dict(), "args": vars(args), "world": d.world,
+                  "params": model.num_params(), "image_tokenizer": image_tok.fingerprint()}
+    wb = T.init_wandb(args.wandb, "vqgpt", f"gpt-{out.name}", run_config, str(out), enabled=d.main)
+    if d.main:
+        print(f"gpt: {model.num_params() / 1e6:.2f}M params, {len(codes)} train / {len(test_codes)} held-out "
+              f"images, sequence {config.text_len} text + 1 + {config.n_image} image tokens", flush=True)
+    sampling = SamplingConfig()
+
+    def pipeline():
+        return TextToImage(model, image_tok, text_tok, sampling)
+
+    def save(step):
+        if not d.main:
+            return
+        ckpts.save(step, model.state_dict(), trainer_state(step, optimizer, guard),
+                   files={"gpt_config.json": json.dumps(config.to_dict())},
+                   writers={"image_tokenizer": image_tok.save_pretrained, "text_tokenizer": text_tok.save_pretrained},
+                   export=lambda run_dir: pipeline().save_pretrained(run_dir))
+
+    bar = progress(args.steps, start, d.main)
+    t_last, seen = time.time(), 0
+    model.train()
+    for step in range(start, args.steps):
+        T.seed_step(args.seed, step, d.rank)
+        lr = T.lr_at(step, max_lr=args.lr, warmup=warmup, total=args.steps)
+        for g in optimizer.param_groups:
+            g["lr"] = lr
+        idx = T.epoch_batch(len(codes), step, args.batch_size, args.seed)[d.rank * per_rank:(d.rank + 1) * per_rank]
+        t_b, c_b = text_ids[idx].to(d.device), codes[idx].to(d.device)
+        optimizer.zero_grad(set_to_none=True)
+        for t_m, c_m in zip(t_b.chunk(args.grad_accum), c_b.chunk(args.grad_accum)):
+            with T.autocast(d.device):
+                loss, stats = loss_fn(t_m, c_m)
+            (loss / args.grad_accum).backward()
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.clip)
+        if guard.check(loss.detach(), grad_norm, step):
+            optimizer.step()
+        seen += len(idx) * config.n_image * d.world
+        bar.update(1)
+        done = step + 1
+        if done % args.log_every == 0 or done == args.steps:
+            rate = seen / (time.time() - t_last)
+            t_last, seen = time.time(), 0
+            loss_v = T.all_reduce_mean(loss.detach(), d).item()
+            bar.set_postfix(loss=f"{loss_v:.3f}", lr=f"{lr:.2e}", tok_s=f"{rate:.0f}")
+            if wb:
+                wb.log({"train/loss": loss_v, "train/image_acc": stats["image_acc"].item(), "lr": lr,
+                        "tokens_per_s": rate, "skipped_steps": guard.skipped}, step=done)
+        if d.main and (done % args.eval_every == 0 or done == args.steps):
+            bits = held_out_bits(model, test_ids, test_codes)
+            paths = [sample_grid(pipeline(), prompts, cfg, out / "samples" / f"step-{done:07d}-cfg{cfg:g}.png")
+                     for cfg in (1.0, 3.0)]
+            bar.write(f"step {done}: held-out {bits:.3f} bits/image token -> {paths[-1]}")
+            if wb:
+                import wandb
+
+                wb.log({"eval/bits_per_token": bits,
+                        **{f"samples/cfg{c:g}": wandb.Image(str(p)) for c, p in zip((1, 3), paths)}}, step=done)
+        if done % args.save_every == 0 or done == args.steps:
+            save(done)
+    bar.close()
+    if wb:
+        wb.finish()
+    T.cleanup_distributed(d)
+    return out
+
+
+def fit_text_len(text_tok, captions: list[str], quantile: float = 0.99) -> int:
+    """The text context: long enough for 99% of the captions, rounded up to a multiple of 8."""
+    lengths = sorted(len(text_tok.hf(c)["input_ids"]) for c in captions[:5000])
+    need = lengths[min(len(lengths) - 1, int(quantile * len(lengths)))]
+    return max(8, -(-need // 8) * 8)
+
+
+@torch.no_grad()
+def held_out_bits(model, text_ids: torch.Tensor, codes: torch.Tensor, batch_size: int = 256) -> float:
+    """Mean held-out negative log-likelihood of image tokens, in bits per token (no caption dropout)."""
+    was = model.training
+    model.eval()
+    device = model.head.weight.device
+    total, n = 0.0, 0
+    for t, c in zip(text_ids.split(batch_size), codes.split(batch_size)):
+        logits = model(t.to(device), c.to(device)).float()
+        total += F.cross_entropy(logits.flatten(0, 1), c.to(device).flatten(), reduction="sum").item()
+        n += c.numel()
+    model.train(was)
+    return total / max(n, 1) / 0.6931471805599453  # nats -> bits
+
+
+def sample_grid(pipe, prompts: list[str], cfg_scale: float, path: Path, n: int = 4) -> Path:
+    codes = pipe.generate_codes(prompts, num_images=n, seed=0, cfg_scale=cfg_scale)
+    images = pipe.image_tokenizer.decode(codes).cpu()  # (P * n, 3, H, W)
+    return save_grid(list(images.split(n)), path, labels=prompts)
+
+
+# ----------------------------------------------------------------------------------------------------
+
+
+def main(argv=None):
+    parser, args = parse_args(argv)
+    if args.stage == "tokenizer":
+        train_tokenizer(args)
+    elif args.stage == "gpt":
+        train_gpt(args)
+    else:  # the embedded demo: stage 1, stage 2, then a sample grid
+        if argv or len(sys.argv) > 1:
+            parser.error("unknown command; use `tokenizer`, `gpt`, or no arguments for the demo")
+        _, tok_args = parse_args(["tokenizer"])
+        train_tokenizer(tok_args)
+        _, gpt_args = parse_args(["gpt"])
+        out = train_gpt(gpt_args)
+        print(f"demo done: tokenizer in {tok_args.out}, text-to-image model in {out}; "
+              f"samples in {out / 'samples'}. Next: python sample.py --ckpt {out} --prompt 'green apple'")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,18 @@
+"""vqgpt: autoregressive text-to-image generation with a VQ image tokenizer and a decoder-only GPT.
+
+`import vqgpt` stays light: it imports torch and the image tokenizer only. The text-to-image pipeline
+(which needs transformers) is imported on first use of `vqgpt.TextToImage`.
+"""
+
+from .tokenizer import ImageTokenizer, TokenizerConfig
+
+__version__ = "0.1.0"
+__all__ = ["ImageTokenizer", "TokenizerConfig", "TextToImage"]
+
+
+def __getattr__(name: str):
+    if name == "TextToImage":
+        from .pipeline import TextToImage
+
+        return TextToImage
+    raise AttributeError(f"module 'vqgpt' has no attribute {name!r}")

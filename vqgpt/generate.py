@@ -1,0 +1,234 @@
+"""Sampling image codes from the GPT: small pure functions in the style of gpt-fast's generate.py.
+
+    codes = generate(model, text_ids, SamplingConfig(cfg_scale=3.0, top_k=100), seeds)   # (B, h, w)
+
+- Classifier-free guidance (Ho & Salimans 2022): each prompt row is paired with an unconditional row
+  (the null caption, all PAD) in one batch of 2B rows; the sampler sees u + s * (c - u) and both rows of a
+  pair receive the same token. cfg_scale == 1 runs the B conditional rows only.
+- Randomness is counter based: the noise for (row seed, step, vocab index) is an integer hash of those
+  three numbers, computed with torch integer ops on the logits' device. A seed gives the same image in
+  any batch, at any position, on any device, and a step needs no host sync and no data-dependent shape
+  (so it can be CUDA-graph captured). A draw is an exponential race, argmax_i p_i / E_i with
+  E_i ~ Exp(1) i.i.d., which picks i with probability p_i (the Gumbel-max trick in another form).
+The hash is written out in `counter_uniform` (uint32 multiplies, xors and shifts) so a fused sampling
+kernel can reproduce the noise exactly and draw the same tokens from the same seeds.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+CFG_SCHEDULES = ("constant", "linear", "interval")
+
+
+@dataclass
+class SamplingConfig:
+    cfg_scale: float = 3.0  # guidance scale s in u + s * (c - u); 1 = no guidance (conditional only)
+    cfg_schedule: str = "constant"  # "constant" | "linear" (1 -> cfg_scale over the image) | "interval"
+    cfg_interval: int | None = None  # "interval": guidance on for the first cfg_interval image tokens only
+    top_k: int | None = None  # sample among the k most likely codes; None = the whole codebook
+    top_p: float = 1.0  # nucleus: the smallest set (within the top-k) holding this probability mass
+    temperature: float = 1.0  # logits / temperature; 0 = greedy (argmax)
+
+    def validate(self, codebook_size: int) -> None:
+        """Raise ValueError naming the first bad field and the allowed range."""
+        s = self.cfg_scale
+        if isinstance(s, bool) or not isinstance(s, numbers.Real) or not math.isfinite(s) or s < 0:
+            raise ValueError(f"cfg_scale must be a finite number >= 0 (1 = no guidance), got {s!r}")
+        if self.cfg_schedule not in CFG_SCHEDULES:
+            raise ValueError(f"unknown cfg_schedule {self.cfg_schedule!r}; choose one of {CFG_SCHEDULES}")
+        if self.cfg_schedule == "interval":
+            if not _is_int(self.cfg_interval) or self.cfg_interval < 0:
+                raise ValueError(
+                    f"cfg_schedule='interval' needs cfg_interval, an int >= 0; got {self.cfg_interval!r}"
+                )
+        elif self.cfg_interval is not None:
+            raise ValueError(
+                f"cfg_interval={self.cfg_interval!r} is only used with cfg_schedule='interval' "
+                f"(cfg_schedule is {self.cfg_schedule!r}); leave it None"
+            )
+        if self.top_k is not None and (not _is_int(self.top_k) or not 1 <= self.top_k <= codebook_size):
+            raise ValueError(
+                f"top_k must be None or an int in [1, {codebook_size}] (codebook size), got {self.top_k!r}"
+            )
+        p = self.top_p
+        if isinstance(p, bool) or not isinstance(p, numbers.Real) or not 0 < p <= 1:
+            raise ValueError(f"top_p must be in (0, 1] (1 = off), got {p!r}")
+        t = self.temperature
+        if isinstance(t, bool) or not isinstance(t, numbers.Real) or not math.isfinite(t) or t < 0:
+            raise ValueError(f"temperature must be a finite number >= 0 (0 = greedy), got {t!r}")
+
+    def scales(self, n_tokens: int) -> list[float]:
+        """Guidance scale at each of the n_tokens image steps (python floats: known before sampling)."""
+        s = float(self.cfg_scale)
+        if self.cfg_schedule == "linear":  # ramps from 1 at the first code to s at the last
+            return [1 + (s - 1) * k / max(n_tokens - 1, 1) for k in range(n_tokens)]
+        if self.cfg_schedule == "interval":
+            return [s if k < self.cfg_interval else 1.0 for k in range(n_tokens)]
+        return [s] * n_tokens
+
+
+def _is_int(x) -> bool:
+    return isinstance(x, numbers.Integral) and not isinstance(x, bool)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Counter-based noise. All arithmetic is on int64 tensors holding uint32 values, so it is exact and
+# identical on every device (no signed overflow: products stay below 2^63).
+
+MASK32 = 0xFFFFFFFF
+GOLDEN32 = 0x9E3779B9  # 2^32 / golden ratio: separates the seed and step streams
+
+
+def _mul32(x, c: int):
+    """(x * c) mod 2^32 for uint32 x in int64: split c into 16-bit halves so no product reaches 2^63."""
+    lo = x * (c & 0xFFFF)
+    hi = ((x * (c >> 16)) & 0xFFFF) << 16
+    return (lo + hi) & MASK32
+
+
+def _fmix32(x):
+    """MurmurHash3's 32-bit finalizer (Appleby): a bijection on uint32 with full avalanche."""
+    x = x ^ (x >> 16)
+    x = _mul32(x, 0x85EBCA6B)
+    x = x ^ (x >> 13)
+    x = _mul32(x, 0xC2B2AE35)
+    return x ^ (x >> 16)
+
+
+def counter_uniform(seeds: Tensor, step: int | Tensor, vocab_size: int) -> Tensor:
+    """Uniform(0, 1) noise (B, vocab_size) in float32, a pure function of (seeds[b], step, vocab index).
+
+    key  = fmix(fmix(seed_lo ^ fmix(seed_hi ^ GOLDEN)) ^ fmix((step + GOLDEN) mod 2^32))   per row and step
+    bits = fmix((fmix(i ^ key) + key) mod 2^32)                                            per vocab index i
+    u    = ((bits >> 9) + 0.5) / 2^23      23 bits, so u is exact in float32 and strictly inside (0, 1)
+    """
+    seeds = seeds.long()
+    lo, hi = seeds & MASK32, (seeds >> 32) & MASK32
+    key = _fmix32(lo ^ _fmix32(hi ^ GOLDEN32))  # (B,)
+    key = _fmix32(key ^ _fmix32((step + GOLDEN32) & MASK32))[:, None]  # (B, 1)
+    idx = torch.arange(vocab_size, device=seeds.device)[None]  # (1, V)
+    bits = _fmix32((_fmix32(idx ^ key) + key) & MASK32)  # (B, V)
+    return ((bits >> 9).float() + 0.5) * 2.0**-23
+
+
+def exponential_noise(seeds: Tensor, step: int | Tensor, vocab_size: int) -> Tensor:
+    """Exp(1) noise (B, vocab_size) for the exponential race in `sample` (inverse CDF of counter_uniform)."""
+    return -torch.log(counter_uniform(seeds, step, vocab_size))
+
+
+# ----------------------------------------------------------------------------------------------------
+# Logits -> token
+
+
+def logits_to_probs(logits: Tensor, temperature: float, top_k: int | None, top_p: float) -> Tensor:
+    """(..., V) logits -> (..., V) float32 probabilities after temperature, top-k, then top-p.
+
+    top-p keeps the smallest most-likely prefix of the top-k set (of the whole vocab when top_k is None)
+    whose mass reaches top_p, measured on the tempered top-k distribution (the order HF's warpers use);
+    only that set is sorted. temperature 0 puts all mass on the argmax.
+    """
+    logits = logits.float()
+    if temperature == 0:
+        return torch.zeros_like(logits).scatter_(-1, logits.argmax(-1, keepdim=True), 1.0)
+    logits = logits / temperature
+    if top_k is None and top_p >= 1:
+        return torch.softmax(logits, dim=-1)
+    if top_k is not None:
+        vals, idx = torch.topk(logits, min(top_k, logits.shape[-1]), dim=-1)  # (..., k), sorted descending
+    else:
+        vals, idx = torch.sort(logits, dim=-1, descending=True)  # (..., V)
+    if top_p < 1:
+        p = torch.softmax(vals, dim=-1)
+        mass_before = p.cumsum(-1) - p  # mass of the strictly more likely tokens
+        vals = vals.masked_fill(mass_before >= top_p, float("-inf"))  # the first token always stays
+    return torch.zeros_like(logits).scatter_(-1, idx, torch.softmax(vals, dim=-1))
+
+
+def sample(logits: Tensor, cfg: SamplingConfig, noise: Tensor) -> Tensor:
+    """(B, V) logits, (B, V) Exp(1) noise -> (B,) tokens: argmax(probs / noise), a draw from probs."""
+    if cfg.temperature == 0:
+        return logits.argmax(-1)
+    probs = logits_to_probs(logits, cfg.temperature, cfg.top_k, cfg.top_p)
+    return (probs / noise).argmax(-1)
+
+
+def apply_cfg(logits: Tensor, scale: float | Tensor) -> Tensor:
+    """(2B, V) logits, conditional rows first, then their unconditional twins -> (B, V) u + s * (c - u)."""
+    cond, uncond = logits.float().chunk(2, dim=0)
+    return uncond + scale * (cond - uncond)
+
+
+# ----------------------------------------------------------------------------------------------------
+# The decode loop
+
+
+def prefill(model, text_ids: Tensor) -> Tensor:
+    """Run [text][BOI] through the model, filling its KV cache -> logits (B, V) for the first code."""
+    return model.forward_cached(text_ids=text_ids)
+
+
+def decode_one_token(model, token: Tensor, pos: Tensor) -> Tensor:
+    """Feed token (B,) at sequence position pos (0-d LongTensor on the device) -> next-code logits (B, V)."""
+    return model.forward_cached(codes=token, input_pos=pos)
+
+
+@torch.no_grad()
+def generate(
+    model, text_ids: Tensor, cfg: SamplingConfig, seeds: Tensor, *, progress: bool = False
+) -> Tensor:
+    """Sample image codes (B, h, w) for text_ids (B, T_text), one seed per row (LongTensor (B,)).
+
+    The model runs in eval mode (restored afterwards) with a KV cache of 2B rows under guidance, B without.
+    """
+    mc = model.config
+    if text_ids.ndim != 2 or text_ids.shape[0] == 0:
+        raise ValueError(
+            f"text_ids must be a non-empty (B, {mc.text_len}) batch, got {tuple(text_ids.shape)}"
+        )
+    if text_ids.shape[1] != mc.text_len:
+        raise ValueError(
+            f"text_ids has {text_ids.shape[1]} tokens per row but the model's text context is {mc.text_len}"
+        )
+    B, N = text_ids.shape[0], mc.n_image
+    if seeds.shape != (B,) or seeds.dtype.is_floating_point or seeds.dtype == torch.bool:
+        raise ValueError(
+            f"seeds must be an integer tensor of shape ({B},), got {seeds.dtype} {tuple(seeds.shape)}"
+        )
+    cfg.validate(mc.image_vocab_size)
+
+    device = model.head.weight.device
+    text_ids, seeds = text_ids.to(device), seeds.to(device)
+    scales = cfg.scales(N)
+    guided = any(s != 1.0 for s in scales)
+    if guided:  # rows [0, B) conditional, [B, 2B) their null-caption twins
+        text_ids = torch.cat([text_ids, torch.full_like(text_ids, mc.text_pad_id)])
+    scale_per_step = torch.tensor(scales, device=device)  # (N,)
+
+    steps = range(N)
+    if progress:
+        from tqdm import tqdm
+
+        steps = tqdm(steps, desc="sampling", unit="tok")
+    was_training = model.training
+    model.eval()
+    try:
+        model.setup_cache(text_ids.shape[0])
+        codes = torch.empty(B, N, dtype=torch.long, device=device)
+        input_pos = torch.tensor(mc.image_start, device=device)  # advanced in place: no host sync
+        logits = prefill(model, text_ids)
+        for k in steps:
+            step_logits = apply_cfg(logits, scale_per_step[k]) if guided else logits
+            token = sample(step_logits, cfg, exponential_noise(seeds, k, mc.image_vocab_size))  # (B,)
+            codes[:, k] = token
+            if k + 1 < N:
+                logits = decode_one_token(model, torch.cat([token, token]) if guided else token, input_pos)
+                input_pos += 1
+    finally:
+        model.train(was_training)
+    return codes.view(B, *mc.image_grid)

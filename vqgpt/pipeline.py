@@ -1,0 +1,179 @@
+"""TextToImage: the image tokenizer, the text tokenizer and the GPT, saved and loaded as one directory.
+
+    pipe = TextToImage.from_pretrained("runs/t2i")
+    images = pipe(["a green apple"], num_images=4, cfg_scale=3.0, top_k=100, seed=0)   # list of PIL images
+
+Layout of a saved pipeline (what `train.py gpt --out DIR` writes):
+
+    DIR/config.json          {"model_type": "vqgpt-text-to-image", "gpt": GPTConfig, "sampling": defaults,
+                              "image_tokenizer": fingerprint, "text_tokenizer": fingerprint}
+    DIR/model.safetensors    GPT weights
+    DIR/image_tokenizer/     ImageTokenizer.save_pretrained
+    DIR/text_tokenizer/      TextTokenizer.save_pretrained
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, fields
+from pathlib import Path
+
+import torch
+
+from .checkpoint import atomic_write_bytes, save_weights
+from .generate import SamplingConfig, generate
+from .model import GPT, GPTConfig
+from .tokenizer import ImageTokenizer, load_state_strict
+
+MODEL_TYPE = "vqgpt-text-to-image"
+
+
+class TextToImage:
+    def __init__(self, gpt: GPT, image_tokenizer: ImageTokenizer, text_tokenizer, sampling=None):
+        check_compatible(gpt.config, image_tokenizer, text_tokenizer)
+        self.gpt = gpt
+        self.image_tokenizer = image_tokenizer
+        self.text_tokenizer = text_tokenizer
+        self.sampling = sampling or SamplingConfig()
+
+    @property
+    def device(self) -> torch.device:
+        return self.gpt.head.weight.device
+
+    def to(self, device) -> TextToImage:
+        self.gpt.to(device)
+        self.image_tokenizer.to(device)
+        return self
+
+    # --- sampling ---------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def generate_codes(self, prompts: list[str], num_images: int = 1, seed: int = 0, progress=False, **kw):
+        """Codes (len(prompts) * num_images, h, w); image j of prompt i uses seed + i * num_images + j."""
+        if isinstance(prompts, str):
+            prompts = [prompts]
+        if not prompts:
+            raise ValueError("prompts is empty: pass at least one prompt (use '' for an unconditional image)")
+        if not isinstance(num_images, int) or num_images < 1:
+            raise ValueError(f"num_images must be an int >= 1, got {num_images!r}")
+        unknown = set(kw) - {f.name for f in fields(SamplingConfig)}
+        if unknown:
+            raise TypeError(f"unknown sampling arguments {sorted(unknown)}")
+        cfg = SamplingConfig(**{**asdict(self.sampling), **kw})
+        cfg.validate(self.gpt.config.image_vocab_size)
+        rows = [p for p in prompts for _ in range(num_images)]
+        text_ids = self.text_tokenizer(rows, self.gpt.config.text_len)
+        seeds = torch.arange(len(rows), dtype=torch.long) + int(seed)
+        return generate(self.gpt, text_ids, cfg, seeds, progress=progress)
+
+    def __call__(self, prompts, num_images: int = 1, *, seed: int = 0, batch_size: int = 64, **kw):
+        """A list of PIL images, prompt-major. Same seed -> same images, whatever batch_size."""
+        from PIL import Image
+
+        codes = self.generate_codes(prompts, num_images, seed, **kw)
+        out = []
+        for chunk in codes.split(batch_size):
+            pixels = self.image_tokenizer.decode(chunk)  # (b, 3, H, W) in [0, 1]
+            arr = (pixels.permute(0, 2, 3, 1) * 255).round().to(torch.uint8).cpu().numpy()
+            out += [Image.fromarray(a) for a in arr]
+        return out
+
+    # --- persistence ------------------------------------------------------------------------------------
+    def config_dict(self) -> dict:
+        return {
+            "model_type": MODEL_TYPE,
+            "gpt": self.gpt.config.to_dict(),
+            "sampling": asdict(self.sampling),
+            "image_tokenizer": self.image_tokenizer.fingerprint(),
+            "text_tokenizer": self.text_tokenizer.fingerprint(),
+        }
+
+    def save_pretrained(self, path: str | os.PathLike) -> None:
+        path = Path(path)
+        self.image_tokenizer.save_pretrained(path / "image_tokenizer")
+        self.text_tokenizer.save_pretrained(path / "text_tokenizer")
+        save_weights(path / "model.safetensors", self.gpt.state_dict())
+        # config.json last: a directory with a config names weights that are already in place.
+        atomic_write_bytes(path / "config.json", (json.dumps(self.config_dict(), indent=2) + "\n").encode())
+
+    @classmethod
+    def from_pretrained(cls, path: str | os.PathLike, *, device: str | torch.device = "cpu") -> TextToImage:
+        from .text import TextTokenizer
+
+        path = Path(path)
+        config = read_config(path)
+        image_tok = ImageTokenizer.from_pretrained(path / "image_tokenizer", device=device)
+        text_tok = TextTokenizer.from_pretrained(path / "text_tokenizer")
+        for name, tok in (("image_tokenizer", image_tok), ("text_tokenizer", text_tok)):
+            if config.get(name) and config[name] != tok.fingerprint():
+                raise ValueError(
+                    f"{path / name} is not the {name.replace('_', ' ')} this GPT was trained with "
+                    f"(fingerprint {tok.fingerprint()}, config.json expects {config[name]})"
+                )
+        gpt = GPT(GPTConfig.from_dict(config["gpt"]))
+        load_state_strict(gpt, str(path / "model.safetensors"))
+        sampling = SamplingConfig(**config.get("sampling", {}))
+        return cls(gpt.to(device).eval(), image_tok, text_tok, sampling)
+
+
+def image_grid(rows: list, labels: list[str] | None = None, pad: int = 2):
+    """Tile rows of images (lists of PIL images, or float tensors (n, 3, H, W) in [0, 1]) into one PIL
+    image, one row per entry, with an optional text label at the left of each row."""
+    from PIL import Image, ImageDraw
+
+    rows = [_to_pil_list(r) for r in rows]
+    W, H = rows[0][0].size
+    n = max(len(r) for r in rows)
+    label_w = 0 if not labels else 8 + 6 * max(len(s) for s in labels)
+    grid = Image.new("RGB", (label_w + n * (W + pad) + pad, len(rows) * (H + pad) + pad), "white")
+    draw = ImageDraw.Draw(grid)
+    for r, images in enumerate(rows):
+        for c, im in enumerate(images):
+            grid.paste(im, (label_w + pad + c * (W + pad), pad + r * (H + pad)))
+        if labels:
+            draw.text((4, pad + r * (H + pad) + H // 2 - 5), labels[r], fill="black")
+    return grid
+
+
+def _to_pil_list(images) -> list:
+    from PIL import Image
+
+    if torch.is_tensor(images):
+        arr = (images.detach().float().clamp(0, 1).permute(0, 2, 3, 1) * 255).round().to(torch.uint8)
+        return [Image.fromarray(a) for a in arr.cpu().numpy()]
+    return list(images)
+
+
+def read_config(path: Path) -> dict:
+    missing = [n for n in ("config.json", "model.safetensors", "image_tokenizer", "text_tokenizer")
+               if not (path / n).exists()]
+    if missing:
+        raise FileNotFoundError(
+            f"{path} is not a TextToImage checkpoint: missing {', '.join(missing)} "
+            f"(train one with `python train.py gpt --out {path}`)"
+        )
+    try:
+        config = json.loads((path / "config.json").read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path / 'config.json'} is not valid JSON: {e}") from e
+    if config.get("model_type") != MODEL_TYPE:
+        raise ValueError(f"{path / 'config.json'} describes {config.get('model_type')!r}, not {MODEL_TYPE!r}")
+    return config
+
+
+def check_compatible(cfg: GPTConfig, image_tokenizer: ImageTokenizer, text_tokenizer) -> None:
+    """The GPT's vocabularies and grid must be those of the two tokenizers it is paired with."""
+    g = image_tokenizer.grid_size
+    problems = []
+    if cfg.image_vocab_size != image_tokenizer.codebook_size:
+        problems.append(
+            f"image codebook: GPT has {cfg.image_vocab_size} codes, tokenizer {image_tokenizer.codebook_size}"
+        )
+    if tuple(cfg.image_grid) != (g, g):
+        problems.append(f"code grid: GPT models {tuple(cfg.image_grid)}, tokenizer makes {(g, g)}")
+    if cfg.text_vocab_size != text_tokenizer.vocab_size:
+        problems.append(f"text vocabulary: GPT has {cfg.text_vocab_size}, text tokenizer {text_tokenizer.vocab_size}")
+    if cfg.text_pad_id != text_tokenizer.pad_id:
+        problems.append(f"text pad id: GPT uses {cfg.text_pad_id}, text tokenizer {text_tokenizer.pad_id}")
+    if problems:
+        raise ValueError("the GPT does not match its tokenizers: " + "; ".join(problems))

@@ -1,0 +1,370 @@
+"""ImageTokenizer: a convolutional VQ-VAE that turns images into a grid of discrete codes and back.
+
+The quantizer comes from vector-quantize-pytorch, behind one config switch:
+  - "fsq": finite scalar quantization (Mentzer et al. 2023, arXiv:2309.15505). No codebook to learn, no
+    auxiliary loss, and close to 100% code usage out of the box. The default.
+  - "vq":  a learned codebook with low-dimensional l2-normalised codes, k-means init and dead-code
+    replacement (the recipe of LlamaGen, arXiv:2406.06525, and ViT-VQGAN, arXiv:2110.04627).
+
+    tok = ImageTokenizer.from_pretrained("runs/tok")   # config.json + model.safetensors (dir or hub repo)
+    codes = tok.encode(images)                         # float (B, 3, H, W) in [0, 1] -> long (B, h, w)
+    images = tok.decode(codes)                         # long (B, h, w) -> float (B, 3, H, W) in [0, 1]
+
+This module needs only torch, vector-quantize-pytorch and safetensors (huggingface_hub for hub repos).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+CONFIG_NAME = "config.json"
+WEIGHTS_NAME = "model.safetensors"
+
+
+@dataclass
+class TokenizerConfig:
+    image_size: int = 64  # side of the square images it encodes, in pixels
+    patch_size: int = 2  # the stem's stride (and the decoder's final pixel-shuffle factor)
+    channels: tuple[int, ...] = (64, 128, 256)  # width of each stage; every stage after the first halves
+    res_blocks: int = 1  # residual blocks per stage (the bottleneck gets one more)
+    quantizer: str = "fsq"  # "fsq" (finite scalar quantization) or "vq" (learned l2-normalised codebook)
+    fsq_levels: tuple[int, ...] = (8, 5, 5, 5)  # FSQ: levels per latent channel; codebook = their product
+    vq_codebook_size: int = 16384  # VQ: number of codes
+    vq_codebook_dim: int = 8  # VQ: code dimension (low-dimensional lookup, as in LlamaGen)
+    vq_commitment_weight: float = 0.25  # VQ: weight of the commitment loss
+    vq_dead_code_threshold: float = 2.0  # VQ: codes used fewer times than this (EMA) are re-seeded
+    downsample: int = field(init=False)  # pixels per code along each side (derived)
+    grid_size: int = field(init=False)  # codes per side (derived)
+    codebook_size: int = field(init=False)  # number of distinct codes (derived)
+
+    def __post_init__(self):
+        self.channels = tuple(int(c) for c in self.channels)
+        self.fsq_levels = tuple(int(v) for v in self.fsq_levels)
+        if self.quantizer not in ("fsq", "vq"):
+            raise ValueError(f"unknown quantizer {self.quantizer!r}; choose 'fsq' or 'vq'")
+        if not self.channels:
+            raise ValueError("channels must name at least one stage")
+        self.downsample = self.patch_size * 2 ** (len(self.channels) - 1)
+        if self.image_size % self.downsample:
+            raise ValueError(
+                f"image_size {self.image_size} is not a multiple of the downsample factor {self.downsample}"
+            )
+        self.grid_size = self.image_size // self.downsample
+        if self.quantizer == "fsq":
+            self.codebook_size = math.prod(self.fsq_levels)
+        else:
+            self.codebook_size = self.vq_codebook_size
+
+    @property
+    def latent_dim(self) -> int:
+        return len(self.fsq_levels) if self.quantizer == "fsq" else self.vq_codebook_dim
+
+    def to_dict(self) -> dict:
+        return {f.name: getattr(self, f.name) for f in fields(self) if f.init}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> TokenizerConfig:
+        known = {f.name for f in fields(cls) if f.init}
+        unknown = sorted(set(d) - known - {"downsample", "grid_size", "codebook_size", "model_type"})
+        if unknown:
+            raise ValueError(f"tokenizer config has unknown fields {unknown}; is this an ImageTokenizer config?")
+        return cls(**{k: v for k, v in d.items() if k in known})
+
+
+# Named presets. "demo" is sized for a 10-minute run on 2 CPU cores (64 px, 8x8 codes); "f16" is the
+# GPU-scale tokenizer (256 px, 16x16 codes, a 16k codebook as in LlamaGen).
+PRESETS: dict[str, dict] = {
+    "demo": dict(image_size=64, channels=(64, 128, 256), fsq_levels=(8, 5, 5, 5)),
+    "demo-vq": dict(image_size=64, channels=(64, 128, 256), quantizer="vq", vq_codebook_size=1024),
+    "f8": dict(image_size=256, channels=(128, 256, 512), fsq_levels=(8, 8, 8, 5, 5, 5), res_blocks=2),
+    "f16": dict(image_size=256, channels=(128, 128, 256, 512), fsq_levels=(8, 8, 8, 6, 5), res_blocks=2),
+    "f16-vq": dict(image_size=256, channels=(128, 128, 256, 512), quantizer="vq", res_blocks=2),
+}
+
+
+def tokenizer_config(preset: str = "demo", **overrides) -> TokenizerConfig:
+    if preset not in PRESETS:
+        raise ValueError(f"unknown tokenizer preset {preset!r}; choose one of {sorted(PRESETS)}")
+    return TokenizerConfig(**{**PRESETS[preset], **overrides})
+
+
+def _norm(c: int) -> nn.GroupNorm:
+    # GroupNorm, not BatchNorm: encode/decode must not depend on what else is in the batch.
+    return nn.GroupNorm(min(32, c // 4), c, eps=1e-6)
+
+
+class ResBlock(nn.Module):
+    def __init__(self, c: int):
+        super().__init__()
+        self.norm1, self.conv1 = _norm(c), nn.Conv2d(c, c, 3, padding=1)
+        self.norm2, self.conv2 = _norm(c), nn.Conv2d(c, c, 3, padding=1)
+
+    def forward(self, x):
+        h = self.conv1(F.silu(self.norm1(x)))
+        return x + self.conv2(F.silu(self.norm2(h)))
+
+
+class Encoder(nn.Module):
+    """(B, 3, H, W) in [-1, 1] -> (B, latent_dim, H/ds, W/ds). Each stage halves the resolution."""
+
+    def __init__(self, cfg: TokenizerConfig):
+        super().__init__()
+        chans = cfg.channels
+        # A patchifying stem: full-resolution convolutions are where the compute goes, so the encoder
+        # starts at 1/patch_size resolution (p x p patches, as a ViT would).
+        p = cfg.patch_size
+        layers: list[nn.Module] = [nn.Conv2d(3, chans[0], p, stride=p)]
+        for i, c in enumerate(chans):
+            layers += [ResBlock(c) for _ in range(cfg.res_blocks)]
+            if i + 1 < len(chans):
+                layers.append(nn.Conv2d(c, chans[i + 1], 4, stride=2, padding=1))
+        layers += [ResBlock(chans[-1]), _norm(chans[-1]), nn.SiLU(), nn.Conv2d(chans[-1], cfg.latent_dim, 1)]
+        self.net = nn.Sequential(*layers)
+
+    def forward(self, x):
+        return self.net(x)
+
+
+class Decoder(nn.Module):
+    """(B, latent_dim, h, w) -> (B, 3, h*ds, w*ds) in about [-1, 1]; the mirror of the encoder."""
+
+    def __init__(self, cfg: TokenizerConfig):
+        super().__init__()
+        chans = cfg.channels[::-1]
+        layers: list[nn.Module] = [nn.Conv2d(cfg.latent_dim, chans[0], 3, padding=1), ResBlock(chans[0])]
+        for i, c in enumerate(chans):
+            layers += [ResBlock(c) for _ in range(cfg.res_blocks)]
+            if i + 1 < len(chans):
+                layers.append(nn.ConvTranspose2d(c, chans[i + 1], 4, stride=2, padding=1))
+        # The last upsampling is a pixel shuffle (Shi et al. 2016, arXiv:1609.05158): one conv at
+        # 1/patch_size resolution predicts the p x p pixels of each position, the mirror of the stem.
+        p = cfg.patch_size
+        layers += [_norm(chans[-1]), nn.SiLU(), nn.Conv2d(chans[-1], 3 * p * p, 3, padding=1), nn.PixelShuffle(p)]
+        self.net = nn.Sequential(*layers)
+
+    def forward(self, z):
+        return self.net(z)
+
+
+def _build_quantizer(cfg: TokenizerConfig) -> nn.Module:
+    from vector_quantize_pytorch import FSQ, VectorQuantize
+
+    if cfg.quantizer == "fsq":
+        return FSQ(levels=list(cfg.fsq_levels))
+    return VectorQuantize(
+        dim=cfg.latent_dim,
+        codebook_size=cfg.vq_codebook_size,
+        use_cosine_sim=True,  # l2-normalised codes and inputs
+        kmeans_init=True,
+        kmeans_iters=10,
+        threshold_ema_dead_code=cfg.vq_dead_code_threshold,
+        commitment_weight=cfg.vq_commitment_weight,
+        decay=0.99,
+    )
+
+
+class ImageTokenizer(nn.Module):
+    def __init__(self, config: TokenizerConfig | None = None, **kwargs):
+        super().__init__()
+        if config is None:
+            config = TokenizerConfig(**kwargs)
+        elif kwargs:
+            raise TypeError("pass either a TokenizerConfig or keyword fields, not both")
+        self.config = config
+        self.encoder = Encoder(config)
+        self.quantizer = _build_quantizer(config)
+        self.decoder = Decoder(config)
+
+    # --- properties users rely on -------------------------------------------------------------------
+    @property
+    def codebook_size(self) -> int:
+        return self.config.codebook_size
+
+    @property
+    def downsample(self) -> int:
+        return self.config.downsample
+
+    @property
+    def image_size(self) -> int:
+        return self.config.image_size
+
+    @property
+    def grid_size(self) -> int:
+        return self.config.grid_size
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.parameters()).device
+
+    # --- the model ------------------------------------------------------------------------------------
+    def _check_images(self, images: torch.Tensor) -> None:
+        if not torch.is_tensor(images) or images.ndim != 4 or images.shape[1] != 3:
+            shape = tuple(images.shape) if torch.is_tensor(images) else type(images).__name__
+            raise ValueError(f"expected images of shape (B, 3, H, W), got {shape}")
+        s = self.config.image_size
+        if images.shape[-2:] != (s, s):
+            raise ValueError(
+                f"this tokenizer encodes {s}x{s} images, got {images.shape[-2]}x{images.shape[-1]}; "
+                f"resize or crop them first"
+            )
+        if not images.is_floating_point():
+            raise ValueError(f"expected float images in [0, 1], got dtype {images.dtype}")
+
+    def quantize(self, images: torch.Tensor):
+        """float (B, 3, H, W) in [0, 1] -> (quantized latents (B, d, h, w), codes (B, h, w), aux loss)."""
+        z = self.encoder(images * 2 - 1)  # (B, d, h, w)
+        B, d, h, w = z.shape
+        # Both quantizers get an explicit (B, h*w, d) sequence: FSQ would otherwise guess the channel axis.
+        z = z.flatten(2).transpose(1, 2)  # (B, h*w, d)
+        if self.config.quantizer == "fsq":
+            zq, codes = self.quantizer(z)
+            aux = z.new_zeros(())
+        else:
+            zq, codes, aux = self.quantizer(z)
+        zq = zq.transpose(1, 2).reshape(B, d, h, w)
+        return zq, codes.reshape(B, h, w), aux
+
+    def forward(self, images: torch.Tensor):
+        """Training pass: returns (reconstruction in about [0, 1], codes (B, h, w), aux loss)."""
+        self._check_images(images)
+        zq, codes, aux = self.quantize(images)
+        recon = (self.decoder(zq) + 1) / 2
+        return recon, codes, aux
+
+    @torch.no_grad()
+    def encode(self, images: torch.Tensor) -> torch.Tensor:
+        """float (B, 3, H, W) in [0, 1] -> LongTensor (B, h, w)."""
+        self._check_images(images)
+        images = images.to(self.device, torch.float32)
+        return self.quantize(images)[1].long()
+
+    def codes_to_latents(self, codes: torch.Tensor) -> torch.Tensor:
+        """LongTensor (B, h, w) -> quantized latents (B, d, h, w)."""
+        B, h, w = codes.shape
+        flat = codes.reshape(B, h * w)
+        if self.config.quantizer == "fsq":
+            zq = self.quantizer.indices_to_codes(flat)  # (B, h*w, d)
+        else:
+            zq = self.quantizer.get_output_from_indices(flat)
+        return zq.transpose(1, 2).reshape(B, -1, h, w)
+
+    @torch.no_grad()
+    def decode(self, codes: torch.Tensor) -> torch.Tensor:
+        """LongTensor (B, h, w) -> float (B, 3, H, W) in [0, 1]."""
+        g = self.config.grid_size
+        if not torch.is_tensor(codes) or codes.ndim != 3 or codes.shape[1:] != (g, g):
+            shape = tuple(codes.shape) if torch.is_tensor(codes) else type(codes).__name__
+            raise ValueError(f"expected codes of shape (B, {g}, {g}), got {shape}")
+        if codes.is_floating_point():
+            raise ValueError(f"expected integer codes, got dtype {codes.dtype}")
+        if codes.numel() and (codes.min() < 0 or codes.max() >= self.codebook_size):
+            raise ValueError(f"codes must lie in [0, {self.codebook_size}); got [{codes.min()}, {codes.max()}]")
+        codes = codes.to(self.device).long()
+        return ((self.decoder(self.codes_to_latents(codes)) + 1) / 2).clamp(0, 1)
+
+    # --- persistence ------------------------------------------------------------------------------------
+    def fingerprint(self) -> str:
+        """A short hash of config and weights: code caches and GPT checkpoints are keyed by it."""
+        h = hashlib.sha256(json.dumps(self.config.to_dict(), sort_keys=True, default=list).encode())
+        for name, t in sorted(self.state_dict().items()):
+            h.update(name.encode())
+            h.update(t.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
+        return h.hexdigest()[:16]
+
+    def save_pretrained(self, path: str | os.PathLike) -> None:
+        """Write config.json + model.safetensors into the directory `path` (atomically, file by file)."""
+        from safetensors.torch import save_file
+
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        config = {"model_type": "vqgpt-image-tokenizer", **self.config.to_dict()}
+        tmp = path / f".{CONFIG_NAME}.tmp"
+        tmp.write_text(json.dumps(config, indent=2, default=list) + "\n")
+        os.replace(tmp, path / CONFIG_NAME)
+        state = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
+        tmp = path / f".{WEIGHTS_NAME}.tmp"
+        save_file(state, str(tmp), metadata={"format": "pt"})
+        os.replace(tmp, path / WEIGHTS_NAME)
+
+    @classmethod
+    def from_pretrained(cls, path: str | os.PathLike, *, device: str | torch.device = "cpu") -> ImageTokenizer:
+        """Load from a local directory, or from a hub repo id (downloaded with huggingface_hub)."""
+        config_file, weights_file = _resolve_files(str(path))
+        try:
+            raw = json.loads(Path(config_file).read_text())
+        except (OSError, json.JSONDecodeError) as e:
+            raise ValueError(f"cannot read tokenizer config {config_file}: {e}") from e
+        if raw.get("model_type", "vqgpt-image-tokenizer") != "vqgpt-image-tokenizer":
+            raise ValueError(f"{config_file} describes a {raw['model_type']!r}, not an image tokenizer")
+        model = cls(TokenizerConfig.from_dict(raw))
+        load_state_strict(model, weights_file)
+        return model.to(device).eval()
+
+
+def _resolve_files(path: str) -> tuple[str, str]:
+    local = Path(path)
+    if local.is_dir():
+        missing = [n for n in (CONFIG_NAME, WEIGHTS_NAME) if not (local / n).is_file()]
+        if missing:
+            raise FileNotFoundError(
+                f"{path} is not an ImageTokenizer checkpoint: missing {', '.join(missing)} "
+                f"(expected {CONFIG_NAME} and {WEIGHTS_NAME}, as written by save_pretrained)"
+            )
+        return str(local / CONFIG_NAME), str(local / WEIGHTS_NAME)
+    if local.exists() or path.startswith((".", "/", "~")) or path.count("/") != 1:
+        raise FileNotFoundError(f"no tokenizer directory at {path!r} (and it is not a hub repo id 'owner/name')")
+    try:
+        from huggingface_hub import hf_hub_download
+
+        return hf_hub_download(path, CONFIG_NAME), hf_hub_download(path, WEIGHTS_NAME)
+    except Exception as e:  # network, auth, missing repo: all surface as one actionable message
+        raise FileNotFoundError(
+            f"could not fetch tokenizer {path!r} from the hub ({type(e).__name__}: {e}); "
+            f"pass a local directory written by save_pretrained instead"
+        ) from e
+
+
+def load_state_strict(model: nn.Module, weights_file: str) -> None:
+    """Load safetensors weights, failing with the names of missing, unexpected or misshapen tensors."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        state = load_file(weights_file)
+    except (SafetensorError, OSError, ValueError) as e:
+        raise ValueError(f"cannot read weights {weights_file}: {e} (truncated or not a safetensors file?)") from e
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    misshapen = [
+        f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(v.shape)}"
+        for k, v in expected.items()
+        if k in state and state[k].shape != v.shape
+    ]
+    problems = []
+    if missing:
+        problems.append(f"missing {len(missing)} ({', '.join(missing[:5])}{', ...' if len(missing) > 5 else ''})")
+    if unexpected:
+        problems.append(
+            f"unexpected {len(unexpected)} ({', '.join(unexpected[:5])}{', ...' if len(unexpected) > 5 else ''})"
+        )
+    if misshapen:
+        problems.append(f"misshapen {len(misshapen)} ({'; '.join(misshapen[:3])})")
+    if problems:
+        raise ValueError(
+            f"weights in {weights_file} do not match the {type(model).__name__} described by its config: "
+            + "; ".join(problems)
+        )
+    model.load_state_dict(state, strict=True)
+
+
+__all__ = ["ImageTokenizer", "TokenizerConfig", "PRESETS", "tokenizer_config", "load_state_strict"]

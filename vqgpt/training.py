@@ -1,0 +1,158 @@
+"""What both training stages share: the schedule, distributed setup, per-step seeding, tracking, faults.
+
+Kept as small functions so train.py reads top to bottom (nanoGPT's `get_lr`, not a Trainer class).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import warnings
+from contextlib import nullcontext
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+
+# --- learning rate -----------------------------------------------------------------------------------
+def lr_at(step: int, *, max_lr: float, warmup: int, total: int, min_ratio: float = 0.1) -> float:
+    """Linear warm-up to max_lr over `warmup` steps, then cosine decay to min_ratio * max_lr at `total`."""
+    if step < warmup:
+        return max_lr * (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return max_lr * (min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+# --- determinism ---------------------------------------------------------------------------------------
+def step_seed(seed: int, step: int, rank: int = 0) -> int:
+    """The seed of one training step on one rank.
+
+    Every random choice of a step (batch order, augmentation, caption dropout, dropout) is drawn from
+    RNGs reseeded here at the start of the step, so a resumed run needs no RNG state at all to continue
+    exactly where it stopped, and each rank draws differently.
+    """
+    return (seed * 1_000_003 + step * 7919 + rank * 104_729) % (2**62)
+
+
+def seed_step(seed: int, step: int, rank: int = 0) -> torch.Generator:
+    s = step_seed(seed, step, rank)
+    torch.manual_seed(s)  # the global stream: dropout and the model's own randomness (CPU and CUDA)
+    return torch.Generator().manual_seed(s)  # a private stream for data choices
+
+
+def epoch_batch(n: int, step: int, global_batch: int, seed: int) -> torch.Tensor:
+    """Indices of the global batch for `step`: epochs are seeded permutations, walked in order.
+
+    A pure function of (step, seed): resuming at step k continues mid-epoch exactly.
+    """
+    if n < 1:
+        raise ValueError("the dataset is empty")
+    start = step * global_batch
+    out = []
+    while len(out) < global_batch:
+        epoch, offset = divmod(start + len(out), n)
+        perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 31 + epoch))
+        out.extend(perm[offset : offset + global_batch - len(out)].tolist())
+    return torch.tensor(out, dtype=torch.long)
+
+
+# --- distributed ---------------------------------------------------------------------------------------
+@dataclass
+class Dist:
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+    device: torch.device = torch.device("cpu")
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.world > 1
+
+
+def setup_distributed(device: str) -> Dist:
+    """Join the torchrun process group if launched by torchrun (gloo on CPU, NCCL on CUDA)."""
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("--device cuda was asked for but torch sees no CUDA device")
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return Dist(device=torch.device(device))
+    rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
+    if device == "cuda":
+        torch.cuda.set_device(local_rank)
+        dist.init_process_group("nccl")
+        dev = torch.device("cuda", local_rank)
+    else:
+        dist.init_process_group("gloo")
+        dev = torch.device("cpu")
+    return Dist(rank=rank, world=world, local_rank=local_rank, device=dev)
+
+
+def cleanup_distributed(d: Dist) -> None:
+    if d.enabled and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def all_reduce_mean(x: torch.Tensor, d: Dist) -> torch.Tensor:
+    if d.enabled:
+        x = x.clone()
+        dist.all_reduce(x)
+        x /= d.world
+    return x
+
+
+def autocast(device: torch.device):
+    """bf16 autocast on CUDA; full precision on CPU (CPU bf16 matmuls are slower, not faster, here)."""
+    if device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return nullcontext()
+
+
+# --- numerical faults ------------------------------------------------------------------------------------
+class NonFiniteGuard:
+    """Skips steps whose loss or gradient is not finite; stops the run after `limit` in a row."""
+
+    def __init__(self, limit: int = 20):
+        self.limit = limit
+        self.skipped = 0
+        self.in_a_row = 0
+
+    def check(self, loss: torch.Tensor, grad_norm: torch.Tensor, step: int) -> bool:
+        """True when the step may be applied. Syncs with the host once a step (the loss is logged anyway)."""
+        ok = bool(torch.isfinite(loss).item() and torch.isfinite(grad_norm).item())
+        if ok:
+            self.in_a_row = 0
+            return True
+        self.skipped += 1
+        self.in_a_row += 1
+        warnings.warn(f"step {step}: non-finite loss or gradient, step skipped ({self.skipped} so far)", stacklevel=2)
+        if self.in_a_row >= self.limit:
+            raise FloatingPointError(
+                f"{self.in_a_row} steps in a row had a non-finite loss or gradient (last at step {step}); "
+                f"stopping. The last good checkpoint is intact: lower --lr, or check the data, then --resume"
+            )
+        return False
+
+
+# --- tracking ----------------------------------------------------------------------------------------------
+def init_wandb(mode: str | None, project: str, name: str, config: dict, out_dir: str, enabled: bool = True):
+    """A wandb run, or None. With no account configured the default is offline, never a login prompt."""
+    if not enabled:
+        return None
+    if mode is None:
+        has_account = bool(os.environ.get("WANDB_API_KEY")) or os.path.exists(os.path.expanduser("~/.netrc"))
+        mode = os.environ.get("WANDB_MODE") or ("online" if has_account else "offline")
+    if mode == "disabled":
+        return None
+    if mode not in ("online", "offline"):
+        raise ValueError(f"--wandb must be online, offline or disabled, got {mode!r}")
+    import wandb
+
+    os.makedirs(out_dir, exist_ok=True)
+    return wandb.init(project=project, name=name, config=config, mode=mode, dir=out_dir, reinit="finish_previous")
