@@ -128,7 +128,7 @@ if triton is not None:
                  o.to(o_ptr.dtype.element_ty), mask=d_ok)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _sm_count(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
 
@@ -226,7 +226,8 @@ def decode_attention_reference(
     live = torch.arange(s_max, device=q.device)[None, :] < cache_len[:, None]  # (B, S_max)
     scores = scores.masked_fill(~live[:, None, None, :], float("-inf"))
     p = torch.softmax(scores, dim=-1).nan_to_num(0.0)  # an all-masked row softmaxes to NaN: make it 0
-    o = torch.einsum("bkgs,bksd->bkgd", p, v_cache.float())  # (B, Hkv, G, D)
+    v = v_cache.float().masked_fill(~live[:, None, :, None], 0.0)  # dead slots may hold garbage (NaN * 0)
+    o = torch.einsum("bkgs,bksd->bkgd", p, v)  # (B, Hkv, G, D)
     return o.reshape(B, Hq, D).to(q.dtype)
 
 

@@ -13,9 +13,9 @@ One program owns one sample row and never sorts the vocabulary:
 4. the draw: argmax over kept tokens of z + Gumbel noise (the Gumbel-max trick: an exponential race, it
    draws exactly from softmax(z) restricted to the kept set). The noise is counter-based: uniform u of token
    i is Philox4x32-10 (Salmon et al. 2011) keyed by the row's seed with counter (i, step, 0, 0), mapped to
-   (0, 1) as (bits >> 8 + 0.5) / 2^24. It depends on nothing else (not on the grid, the tiling or the
-   device), so the reference below reproduces the same tokens bit for bit, up to rounding of the
-   transcendentals in near ties.
+   (0, 1) as ((bits >> 9) + 0.5) / 2^23. It depends on nothing else (not on the grid, the tiling or the
+   device), so the reference below (and vqgpt.generate's counter_uniform) reproduces the same tokens, up
+   to rounding of the transcendentals in near ties.
 temperature == 0 is greedy decoding (argmax of the mixed logits, lowest index on ties).
 
 Rows of V <= MAX_RESIDENT_V keep the whole row in registers across all passes; longer rows stream tiles
@@ -36,7 +36,9 @@ except ImportError:
 
 MAX_RESIDENT_V = 16384  # largest row kept in registers (16 warps: 32 fp32 per thread per live array)
 TILE_V = 4096  # tile of the streaming path for longer rows
-TWO_POW_M24 = 5.9604644775390625e-08  # 2^-24: a 24-bit integer + 0.5, times this, lies strictly in (0, 1)
+# 2^-23: a 23-bit integer + 0.5 is exact in float32 and, times this, lies strictly inside (0, 1). (With 24
+# bits, (2^24 - 1) + 0.5 would round up to 2^24: u == 1, zero exponential noise, an infinite Gumbel.)
+TWO_POW_M23 = 1.1920928955078125e-07
 SIGN_BIT = 0x80000000  # the highest bit of a uint32 key: the first candidate of the bitwise search
 
 # Philox4x32 constants (Salmon et al. 2011; the same values as triton.language.random).
@@ -51,7 +53,7 @@ MASK32 = 0xFFFFFFFF
 if triton is not None:
     # jit code may read module globals only as tl.constexpr
     _RCP_LN2 = tl.constexpr(RCP_LN2)
-    _TWO_POW_M24 = tl.constexpr(TWO_POW_M24)
+    _TWO_POW_M23 = tl.constexpr(TWO_POW_M23)
     _SIGN_BIT = tl.constexpr(SIGN_BIT)
 
     @triton.jit
@@ -79,7 +81,7 @@ if triton is not None:
         zero = c0 * 0
         c1 = zero + step.to(tl.uint32)
         bits, _, _, _ = tl.philox(seed, c0, c1, zero, zero)
-        u = ((bits >> 8).to(tl.float32) + 0.5) * _TWO_POW_M24
+        u = ((bits >> 9).to(tl.float32) + 0.5) * _TWO_POW_M23
         return -tl.log(-tl.log(u))
 
     @triton.jit(do_not_specialize=["step"])
@@ -252,23 +254,32 @@ def _mulhilo32(a: int, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return (p_hi >> 16) + (mid >> 32), mid & MASK32
 
 
-def philox_uniform_reference(seeds: torch.Tensor, step: int | torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
-    """The kernel's uniforms in torch: Philox4x32-10 with key = seed, counter = (offs, step, 0, 0), first
-    output word, (bits >> 8 + 0.5) / 2^24. seeds and offs broadcast; uint32 values live in int64."""
-    seeds = seeds.to(torch.int64)
-    k0, k1 = seeds & MASK32, (seeds >> 32) & MASK32
-    c0 = offs.to(torch.int64) & MASK32
-    step = step if isinstance(step, torch.Tensor) else torch.tensor(step, device=offs.device)
-    c1 = (step.to(torch.int64).reshape(()) & MASK32).expand_as(c0)
-    c2 = torch.zeros_like(c0)
-    c3 = torch.zeros_like(c0)
+def philox4x32_reference(
+    counter: tuple[torch.Tensor, ...], key: tuple[torch.Tensor, torch.Tensor]
+) -> tuple[torch.Tensor, ...]:
+    """Philox4x32-10 on broadcastable int64 tensors holding uint32 words: 4 counter words, 2 key words ->
+    the 4 output words (the rounds of triton.language.random.philox_impl)."""
+    c0, c1, c2, c3 = counter
+    k0, k1 = key
     for _ in range(PHILOX_ROUNDS):
         hi_b, lo_b = _mulhilo32(PHILOX_ROUND_B, c2)
         hi_a, lo_a = _mulhilo32(PHILOX_ROUND_A, c0)
         c0, c1, c2, c3 = hi_b ^ c1 ^ k0, lo_b, hi_a ^ c3 ^ k1, lo_a
         k0 = (k0 + PHILOX_KEY_A) & MASK32
         k1 = (k1 + PHILOX_KEY_B) & MASK32
-    return ((c0 >> 8).to(torch.float32) + 0.5) * TWO_POW_M24
+    return c0, c1, c2, c3
+
+
+def philox_uniform_reference(seeds: torch.Tensor, step: int | torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
+    """The kernel's uniforms in torch: Philox4x32-10 with key = seed, counter = (offs, step, 0, 0), first
+    output word, ((bits >> 9) + 0.5) / 2^23. seeds and offs broadcast."""
+    seeds = seeds.to(torch.int64)
+    c0 = offs.to(torch.int64) & MASK32
+    step = step if isinstance(step, torch.Tensor) else torch.tensor(step, device=offs.device)
+    c1 = (step.to(torch.int64).reshape(()) & MASK32).expand_as(c0)
+    zero = torch.zeros_like(c0)
+    bits = philox4x32_reference((c0, c1, zero, zero), (seeds & MASK32, (seeds >> 32) & MASK32))[0]
+    return ((bits >> 9).to(torch.float32) + 0.5) * TWO_POW_M23
 
 
 def cfg_sample_reference(

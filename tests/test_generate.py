@@ -14,8 +14,10 @@ from vqgpt.generate import (
     exponential_noise,
     generate,
     logits_to_probs,
+    philox4x32,
     prefill,
     sample,
+    sample_seeded,
 )
 from vqgpt.model import GPT, GPTConfig
 
@@ -97,30 +99,48 @@ def test_forward_cached_needs_a_cache():
 # The sampler
 
 
-def test_counter_uniform_is_an_exact_uint32_hash():
-    """The int64 tensor arithmetic equals the same hash in plain Python integers (exact uint32 math),
-    which is what a kernel on another device reproduces."""
+# Random123's published known-answer vectors for Philox4x32-10: (counter, key, output).
+PHILOX_KAT = [
+    ((0, 0, 0, 0), (0, 0), (0x6627E8D5, 0xE169C58D, 0xBC57AC4C, 0x9B00DBD8)),
+    ((MASK32,) * 4, (MASK32,) * 2, (0x408F276D, 0x41C83B0E, 0xA20BC7C6, 0x6D5451FD)),
+    (
+        (0x243F6A88, 0x85A308D3, 0x13198A2E, 0x03707344),
+        (0xA4093822, 0x299F31D0),
+        (0xD16CFE09, 0x94FDCCEB, 0x5001E420, 0x24126EA1),
+    ),
+]
 
-    def fmix(x):
-        x ^= x >> 16
-        x = (x * 0x85EBCA6B) & MASK32
-        x ^= x >> 13
-        x = (x * 0xC2B2AE35) & MASK32
-        return x ^ (x >> 16)
 
-    def ref(seed, step, i):
-        seed &= (1 << 64) - 1
-        key = fmix((seed & MASK32) ^ fmix((seed >> 32) ^ 0x9E3779B9))
-        key = fmix(key ^ fmix((step + 0x9E3779B9) & MASK32))
-        bits = fmix((fmix(i ^ key) + key) & MASK32)
-        return ((bits >> 9) + 0.5) / 2**23
+@pytest.mark.parametrize("counter, key, expected", PHILOX_KAT)
+def test_philox_known_answers(counter, key, expected):
+    words = philox4x32(tuple(torch.tensor([c]) for c in counter), tuple(torch.tensor([k]) for k in key))
+    assert [w.item() for w in words] == list(expected)
 
-    seeds = torch.tensor([0, 1, 2**40 + 7, -3])
-    u = counter_uniform(seeds, 5, 300)
+
+def test_counter_uniform_layout():
+    """key = seed (low, high word), counter = (vocab index, step, 0, 0), 23 bits of the first word."""
+    seeds = torch.tensor([0, 7, 2**40 + 3, -5])
+    u = counter_uniform(seeds, 9, 50)
     for b, seed in enumerate(seeds.tolist()):
-        for i in (0, 1, 17, 299):
-            assert u[b, i].item() == ref(seed, 5, i)
+        seed &= (1 << 64) - 1  # a negative seed is its two's complement
+        key = (torch.tensor([seed & MASK32]), torch.tensor([seed >> 32]))
+        for i in (0, 1, 49):
+            bits = philox4x32((torch.tensor([i]), torch.tensor([9]), torch.tensor([0]), torch.tensor([0])), key)[0]
+            assert u[b, i].item() == ((bits.item() >> 9) + 0.5) / 2**23
     assert 0 < u.min() and u.max() < 1
+    # Drawing at chosen indices gives the same numbers as drawing the whole vocabulary.
+    idx = torch.tensor([[3, 49, 0], [1, 1, 2], [7, 8, 9], [49, 48, 47]])
+    assert torch.equal(counter_uniform(seeds, 9, idx), u.gather(1, idx))
+
+
+def test_noise_matches_the_kernels_philox():
+    """The fused sampler in vqgpt.kernels uses the same Philox stream (it keeps 24 bits where we keep 23,
+    so the uniforms agree to within the last step)."""
+    kernels = pytest.importorskip("vqgpt.kernels")
+    seeds, offs = torch.tensor([0, 12345, 2**33 + 1]), torch.arange(1000)
+    theirs = kernels.philox_uniform_reference(seeds[:, None], 4, offs[None, :])
+    ours = counter_uniform(seeds, 4, 1000)
+    torch.testing.assert_close(theirs, ours, rtol=0, atol=2**-22)
 
 
 def test_noise_is_a_function_of_seed_step_index_only():
@@ -132,6 +152,17 @@ def test_noise_is_a_function_of_seed_step_index_only():
     assert exponential_noise(seeds, 0, V).mean().item() == pytest.approx(1.0, abs=0.01)
     step_tensor = counter_uniform(seeds[:4], torch.tensor(3), V)  # step as a device tensor (graph capture)
     assert torch.equal(step_tensor, counter_uniform(seeds[:4], 3, V))
+
+
+@pytest.mark.parametrize(
+    "cfg", [SamplingConfig(top_k=10), SamplingConfig(top_k=20, top_p=0.8, temperature=0.7), SamplingConfig()]
+)
+def test_sample_seeded_draws_noise_only_where_it_matters(cfg):
+    """Noise for the top-k candidates only gives the same tokens as noise for the whole vocabulary."""
+    logits = torch.randn(3000, V, generator=torch.Generator().manual_seed(4)) * 2
+    seeds = torch.arange(3000) * 7
+    expected = sample(logits, cfg, exponential_noise(seeds, 5, V))
+    assert torch.equal(sample_seeded(logits, cfg, seeds, 5), expected)
 
 
 def test_top_k_1_is_greedy():
@@ -174,9 +205,7 @@ def test_tokens_outside_top_p_are_never_drawn():
     assert set(_draws(logits, SamplingConfig(top_k=2, top_p=0.5), 500).tolist()) == {perm.tolist().index(0)}
 
 
-@pytest.mark.parametrize(
-    "cfg", [SamplingConfig(top_k=8, temperature=0.7), SamplingConfig(top_p=0.9, temperature=1.3)]
-)
+@pytest.mark.parametrize("cfg", [SamplingConfig(top_k=8, temperature=0.7), SamplingConfig(top_p=0.9, temperature=1.3)])
 def test_sampled_frequencies_match_the_distribution(cfg):
     """Pearson chi-square against probabilities computed independently (float64, explicit sort)."""
     n, vocab = 20000, 12
@@ -275,6 +304,34 @@ def test_cfg_schedules():
     assert SamplingConfig(cfg_scale=3.0).scales(4) == [3.0] * 4
     assert SamplingConfig(cfg_scale=3.0, cfg_schedule="linear").scales(5) == [1.0, 1.5, 2.0, 2.5, 3.0]
     assert SamplingConfig(cfg_scale=3.0, cfg_schedule="interval", cfg_interval=2).scales(4) == [3, 3, 1, 1]
+
+
+def test_kernels_backend_draws_the_same_codes(monkeypatch):
+    """attn_backend="triton" routes prefill/decode attention and the fused CFG sampler through vqgpt.kernels.
+    On a CPU (no TRITON_INTERPRET) those run their PyTorch references, which must give the same codes."""
+    kernels = pytest.importorskip("vqgpt.kernels")
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    calls = []
+    real_sample = kernels.cfg_sample
+
+    def spy(logits, **kwargs):
+        calls.append((logits.shape[0], kwargs["cfg_scale"], kwargs["top_k"]))
+        return real_sample(logits, **kwargs)
+
+    monkeypatch.setattr(kernels, "cfg_sample", spy)
+    model = tiny_model(n_kv_head=2)
+    text, seeds = prompts(3), torch.tensor([5, 6, 7])
+    for cfg in [
+        SamplingConfig(cfg_scale=3.0, top_k=20, top_p=0.9),
+        SamplingConfig(cfg_scale=2.0, cfg_schedule="interval", cfg_interval=4, temperature=0.8),
+        SamplingConfig(cfg_scale=1.0, temperature=1.2),
+    ]:
+        model.config.attn_backend = "torch"
+        expected = generate(model, text, cfg, seeds)
+        model.config.attn_backend = "triton"
+        calls.clear()
+        assert torch.equal(generate(model, text, cfg, seeds), expected), cfg
+        assert len(calls) == 16 and calls[0] == (6 if cfg.cfg_scale != 1 else 3, cfg.cfg_scale, cfg.top_k or 0)
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -34,9 +34,7 @@ def single_thread():
 
 
 def tiny_config(**overrides) -> GPTConfig:
-    base = dict(
-        text_vocab_size=V, text_len=8, image_vocab_size=V, image_grid=(4, 4), dim=32, n_layer=2, n_head=4
-    )
+    base = dict(text_vocab_size=V, text_len=8, image_vocab_size=V, image_grid=(4, 4), dim=32, n_layer=2, n_head=4)
     return GPTConfig(**{**base, **overrides})
 
 

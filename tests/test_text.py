@@ -117,9 +117,7 @@ def test_foreign_tokenizer_without_pad_gets_one_and_no_specials(tmp_path):
     backend = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
     backend.pre_tokenizer = pre_tokenizers.Whitespace()
     backend.post_processor = processors.TemplateProcessing(single="[BOS] $A", special_tokens=[("[BOS]", 0)])
-    PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="[BOS]", unk_token="[UNK]").save_pretrained(
-        tmp_path
-    )
+    PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="[BOS]", unk_token="[UNK]").save_pretrained(tmp_path)
 
     tok = TextTokenizer.from_pretrained(tmp_path)
     assert tok.vocab_size == 6 and tok.pad_id == 5

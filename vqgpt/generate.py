@@ -5,23 +5,25 @@
 - Classifier-free guidance (Ho & Salimans 2022): each prompt row is paired with an unconditional row
   (the null caption, all PAD) in one batch of 2B rows; the sampler sees u + s * (c - u) and both rows of a
   pair receive the same token. cfg_scale == 1 runs the B conditional rows only.
-- Randomness is counter based: the noise for (row seed, step, vocab index) is an integer hash of those
-  three numbers, computed with torch integer ops on the logits' device. A seed gives the same image in
-  any batch, at any position, on any device, and a step needs no host sync and no data-dependent shape
-  (so it can be CUDA-graph captured). A draw is an exponential race, argmax_i p_i / E_i with
-  E_i ~ Exp(1) i.i.d., which picks i with probability p_i (the Gumbel-max trick in another form).
-The hash is written out in `counter_uniform` (uint32 multiplies, xors and shifts) so a fused sampling
-kernel can reproduce the noise exactly and draw the same tokens from the same seeds.
+- Randomness is counter based: the noise for (row seed, step, vocab index) is Philox4x32-10 keyed by the
+  seed with counter (vocab index, step, 0, 0) (`counter_uniform`), computed with torch integer ops on the
+  logits' device. A seed gives the same image in any batch, at any position, on any device; a step needs
+  no host sync and has no data-dependent shape (CUDA-graph capturable); and since Philox is what Triton
+  exposes as tl.philox, a fused sampling kernel can draw exactly the same tokens.
+- A draw is an exponential race, argmax_i p_i / E_i with E_i ~ Exp(1) i.i.d., which picks i with
+  probability p_i (the Gumbel-max trick in another form: -log E_i is Gumbel).
 """
 
 from __future__ import annotations
 
 import math
 import numbers
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch import Tensor
+
+from .model import import_kernels, use_triton_kernels
 
 CFG_SCHEDULES = ("constant", "linear", "interval")
 
@@ -44,9 +46,7 @@ class SamplingConfig:
             raise ValueError(f"unknown cfg_schedule {self.cfg_schedule!r}; choose one of {CFG_SCHEDULES}")
         if self.cfg_schedule == "interval":
             if not _is_int(self.cfg_interval) or self.cfg_interval < 0:
-                raise ValueError(
-                    f"cfg_schedule='interval' needs cfg_interval, an int >= 0; got {self.cfg_interval!r}"
-                )
+                raise ValueError(f"cfg_schedule='interval' needs cfg_interval, an int >= 0; got {self.cfg_interval!r}")
         elif self.cfg_interval is not None:
             raise ValueError(
                 f"cfg_interval={self.cfg_interval!r} is only used with cfg_schedule='interval' "
@@ -78,48 +78,62 @@ def _is_int(x) -> bool:
 
 
 # ----------------------------------------------------------------------------------------------------
-# Counter-based noise. All arithmetic is on int64 tensors holding uint32 values, so it is exact and
-# identical on every device (no signed overflow: products stay below 2^63).
+# Counter-based noise: Philox4x32-10 (Salmon et al. 2011, "Parallel Random Numbers: As Easy as 1, 2, 3"),
+# the generator behind triton.language.philox, so a Triton sampler can reproduce it exactly:
+#   key = the row's seed (low word, high word), counter = (vocab index, step, 0, 0), first output word.
+# uint32 values live in int64 tensors and no product reaches 2^63, so the arithmetic is exact and the
+# same on every device.
 
+PHILOX_ROUND_A = 0xD2511F53  # the two round multipliers
+PHILOX_ROUND_B = 0xCD9E8D57
+PHILOX_KEY_A = 0x9E3779B9  # key schedule increments: 2^32 / golden ratio
+PHILOX_KEY_B = 0xBB67AE85  # and 2^32 * (sqrt(3) - 1)
+PHILOX_ROUNDS = 10
 MASK32 = 0xFFFFFFFF
-GOLDEN32 = 0x9E3779B9  # 2^32 / golden ratio: separates the seed and step streams
+TWO_POW_M23 = 2.0**-23  # a 23-bit integer + 0.5, times this, is exact in float32 and strictly inside (0, 1)
 
 
-def _mul32(x, c: int):
-    """(x * c) mod 2^32 for uint32 x in int64: split c into 16-bit halves so no product reaches 2^63."""
-    lo = x * (c & 0xFFFF)
-    hi = ((x * (c >> 16)) & 0xFFFF) << 16
-    return (lo + hi) & MASK32
+def _mulhilo32(a: int, b: Tensor) -> tuple[Tensor, Tensor]:
+    """(high, low) 32-bit words of a * b for a uint32 constant a and uint32 values b (held in int64)."""
+    lo_part = a * (b & 0xFFFF)  # < 2^48
+    hi_part = a * (b >> 16)  # < 2^48;  a * b = hi_part * 2^16 + lo_part
+    low = lo_part + ((hi_part & 0xFFFF) << 16)  # < 2^49;  a * b = (hi_part >> 16) * 2^32 + low
+    return (hi_part >> 16) + (low >> 32), low & MASK32
 
 
-def _fmix32(x):
-    """MurmurHash3's 32-bit finalizer (Appleby): a bijection on uint32 with full avalanche."""
-    x = x ^ (x >> 16)
-    x = _mul32(x, 0x85EBCA6B)
-    x = x ^ (x >> 13)
-    x = _mul32(x, 0xC2B2AE35)
-    return x ^ (x >> 16)
+def philox4x32(counter: tuple[Tensor, Tensor, Tensor, Tensor], key: tuple[Tensor, Tensor]) -> tuple[Tensor, ...]:
+    """Philox4x32-10 on broadcastable int64 tensors of uint32 words -> the four output words."""
+    c0, c1, c2, c3 = counter
+    k0, k1 = key
+    for _ in range(PHILOX_ROUNDS):
+        hi_a, lo_a = _mulhilo32(PHILOX_ROUND_A, c0)
+        hi_b, lo_b = _mulhilo32(PHILOX_ROUND_B, c2)
+        c0, c1, c2, c3 = hi_b ^ c1 ^ k0, lo_b, hi_a ^ c3 ^ k1, lo_a
+        k0, k1 = (k0 + PHILOX_KEY_A) & MASK32, (k1 + PHILOX_KEY_B) & MASK32
+    return c0, c1, c2, c3
 
 
-def counter_uniform(seeds: Tensor, step: int | Tensor, vocab_size: int) -> Tensor:
-    """Uniform(0, 1) noise (B, vocab_size) in float32, a pure function of (seeds[b], step, vocab index).
+def counter_uniform(seeds: Tensor, step: int | Tensor, vocab: int | Tensor) -> Tensor:
+    """Uniform(0, 1) noise in float32, a pure function of (seeds[b], step, vocab index).
 
-    key  = fmix(fmix(seed_lo ^ fmix(seed_hi ^ GOLDEN)) ^ fmix((step + GOLDEN) mod 2^32))   per row and step
-    bits = fmix((fmix(i ^ key) + key) mod 2^32)                                            per vocab index i
-    u    = ((bits >> 9) + 0.5) / 2^23      23 bits, so u is exact in float32 and strictly inside (0, 1)
+    vocab: the vocabulary size V (noise for every index: (B, V)), or (B, n) vocab indices to draw at.
+    u = ((bits >> 9) + 0.5) * 2^-23 with bits = Philox4x32-10(key=seed, counter=(index, step, 0, 0))[0].
+    23 bits, not 24: (2^24 - 1) + 0.5 rounds to 2^24 in float32, which would give u == 1 and E == 0.
     """
     seeds = seeds.long()
-    lo, hi = seeds & MASK32, (seeds >> 32) & MASK32
-    key = _fmix32(lo ^ _fmix32(hi ^ GOLDEN32))  # (B,)
-    key = _fmix32(key ^ _fmix32((step + GOLDEN32) & MASK32))[:, None]  # (B, 1)
-    idx = torch.arange(vocab_size, device=seeds.device)[None]  # (1, V)
-    bits = _fmix32((_fmix32(idx ^ key) + key) & MASK32)  # (B, V)
-    return ((bits >> 9).float() + 0.5) * 2.0**-23
+    if isinstance(vocab, Tensor):
+        index = vocab.long()  # (B, n)
+    else:
+        index = torch.arange(vocab, device=seeds.device).expand(seeds.shape[0], vocab)  # (B, V)
+    key = ((seeds & MASK32)[:, None], ((seeds >> 32) & MASK32)[:, None])  # (B, 1) each
+    zeros = torch.zeros_like(index)
+    bits = philox4x32((index, zeros + (step & MASK32), zeros, zeros), key)[0]
+    return ((bits >> 9).float() + 0.5) * TWO_POW_M23
 
 
-def exponential_noise(seeds: Tensor, step: int | Tensor, vocab_size: int) -> Tensor:
-    """Exp(1) noise (B, vocab_size) for the exponential race in `sample` (inverse CDF of counter_uniform)."""
-    return -torch.log(counter_uniform(seeds, step, vocab_size))
+def exponential_noise(seeds: Tensor, step: int | Tensor, vocab: int | Tensor) -> Tensor:
+    """Exp(1) noise for the exponential race in `sample` (inverse CDF of `counter_uniform`, same shapes)."""
+    return -torch.log(counter_uniform(seeds, step, vocab))
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -158,6 +172,21 @@ def sample(logits: Tensor, cfg: SamplingConfig, noise: Tensor) -> Tensor:
     return (probs / noise).argmax(-1)
 
 
+def sample_seeded(logits: Tensor, cfg: SamplingConfig, seeds: Tensor, step: int | Tensor) -> Tensor:
+    """`sample` with each row's counter-based noise for `step`, drawn only where it can matter.
+
+    With top_k set only the k candidates get noise: the noise of a vocab index does not depend on which
+    other indices are drawn, so the tokens are those of `sample(logits, cfg, exponential_noise(seeds,
+    step, V))` at a fraction of the work for a large codebook.
+    """
+    if cfg.temperature == 0 or cfg.top_k is None:
+        return sample(logits, cfg, exponential_noise(seeds, step, logits.shape[-1]))
+    vals, idx = torch.topk(logits.float(), cfg.top_k, dim=-1)  # (B, k), sorted descending
+    within = replace(cfg, top_k=None)  # the top-k restriction is done; temperature and top-p remain
+    choice = sample(vals, within, exponential_noise(seeds, step, idx))  # (B,) positions in the top k
+    return idx.gather(-1, choice[:, None]).squeeze(-1)
+
+
 def apply_cfg(logits: Tensor, scale: float | Tensor) -> Tensor:
     """(2B, V) logits, conditional rows first, then their unconditional twins -> (B, V) u + s * (c - u)."""
     cond, uncond = logits.float().chunk(2, dim=0)
@@ -179,36 +208,32 @@ def decode_one_token(model, token: Tensor, pos: Tensor) -> Tensor:
 
 
 @torch.no_grad()
-def generate(
-    model, text_ids: Tensor, cfg: SamplingConfig, seeds: Tensor, *, progress: bool = False
-) -> Tensor:
+def generate(model, text_ids: Tensor, cfg: SamplingConfig, seeds: Tensor, *, progress: bool = False) -> Tensor:
     """Sample image codes (B, h, w) for text_ids (B, T_text), one seed per row (LongTensor (B,)).
 
     The model runs in eval mode (restored afterwards) with a KV cache of 2B rows under guidance, B without.
     """
     mc = model.config
     if text_ids.ndim != 2 or text_ids.shape[0] == 0:
-        raise ValueError(
-            f"text_ids must be a non-empty (B, {mc.text_len}) batch, got {tuple(text_ids.shape)}"
-        )
+        raise ValueError(f"text_ids must be a non-empty (B, {mc.text_len}) batch, got {tuple(text_ids.shape)}")
     if text_ids.shape[1] != mc.text_len:
         raise ValueError(
             f"text_ids has {text_ids.shape[1]} tokens per row but the model's text context is {mc.text_len}"
         )
     B, N = text_ids.shape[0], mc.n_image
     if seeds.shape != (B,) or seeds.dtype.is_floating_point or seeds.dtype == torch.bool:
-        raise ValueError(
-            f"seeds must be an integer tensor of shape ({B},), got {seeds.dtype} {tuple(seeds.shape)}"
-        )
+        raise ValueError(f"seeds must be an integer tensor of shape ({B},), got {seeds.dtype} {tuple(seeds.shape)}")
     cfg.validate(mc.image_vocab_size)
 
     device = model.head.weight.device
-    text_ids, seeds = text_ids.to(device), seeds.to(device)
+    text_ids, seeds = text_ids.to(device), seeds.to(device, torch.long)
     scales = cfg.scales(N)
     guided = any(s != 1.0 for s in scales)
     if guided:  # rows [0, B) conditional, [B, 2B) their null-caption twins
         text_ids = torch.cat([text_ids, torch.full_like(text_ids, mc.text_pad_id)])
     scale_per_step = torch.tensor(scales, device=device)  # (N,)
+    # The fused CFG + top-k/top-p + draw kernel, on the same switch as attention; same Philox noise.
+    fused = import_kernels() if use_triton_kernels(mc.attn_backend, seeds) else None
 
     steps = range(N)
     if progress:
@@ -223,8 +248,20 @@ def generate(
         input_pos = torch.tensor(mc.image_start, device=device)  # advanced in place: no host sync
         logits = prefill(model, text_ids)
         for k in steps:
-            step_logits = apply_cfg(logits, scale_per_step[k]) if guided else logits
-            token = sample(step_logits, cfg, exponential_noise(seeds, k, mc.image_vocab_size))  # (B,)
+            if fused is not None:
+                top_k = cfg.top_k or 0  # the kernel's "off" is 0
+                token = fused.cfg_sample(
+                    logits,
+                    cfg_scale=scales[k],
+                    temperature=cfg.temperature,
+                    top_k=top_k,
+                    top_p=cfg.top_p,
+                    seeds=seeds,
+                    step=k,
+                )
+            else:
+                step_logits = apply_cfg(logits, scale_per_step[k]) if guided else logits
+                token = sample_seeded(step_logits, cfg, seeds, k)  # (B,)
             codes[:, k] = token
             if k + 1 < N:
                 logits = decode_one_token(model, torch.cat([token, token]) if guided else token, input_pos)

@@ -18,6 +18,7 @@ import random
 import time
 from collections.abc import Sequence
 
+import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -101,14 +102,17 @@ def codebook_stats(codes: Tensor, codebook_size: int) -> dict:
 JUDGE_VERSION = 1  # bump when the judge or the shapes renderer changes: cached weights are retrained
 _TRAIN_SEED = 1234  # fresh shapes for training: not the seeds of the training set or of accuracy_on_fresh
 _FRESH_SEED = 98765
-_TRAIN_IMAGES = 3000
-_TRAIN_STEPS = 400
+_TRAIN_IMAGES = 2000
+_TRAIN_STEPS = 300
+_BATCH = 64
 _BORDER = 2  # pixels of frame that vote for the background colour
 # A pixel belongs to the shape when it is farther than this from the background (RGB in [0, 1]). The
-# closest shape colour to a background it can sit on is 0.45 away (purple on gray), so 0.2 keeps
-# anti-aliased edges out of the colour estimate while keeping the shape's body.
+# closest shape colour to a background it can sit on is 0.45 away (purple on gray), so 0.2 keeps most
+# of an anti-aliased rim out while keeping the whole body.
 _FG_THRESHOLD = 0.2
-_FG_SCALE = 0.4  # the CNN sees distance / this, clipped to [0, 1]
+_FG_FLOOR, _FG_SCALE = 0.1, 0.3  # the CNN sees (distance - floor) / scale in [0, 1]: the floor drops noise
+_CROP = 0.75  # the CNN sees a window of 3/4 of the side centred on the shape: position is factored out
+_CROP_PIXELS = 24  # ... resampled to 24x24 (a large shape is ~36 px across at 64 px, 13 px at this scale)
 
 
 def _palette(table: dict[str, tuple[int, int, int]]) -> tuple[list[str], Tensor]:
@@ -116,28 +120,64 @@ def _palette(table: dict[str, tuple[int, int, int]]) -> tuple[list[str], Tensor]
 
 
 class _ShapeNet(nn.Module):
-    """Foreground map (B, 1, S, S) -> logits for shape and size: three convs, ~80k parameters."""
+    """Foreground crop around the shape (B, 1, 24, 24) -> shape and size logits; ~25k parameters."""
 
     def __init__(self):
         super().__init__()
         self.features = nn.Sequential(
-            nn.Conv2d(1, 16, 5, stride=2, padding=2),
+            nn.Conv2d(1, 8, 3, padding=1),
             nn.ReLU(),
-            nn.MaxPool2d(2),  # S/4
+            nn.MaxPool2d(2),  # (B, 8, 12, 12)
+            nn.Conv2d(8, 16, 3, padding=1),
+            nn.ReLU(),
+            nn.MaxPool2d(2),  # (B, 16, 6, 6)
             nn.Conv2d(16, 32, 3, padding=1),
             nn.ReLU(),
-            nn.MaxPool2d(2),  # S/8
-            nn.Conv2d(32, 64, 3, padding=1),
-            nn.ReLU(),
-            nn.AdaptiveMaxPool2d(4),  # (B, 64, 4, 4) whatever the image size
+            nn.MaxPool2d(2),  # (B, 32, 3, 3)
         )
         self.head = nn.Sequential(
-            nn.Flatten(), nn.Linear(64 * 16, 64), nn.ReLU(), nn.Linear(64, len(SHAPES) + len(SIZES))
+            nn.Flatten(), nn.Linear(32 * 9, 64), nn.ReLU(), nn.Linear(64, len(SHAPES) + len(SIZES))
         )
 
-    def forward(self, fg: Tensor) -> tuple[Tensor, Tensor]:
-        logits = self.head(self.features(fg))
+    def forward(self, crop: Tensor) -> tuple[Tensor, Tensor]:
+        logits = self.head(self.features(crop))
         return logits[:, : len(SHAPES)], logits[:, len(SHAPES) :]
+
+
+def _background(x: Tensor, palette: Tensor) -> tuple[Tensor, Tensor]:
+    """(palette index (B,), distance of every pixel from the background as drawn (B, H, W))."""
+    b = _BORDER
+    frame = [x[:, :, :b], x[:, :, -b:], x[:, :, b:-b, :b], x[:, :, b:-b, -b:]]
+    border = torch.cat([f.flatten(2) for f in frame], dim=2).transpose(1, 2)  # (B, P, 3)
+    nearest = torch.cdist(border, palette[None].expand(len(x), -1, -1)).argmin(-1)  # (B, P)
+    bg = F.one_hot(nearest, len(palette)).sum(1).argmax(1)  # (B,) majority: the shape may touch the frame
+    mine = (nearest == bg[:, None]).unsqueeze(-1).float()  # (B, P, 1)
+    bg_rgb = (border * mine).sum(1) / mine.sum(1).clamp(min=1)  # (B, 3): as drawn, not as the palette says
+    return bg, (x - bg_rgb[:, :, None, None]).norm(dim=1)
+
+
+def _centroids(fg: Tensor) -> Tensor:
+    """Centre of mass of each mask (B, H, W) as (x, y) fractions of the side (B, 2); 0.5 when empty."""
+    h, w = fg.shape[-2:]
+    m = fg.float()
+    ys = (torch.arange(h, device=fg.device) + 0.5) / h
+    xs = (torch.arange(w, device=fg.device) + 0.5) / w
+    mass = m.sum((1, 2))
+    centre = torch.stack([(m.sum(1) * xs).sum(1), (m.sum(2) * ys).sum(1)], dim=1) / mass.clamp(min=1)[:, None]
+    return torch.where(mass[:, None] > 0, centre, torch.full_like(centre, 0.5))
+
+
+def _crops(dist: Tensor, centre: Tensor) -> Tensor:
+    """Soft foreground (B, H, W) -> the window around each shape the CNN reads (B, 1, 24, 24)."""
+    soft = ((dist - _FG_FLOOR) / _FG_SCALE).clamp(0, 1).unsqueeze(1)  # (B, 1, H, W)
+    factor = max(1, round(_CROP * dist.shape[-1] / _CROP_PIXELS))
+    if factor > 1:  # area-average first: bilinear sampling alone would alias
+        soft = F.avg_pool2d(soft, factor)
+    theta = torch.zeros(len(dist), 2, 3, device=dist.device)
+    theta[:, 0, 0] = theta[:, 1, 1] = _CROP
+    theta[:, :, 2] = 2 * centre - 1  # window centre in grid_sample's [-1, 1] coordinates
+    grid = F.affine_grid(theta, [len(dist), 1, _CROP_PIXELS, _CROP_PIXELS], align_corners=False)
+    return F.grid_sample(soft, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
 
 
 class ShapesJudge:
@@ -152,65 +192,40 @@ class ShapesJudge:
         self.position_xy = torch.tensor([POSITION_XY[p] for p in POSITIONS])  # (P, 2) as (x, y) fractions
 
     def _prepare(self, images: Tensor) -> Tensor:
+        if images.dim() != 4 or images.shape[1] != 3:
+            raise ValueError(f"expected images (B, 3, H, W) in [0, 1], got {tuple(images.shape)}")
         x = images.detach().to(self.device, torch.float32).clamp(0, 1)
-        if x.dim() != 4 or x.shape[1] != 3:
-            raise ValueError(f"expected images (B, 3, H, W), got {tuple(images.shape)}")
         if x.shape[-2:] != (self.image_size, self.image_size):
             x = F.interpolate(x, size=(self.image_size, self.image_size), mode="bilinear", antialias=True)
         return x
-
-    def _analyse(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """(background index (B,), background RGB (B, 3), distance from background (B, H, W))."""
-        b = _BORDER
-        border = torch.cat(
-            [
-                x[:, :, :b].flatten(2),
-                x[:, :, -b:].flatten(2),
-                x[:, :, b:-b, :b].flatten(2),
-                x[:, :, b:-b, -b:].flatten(2),
-            ],
-            dim=2,
-        ).transpose(1, 2)  # (B, P, 3) frame pixels
-        nearest = torch.cdist(border, self.bg_rgb.to(x.device)[None]).argmin(-1)  # (B, P)
-        votes = F.one_hot(nearest, len(self.bg_names)).sum(1)  # (B, K)
-        bg = votes.argmax(1)  # (B,) majority of the frame: the shape may touch it, noise may speckle it
-        mine = (nearest == bg[:, None]).unsqueeze(-1).float()  # (B, P, 1)
-        bg_rgb = (border * mine).sum(1) / mine.sum(1).clamp(min=1)  # (B, 3) as drawn, not as the palette says
-        dist = (x - bg_rgb[:, :, None, None]).norm(dim=1)  # (B, H, W)
-        return bg, bg_rgb, dist
 
     @torch.no_grad()
     def predict(self, images: Tensor) -> list[dict[str, str]]:
         """One dict attribute -> value per image."""
         x = self._prepare(images)
-        bg, _, dist = self._analyse(x)
-        shape_logits, size_logits = self.net((dist / _FG_SCALE).clamp(0, 1).unsqueeze(1))
+        bg, dist = _background(x, self.bg_rgb.to(x.device))
         fg = dist > _FG_THRESHOLD  # (B, H, W)
-        h, w = dist.shape[-2:]
-        ys = (torch.arange(h, device=x.device, dtype=torch.float32) + 0.5) / h
-        xs = (torch.arange(w, device=x.device, dtype=torch.float32) + 0.5) / w
+        centre = _centroids(fg)
+        shape_logits, size_logits = self.net(_crops(dist, centre))
+        positions = torch.cdist(centre.cpu(), self.position_xy).argmin(1)  # (B,)
         out = []
         for i in range(len(x)):
-            m = fg[i]
             bg_name = self.bg_names[bg[i]]
             allowed = [k for k, name in enumerate(self.color_names) if name != bg_name]
-            if m.any():
-                # median of the shape's pixels: robust to its anti-aliased rim and to speckle
-                rgb = x[i][:, m].median(dim=1).values  # (3,)
-                wy, wx = m.float().sum(1), m.float().sum(0)  # row and column masses
-                centre = torch.stack([(wx * xs).sum(), (wy * ys).sum()]).cpu() / m.sum().cpu()
+            d = dist[i][fg[i]]
+            if len(d):
+                # the median of the shape's most saturated pixels: robust to its soft rim and to speckle
+                core = fg[i] & (dist[i] >= 0.7 * torch.quantile(d, 0.9))
+                rgb = x[i][:, core].median(dim=1).values.cpu()  # (3,)
             else:  # nothing drawn: any answer is as wrong as another
-                rgb = self.bg_rgb[bg[i]].to(x.device)
-                centre = torch.tensor([0.5, 0.5])
-            palette = self.color_rgb.to(x.device)[allowed]
-            color = self.color_names[allowed[int((palette - rgb).norm(dim=1).argmin())]]
-            position = POSITIONS[int((self.position_xy - centre).norm(dim=1).argmin())]
+                rgb = self.bg_rgb[bg[i]]
+            color = allowed[int((self.color_rgb[allowed] - rgb).norm(dim=1).argmin())]
             out.append(
                 {
                     "shape": SHAPES[int(shape_logits[i].argmax())],
-                    "color": color,
+                    "color": self.color_names[color],
                     "size": SIZES[int(size_logits[i].argmax())],
-                    "position": position,
+                    "position": POSITIONS[int(positions[i])],
                     "background": bg_name,
                 }
             )
@@ -221,9 +236,7 @@ class ShapesJudge:
         if len(images) != len(specs):
             raise ValueError(f"{len(images)} images but {len(specs)} specs")
         predictions = self.predict(images)
-        scores = {
-            a: sum(p[a] == getattr(s, a) for p, s in zip(predictions, specs)) / len(specs) for a in ATTRIBUTES
-        }
+        scores = {a: sum(p[a] == getattr(s, a) for p, s in zip(predictions, specs)) / len(specs) for a in ATTRIBUTES}
         scores["mean"] = sum(scores.values()) / len(ATTRIBUTES)
         return scores
 
@@ -238,61 +251,58 @@ def _fresh_shapes(n: int, image_size: int, seed: int) -> tuple[list[ShapeSpec], 
     rng = random.Random(seed)
     pool = all_specs()
     specs = [rng.choice(pool) for _ in range(n)]
-    images = torch.stack(
+    pixels = np.stack([np.asarray(render_shape(s, image_size, rng)) for s in specs])  # (n, S, S, 3)
+    return specs, torch.from_numpy(pixels).permute(0, 3, 1, 2).float() / 255  # (n, 3, S, S)
+
+
+def _degrade(x: Tensor, gen: torch.Generator) -> Tensor:
+    """Training augmentation: per image none / 3x3 blur / 2x or 4x down-up sampling, then gaussian noise,
+    so the judge also reads the softer, noisier images a tokenizer decodes."""
+    s = x.shape[-1]
+    variants = torch.stack(
         [
-            torch.frombuffer(bytearray(render_shape(s, image_size, rng).tobytes()), dtype=torch.uint8)
-            for s in specs
+            x,
+            F.avg_pool2d(x, 3, stride=1, padding=1, count_include_pad=False),
+            F.interpolate(F.avg_pool2d(x, 2), size=(s, s), mode="bilinear", align_corners=False),
+            F.interpolate(F.avg_pool2d(x, 4), size=(s, s), mode="bilinear", align_corners=False),
         ]
-    )
-    images = images.view(n, image_size, image_size, 3).permute(0, 3, 1, 2).float() / 255  # (n, 3, S, S)
-    return specs, images
+    )  # (4, B, 3, S, S)
+    pick = torch.randint(len(variants), (len(x),), generator=gen).to(x.device)
+    x = variants[pick, torch.arange(len(x), device=x.device)]
+    sigma = 0.05 * torch.rand(len(x), 1, 1, 1, generator=gen).to(x.device)
+    return (x + sigma * torch.randn(x.shape, generator=gen).to(x.device)).clamp(0, 1)
 
 
 def _train_net(image_size: int, device: torch.device) -> _ShapeNet:
-    """Fit the shape/size CNN on fresh shapes. Foreground maps are augmented with blur and noise, so the
-    judge also reads the softer, noisier images a tokenizer decodes."""
+    """Fit the shape/size CNN on fresh jittered shapes, read through the same pipeline as predict."""
     t0 = time.time()
     specs, images = _fresh_shapes(_TRAIN_IMAGES, image_size, _TRAIN_SEED)
-    judge = ShapesJudge(_ShapeNet(), image_size, device)
-    _, _, dist = judge._analyse(images.to(device))
-    fg = (dist / _FG_SCALE).clamp(0, 1).unsqueeze(1)  # (N, 1, S, S)
+    images = images.to(device)
     y_shape = torch.tensor([SHAPES.index(s.shape) for s in specs], device=device)
     y_size = torch.tensor([SIZES.index(s.size) for s in specs], device=device)
+    bg_palette = _palette(BACKGROUNDS)[1].to(device)
     gen = torch.Generator().manual_seed(_TRAIN_SEED)
     with torch.random.fork_rng(devices=[]):  # a seeded init that leaves the caller's RNG alone
         torch.manual_seed(_TRAIN_SEED)
         net = _ShapeNet().to(device)
     opt = torch.optim.AdamW(net.parameters(), lr=3e-3, weight_decay=1e-4)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * s / _TRAIN_STEPS)))
-    net.train()
     for _ in range(_TRAIN_STEPS):
-        idx = torch.randint(len(fg), (128,), generator=gen).to(device)
-        xb = fg[idx]
-        blurred = torch.rand(len(idx), 1, 1, 1, generator=gen).to(device) < 0.5
-        xb = torch.where(blurred, F.avg_pool2d(xb, 3, stride=1, padding=1, count_include_pad=False), xb)
-        xb = (
-            xb
-            + 0.08
-            * torch.rand(len(idx), 1, 1, 1, generator=gen).to(device)
-            * torch.randn(xb.shape, generator=gen).to(device)
-        ).clamp(0, 1)
-        shape_logits, size_logits = net(xb)
+        idx = torch.randint(len(images), (_BATCH,), generator=gen).to(device)
+        x = _degrade(images[idx], gen)
+        _, dist = _background(x, bg_palette)
+        shape_logits, size_logits = net(_crops(dist, _centroids(dist > _FG_THRESHOLD)))
         loss = F.cross_entropy(shape_logits, y_shape[idx]) + F.cross_entropy(size_logits, y_size[idx])
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
         sched.step()
-    log.info(
-        "trained the shapes judge at %d px in %.1f s (final loss %.3f)",
-        image_size,
-        time.time() - t0,
-        loss.item(),
-    )
+    log.info("trained the shapes judge at %d px in %.1f s (last loss %.3f)", image_size, time.time() - t0, loss)
     return net.eval()
 
 
 def load_judge(image_size: int = 64, device: str | torch.device = "cpu") -> ShapesJudge:
-    """The shapes judge for images of this size: trained on first use, then loaded from the cache."""
+    """The shapes judge for images of this size: trained on first use (seconds), then loaded from cache."""
     from safetensors.torch import load_file, save_file
 
     device = torch.device(device)
@@ -307,10 +317,7 @@ def load_judge(image_size: int = 64, device: str | torch.device = "cpu") -> Shap
     net = _train_net(image_size, device)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
-    save_file(
-        {k: v.contiguous().cpu() for k, v in net.state_dict().items()},
-        str(tmp),
-        metadata={"image_size": str(image_size)},
-    )
-    os.replace(tmp, path)
+    weights = {k: v.detach().contiguous().cpu() for k, v in net.state_dict().items()}
+    save_file(weights, str(tmp), metadata={"image_size": str(image_size), "version": str(JUDGE_VERSION)})
+    os.replace(tmp, path)  # atomic: a concurrent reader never sees half a file
     return ShapesJudge(net, image_size, device)

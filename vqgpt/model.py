@@ -44,7 +44,7 @@ class GPTConfig:
     norm_eps: float = 1e-5  # RMSNorm epsilon
     text_loss_weight: float = 0.0  # weight of an auxiliary next-text-token loss; > 0 adds a text head
     cfg_dropout: float = 0.1  # per-row prob of replacing the caption by the null caption in training
-    attn_backend: str = "auto"  # "torch" (SDPA) | "triton" (vqgpt.kernels) | "auto" (see _use_triton)
+    attn_backend: str = "auto"  # "torch" (SDPA) | "triton" (vqgpt.kernels) | "auto" (use_triton_kernels)
     # Derived in __post_init__, never passed in nor stored in config.json:
     n_image: int = field(init=False)  # N = h * w image tokens
     image_start: int = field(init=False)  # sequence position of the first image code (text_len + 1)
@@ -52,6 +52,8 @@ class GPTConfig:
     head_dim: int = field(init=False)  # dim // n_head
 
     def __post_init__(self):
+        if self.text_len < 0:
+            raise ValueError(f"text_len must be >= 0, got {self.text_len}")
         self.image_grid = tuple(int(s) for s in self.image_grid)
         if len(self.image_grid) != 2 or min(self.image_grid) < 1:
             raise ValueError(f"image_grid must be two positive ints (h, w), got {self.image_grid}")
@@ -74,9 +76,7 @@ class GPTConfig:
         if not 0.0 <= self.cfg_dropout <= 1.0:
             raise ValueError(f"cfg_dropout must be in [0, 1], got {self.cfg_dropout}")
         if not 0 <= self.text_pad_id < self.text_vocab_size:
-            raise ValueError(
-                f"text_pad_id={self.text_pad_id} is outside the text vocab [0, {self.text_vocab_size})"
-            )
+            raise ValueError(f"text_pad_id={self.text_pad_id} is outside the text vocab [0, {self.text_vocab_size})")
         self.n_image = self.image_grid[0] * self.image_grid[1]
         self.image_start = self.text_len + 1
         self.seq_len = self.text_len + 1 + self.n_image
@@ -99,7 +99,7 @@ class GPTConfig:
 
 # LlamaGen-like sizes (Sun et al. 2024, GPT-B/L/XL); counts quoted with a 16384-entry codebook.
 PRESETS: dict[str, dict] = {
-    "demo": dict(dim=256, n_layer=6, n_head=8),  # ~5M params: trains on a CPU in minutes
+    "demo": dict(dim=256, n_layer=6, n_head=8),  # ~6M params: trains on a CPU in minutes
     "B": dict(dim=768, n_layer=12, n_head=12),  # ~111M
     "L": dict(dim=1024, n_layer=24, n_head=16),  # ~343M
     "XL": dict(dim=1280, n_layer=36, n_head=20),  # ~775M
@@ -129,7 +129,7 @@ def rope_positions(cfg: GPTConfig) -> Tensor:
     t = torch.arange(cfg.image_start)
     k = torch.arange(cfg.n_image)
     w = cfg.image_grid[1]
-    image = torch.stack([k // w, k % w], dim=-1) + cfg.image_start - 1
+    image = torch.stack([k // w, k % w], dim=-1) + cfg.image_start
     return torch.cat([torch.stack([t, t], dim=-1), image])
 
 
@@ -158,7 +158,8 @@ def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
 # Attention: one switch between PyTorch SDPA and the Triton kernels
 
 
-def _import_kernels():
+def import_kernels():
+    """vqgpt.kernels (installed), or the repo's top-level kernels/ package when run from a checkout."""
     try:
         from vqgpt import kernels
     except ImportError:
@@ -166,16 +167,17 @@ def _import_kernels():
     return kernels
 
 
-def _use_triton(backend: str, q: Tensor, dropout_p: float) -> bool:
+def use_triton_kernels(backend: str, x: Tensor, dropout_p: float = 0.0) -> bool:
+    """Resolve an attn_backend for tensor x: "triton" always, "torch" never, and "auto" for CUDA
+    inference when the kernels import; anything that needs gradients or dropout stays on PyTorch."""
     if backend == "triton":
         return True
-    if backend == "torch" or not q.is_cuda:
+    if backend == "torch" or not x.is_cuda:
         return False
-    # auto: the kernels serve CUDA inference; anything that needs gradients or dropout stays on SDPA.
-    if dropout_p > 0 or (torch.is_grad_enabled() and q.requires_grad):
+    if dropout_p > 0 or (torch.is_grad_enabled() and x.requires_grad):
         return False
     try:
-        _import_kernels()
+        import_kernels()
     except ImportError:
         return False
     return True
@@ -189,22 +191,18 @@ def _sdpa(q: Tensor, k: Tensor, v: Tensor, **kwargs) -> Tensor:
     return F.scaled_dot_product_attention(q, k, v, **kwargs)
 
 
-def attention(
-    q: Tensor, k: Tensor, v: Tensor, *, causal: bool, backend: str, dropout_p: float = 0.0
-) -> Tensor:
+def attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool, backend: str, dropout_p: float = 0.0) -> Tensor:
     """q (B, Hq, T, D), k/v (B, Hkv, T, D) -> (B, Hq, T, D). `causal` assumes q and k start at position 0."""
-    if _use_triton(backend, q, dropout_p):
-        return _import_kernels().attention(q, k, v, causal=causal)
+    if use_triton_kernels(backend, q, dropout_p):
+        return import_kernels().attention(q, k, v, causal=causal)
     return _sdpa(q, k, v, is_causal=causal, dropout_p=dropout_p)
 
 
-def decode_attention(
-    q: Tensor, k_cache: Tensor, v_cache: Tensor, cache_len: Tensor, *, backend: str
-) -> Tensor:
+def decode_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, cache_len: Tensor, *, backend: str) -> Tensor:
     """One query per row over a static cache: q (B, Hq, D), k/v_cache (B, Hkv, Smax, D), cache_len (B,)
     -> (B, Hq, D). Only cache positions < cache_len[b] are read; the rest may hold stale values."""
-    if _use_triton(backend, q, 0.0):
-        return _import_kernels().decode_attention(q, k_cache, v_cache, cache_len)
+    if use_triton_kernels(backend, q):
+        return import_kernels().decode_attention(q, k_cache, v_cache, cache_len)
     live = torch.arange(k_cache.shape[2], device=q.device) < cache_len[:, None]  # (B, Smax)
     out = _sdpa(q.unsqueeze(2), k_cache, v_cache, attn_mask=live[:, None, None, :])  # (B, Hq, 1, D)
     return out.squeeze(2)
@@ -267,7 +265,7 @@ class Attention(nn.Module):
         else:
             k_all, v_all = self.kv_cache.update(input_pos, k, v)
             if T == 1:  # decode: one new token attends to the cache up to and including itself
-                cache_len = (input_pos[-1] + 1).expand(B)  # (B,), stays on device: no host sync
+                cache_len = (input_pos[-1] + 1).repeat(B)  # (B,) contiguous, on device: no host sync
                 k_all, v_all = k_all.to(q.dtype), v_all.to(q.dtype)  # no-op unless under autocast
                 y = decode_attention(q[:, :, 0], k_all, v_all, cache_len, backend=backend).unsqueeze(2)
             else:  # prefill from position 0: the fresh k/v are the whole live cache
@@ -304,6 +302,8 @@ class Block(nn.Module):
 
 
 class GPT(nn.Module):
+    """`forward`/`loss` for teacher-forced training, `setup_cache` + `forward_cached` for sampling."""
+
     def __init__(self, config: GPTConfig):
         super().__init__()
         self.config = config
@@ -348,9 +348,7 @@ class GPT(nn.Module):
 
     def _check_text(self, text_ids: Tensor) -> None:
         if text_ids.ndim != 2 or text_ids.shape[1] != self.config.text_len:
-            raise ValueError(
-                f"text_ids must be (B, {self.config.text_len}) (text_len), got {tuple(text_ids.shape)}"
-            )
+            raise ValueError(f"text_ids must be (B, {self.config.text_len}) (text_len), got {tuple(text_ids.shape)}")
 
     def _hidden(self, text_ids: Tensor, codes: Tensor) -> Tensor:
         """Teacher-forced trunk: normalized hidden states (B, T_text + N, dim) of [text][BOI][codes[:-1]]."""
