@@ -99,12 +99,15 @@ if triton is not None:
         stride_kb, stride_kh, stride_kn, stride_kd,
         stride_vb, stride_vh, stride_vn, stride_vd,
         stride_ob, stride_oh, stride_ot, stride_od,
-        H_Q, GROUP, T, S, qk_scale,
+        H_Q, GROUP, T, S, N_M_BLOCKS, qk_scale,
         CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
         HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, INPUT_PRECISION: tl.constexpr,
     ):
-        start_m = tl.program_id(0)
-        off_bh = tl.program_id(1)
+        # One flat grid axis (no 65535 limit on B * Hq): the query blocks of one head are neighbours, so
+        # its K/V stay in L2 between them, and the longest causal blocks (the last ones) start first.
+        pid = tl.program_id(0)
+        start_m = N_M_BLOCKS - 1 - pid % N_M_BLOCKS
+        off_bh = pid // N_M_BLOCKS
         off_b = (off_bh // H_Q).to(tl.int64)
         off_h = (off_bh % H_Q).to(tl.int64)
         off_hkv = off_h // GROUP  # GQA: GROUP consecutive query heads share one KV head
@@ -182,15 +185,15 @@ def _attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal:
     # Short prompts: smaller query blocks waste fewer masked rows and give more programs.
     block_m = max(16, min(block_m, triton.next_power_of_2(T)))
     block_n = min(block_n, block_m)  # the causal split at start_m * BLOCK_M must fall on a K/V tile edge
-    grid = (triton.cdiv(T, block_m), B * Hq)
-    _attn_fwd_kernel[grid](
+    n_m_blocks = triton.cdiv(T, block_m)
+    _attn_fwd_kernel[(n_m_blocks * B * Hq,)](
         q, k, v, o,
         *q.stride(), *k.stride(), *v.stride(), *o.stride(),
-        Hq, Hq // Hkv, T, S, sm_scale * RCP_LN2,
+        Hq, Hq // Hkv, T, S, n_m_blocks, sm_scale * RCP_LN2,
         CAUSAL=causal, BLOCK_M=block_m, BLOCK_N=block_n, HEAD_DIM=D, BLOCK_D=block_d,
         # fp32 inputs ask for fp32 accuracy, so no silent TF32 on the tensor cores
         INPUT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
-        num_warps=num_warps, num_stages=num_stages,
+        num_warps=num_warps, num_stages=num_stages, enable_fp_fusion=True,
     )
     return o
 
@@ -233,6 +236,6 @@ def attention(
     scale = 1.0 / math.sqrt(q.shape[-1]) if sm_scale is None else float(sm_scale)
     if not use_triton(backend, q, k, v):
         return attention_reference(q, k, v, causal=causal, sm_scale=scale)
-    if k.shape[2] == 0:
+    if k.shape[2] == 0 and q.shape[2] > 0:
         raise ValueError("attention over an empty key sequence (S == 0) is undefined")
     return _attention_triton(q, k, v, causal, scale)

@@ -196,13 +196,13 @@ def _decode_triton(q, k_cache, v_cache, cache_len, sm_scale: float, num_splits: 
         Hq, Hkv, s_max, num_splits, sm_scale * RCP_LN2,
         GROUP=group, BLOCK_H=block_h, BLOCK_N=block_n, HEAD_DIM=D, BLOCK_D=block_d,
         SINGLE_SPLIT=single, INPUT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
-        num_warps=4, num_stages=1 if interpreting() else 3,
+        num_warps=4, num_stages=1 if interpreting() else 3, enable_fp_fusion=True,
     )
     if not single:
         _decode_merge_kernel[(B * Hq,)](
             part_o, part_lse, o, *o.stride(), Hq, num_splits,
             HEAD_DIM=D, BLOCK_D=block_d, BLOCK_S=max(2, triton.next_power_of_2(num_splits)),
-            num_warps=1 if block_d <= 64 else 2,
+            num_warps=1 if block_d <= 64 else 2, enable_fp_fusion=True,
         )
     return o
 

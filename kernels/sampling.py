@@ -42,9 +42,9 @@ TWO_POW_M23 = 1.1920928955078125e-07
 SIGN_BIT = 0x80000000  # the highest bit of a uint32 key: the first candidate of the bitwise search
 
 # Philox4x32 constants (Salmon et al. 2011; the same values as triton.language.random).
-PHILOX_KEY_A = 0x9E3779B9  # golden ratio, the key schedule's increment
-PHILOX_KEY_B = 0xBB67AE85  # sqrt(3) - 1
-PHILOX_ROUND_A = 0xD2511F53
+PHILOX_KEY_A = 0x9E3779B9  # key schedule increments: 2^32 / golden ratio
+PHILOX_KEY_B = 0xBB67AE85  # and 2^32 * (sqrt(3) - 1)
+PHILOX_ROUND_A = 0xD2511F53  # the two round multipliers
 PHILOX_ROUND_B = 0xCD9E8D57
 PHILOX_ROUNDS = 10
 MASK32 = 0xFFFFFFFF
@@ -357,5 +357,7 @@ def cfg_sample(
         float(cfg_scale), 1.0 if temperature == 0 else 1.0 / temperature, top_k, float(top_p),
         MIX=mix, GREEDY=temperature == 0, TOP_K=0 < top_k < V, TOP_P=top_p < 1.0,
         STEP_FROM_PTR=step_from_ptr, BLOCK_V=block_v, num_warps=num_warps,
+        # no fused multiply-adds: the CFG mix then rounds exactly like the reference's separate torch ops
+        enable_fp_fusion=False,
     )
     return out

@@ -111,12 +111,13 @@ BACKGROUNDS = {
 # Circumradius as a fraction of the image side: 12 and 17 px at 64 px, so a small shape still covers
 # ~3x3 patches of 8 px and its silhouette survives tokenization.
 SIZE_RADIUS = {"small": 12 / 64, "large": 17 / 64}
-# Centres as fractions of the side; corners sit 11.5 px from the centre at 64 px, twice the jitter.
+# Centres as fractions of the side: at 64 px the corners sit 11.5 px (in x and y) from the centre, far
+# beyond the 2 px jitter, and a large shape stays clear of the frame the judge reads the background from.
 POSITION_XY = {
-    "top left": (0.31, 0.31),
-    "top right": (0.69, 0.31),
-    "bottom left": (0.31, 0.69),
-    "bottom right": (0.69, 0.69),
+    "top left": (0.32, 0.32),
+    "top right": (0.68, 0.32),
+    "bottom left": (0.32, 0.68),
+    "bottom right": (0.68, 0.68),
     "center": (0.5, 0.5),
 }
 JITTER = 2 / 64  # largest random shift of a shape's centre, as a fraction of the side
@@ -223,10 +224,10 @@ def render_shape(spec: ShapeSpec, image_size: int = 64, rng: random.Random | Non
     if spec.shape == "circle":
         draw.ellipse((cx - r, cy - r, cx + r, cy + r), fill=fill)
     elif spec.shape == "square":
-        a = 0.85 * r
+        a = 0.92 * r
         draw.rectangle((cx - a, cy - a, cx + a, cy + a), fill=fill)
     elif spec.shape == "triangle":  # equilateral, apex up; centroid at (cx, cy)
-        draw.polygon(_star_points(cx, cy, [1.12 * r], 3), fill=fill)
+        draw.polygon(_star_points(cx, cy, [1.15 * r], 3), fill=fill)
     elif spec.shape == "cross":  # a plus sign
         w = 0.36 * r
         draw.rectangle((cx - r, cy - w, cx + r, cy + w), fill=fill)
