@@ -179,6 +179,7 @@ def train_tokenizer(args) -> Path:
     else:
         overrides = {k: v for k, v in (("image_size", args.image_size), ("quantizer", args.quantizer)) if v}
         config = tokenizer_config(args.preset, **overrides)
+    torch.manual_seed(args.seed)  # the same initial weights on every rank and every run
     model = ImageTokenizer(config).to(d.device)
 
     images, _ = vdata.load_image_tensors(args.data, "train", config.image_size, image_column=args.image_column,
@@ -336,6 +337,7 @@ def train_gpt(args) -> Path:
     test_ids = text_tok(test_captions, config.text_len)
     codes, test_codes = codes.flatten(1), test_codes.flatten(1)  # (N, h*w)
 
+    torch.manual_seed(args.seed)  # the same initial weights on every rank and every run
     model = GPT(config).to(d.device)
     optimizer = make_optimizer(model, args.lr, args.weight_decay)
     guard = T.NonFiniteGuard()

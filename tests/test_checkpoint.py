@@ -6,8 +6,13 @@ from vqgpt.training import NonFiniteGuard, epoch_batch, lr_at
 
 
 def _save(mgr, step, value):
-    mgr.save(step, {"w": torch.full((4,), float(value))}, {"step": step, "note": torch.tensor([value])},
-             files={"config.json": '{"a": 1}'}, writers={"sub": lambda p: (p.mkdir(), (p / "x.txt").write_text("x"))})
+    mgr.save(
+        step,
+        {"w": torch.full((4,), float(value))},
+        {"step": step, "note": torch.tensor([value])},
+        files={"config.json": '{"a": 1}'},
+        writers={"sub": lambda p: (p.mkdir(), (p / "x.txt").write_text("x"))},
+    )
 
 
 def test_save_load_roundtrip_and_keep_last_n(tmp_path):

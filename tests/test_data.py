@@ -35,16 +35,8 @@ from vqgpt.data import (
 )
 
 
-@pytest.fixture
-def cache(tmp_path, monkeypatch):
-    """A private cache: tests never read or write the user's ~/.cache/vqgpt."""
-    root = tmp_path / "cache"
-    monkeypatch.setenv("VQGPT_CACHE", str(root))
-    return root
-
-
-def test_cache_root_follows_env(cache):
-    assert data.cache_root() == cache
+def test_cache_root_follows_env(tmp_cache):
+    assert data.cache_root() == tmp_cache
 
 
 def test_import_is_light_and_split_hash_is_stable():
@@ -66,24 +58,24 @@ def test_import_is_light_and_split_hash_is_stable():
 
 
 @pytest.mark.parametrize("spec", ["/no/such/folder/anywhere", "./not-here", "bad name!", "a/b/c"])
-def test_unknown_spec_lists_accepted_forms(spec, cache):
+def test_unknown_spec_lists_accepted_forms(spec, tmp_cache):
     with pytest.raises(ValueError, match="openmoji.*shapes.*local folder.*hub"):
         load_captioned(spec)
 
 
-def test_file_is_not_a_dataset(tmp_path, cache):
+def test_file_is_not_a_dataset(tmp_path, tmp_cache):
     f = tmp_path / "x.png"
     Image.new("RGB", (8, 8)).save(f)
     with pytest.raises(ValueError, match="not a folder"):
         load_captioned(str(f))
 
 
-def test_unknown_split(cache):
+def test_unknown_split(tmp_cache):
     with pytest.raises(ValueError, match="split"):
         load_captioned("shapes", "validation")
 
 
-def test_unreachable_hub_name_is_a_clear_runtime_error(cache, monkeypatch):
+def test_unreachable_hub_name_is_a_clear_runtime_error(tmp_cache, monkeypatch):
     import datasets
     import huggingface_hub.constants
 
@@ -304,7 +296,7 @@ def _write_folder(root, good: int = 12):
 BAD = {"not_an_image.jpg", "truncated.png", "empty.png", "missing.png"}
 
 
-def test_folder_skips_bad_files_with_one_warning(tmp_path, cache, caplog):
+def test_folder_skips_bad_files_with_one_warning(tmp_path, tmp_cache, caplog):
     names = _write_folder(tmp_path / "imgs")
     with caplog.at_level(logging.WARNING, logger="vqgpt.data"):
         ds = load_captioned(str(tmp_path / "imgs"), "train")
@@ -332,7 +324,7 @@ def test_folder_skips_bad_files_with_one_warning(tmp_path, cache, caplog):
         assert r > 200 and g < 60 and b > 200  # magenta
 
 
-def test_folder_split_is_fixed_and_disjoint(tmp_path, cache):
+def test_folder_split_is_fixed_and_disjoint(tmp_path, tmp_cache):
     folder = tmp_path / "many"
     folder.mkdir()
     names = [f"img{i:03d}.png" for i in range(120)]
@@ -345,7 +337,49 @@ def test_folder_split_is_fixed_and_disjoint(tmp_path, cache):
     assert train == set(names) - test
 
 
-def test_folder_of_class_subfolders(tmp_path, cache):
+def test_folder_with_its_own_test_split(tmp_path, tmp_cache):
+    for split, n in (("train", 6), ("test", 3)):
+        d = tmp_path / "split" / split
+        d.mkdir(parents=True)
+        for i in range(n):
+            Image.new("RGB", (8, 8), (i, 0, 0)).save(d / f"{i}.png")
+        (d / "metadata.jsonl").write_text(
+            "".join(json.dumps({"file_name": f"{i}.png", "text": f"{split} {i}"}) + "\n" for i in range(n))
+        )
+    assert sorted(load_captioned(str(tmp_path / "split"), "test")["text"]) == [f"test {i}" for i in range(3)]
+    assert sorted(load_captioned(str(tmp_path / "split"), "train")["text"]) == [f"train {i}" for i in range(6)]
+
+
+def test_hub_loader_renames_columns_and_holds_out_rows(tmp_cache, monkeypatch):
+    """The hub path with the network replaced by an in-memory set: column renaming, the index-hash
+    split of a set that has only `train`, and the same checks as for a folder (a corrupt row is skipped)."""
+    import io
+
+    import datasets
+
+    def png(i):
+        buf = io.BytesIO()
+        Image.new("LA", (8, 8), (i, 255)).save(buf, format="PNG")
+        return buf.getvalue()
+
+    rows = {"img": [{"bytes": png(i), "path": None} for i in range(200)], "caption": [f"row {i}" for i in range(200)]}
+    rows["img"][3] = {"bytes": b"garbage", "path": None}
+    hub = datasets.Dataset.from_dict(
+        rows, features=datasets.Features({"img": datasets.Image(), "caption": datasets.Value("string")})
+    )
+    monkeypatch.setattr(datasets, "get_dataset_split_names", lambda name: ["train"])
+    monkeypatch.setattr(datasets, "load_dataset", lambda name, split: hub)
+    train = load_captioned("someone/captions", "train", image_column="img", caption_column="caption")
+    test = load_captioned("someone/captions", "test", image_column="img", caption_column="caption")
+    held = {i for i in range(200) if is_held_out_key(f"someone/captions/{i}")}
+    assert set(test["text"]) == {f"row {i}" for i in held} - {"row 3"}
+    assert set(train["text"]) == {f"row {i}" for i in range(200) if i not in held} - {"row 3"}
+    assert train.column_names == ["image", "text"] and train[0]["image"].mode == "RGB"
+    with pytest.raises(ValueError, match="no caption column 'text'"):
+        load_captioned("someone/captions", "train", image_column="img")
+
+
+def test_folder_of_class_subfolders(tmp_path, tmp_cache):
     for cls in ("red_apple", "pear"):
         (tmp_path / "classes" / cls).mkdir(parents=True)
         for i in range(30):
@@ -355,7 +389,7 @@ def test_folder_of_class_subfolders(tmp_path, cache):
     assert len(ds) == sum(not is_held_out_key(f"{c}/{c}{i}.png") for c in ("red_apple", "pear") for i in range(30))
 
 
-def test_folder_image_tensors_resize_and_centre_crop(tmp_path, cache):
+def test_folder_image_tensors_resize_and_centre_crop(tmp_path, tmp_cache):
     folder = tmp_path / "wide"
     folder.mkdir()
     arr = np.zeros((20, 60, 3), np.uint8)
@@ -373,7 +407,7 @@ def test_folder_image_tensors_resize_and_centre_crop(tmp_path, cache):
     assert centre[1] > 200 and centre[0] < 40 and centre[2] < 40  # the middle third (green) survives the crop
 
 
-def test_folder_without_usable_images(tmp_path, cache):
+def test_folder_without_usable_images(tmp_path, tmp_cache):
     empty = tmp_path / "empty"
     empty.mkdir()
     with pytest.raises(ValueError, match="no usable images"):
@@ -414,7 +448,7 @@ class StandInTokenizer:
         return f"stand-in-{self.version}"
 
 
-def test_code_cache_reused_and_invalidated(tmp_path, cache):
+def test_code_cache_reused_and_invalidated(tmp_path, tmp_cache):
     _write_folder(tmp_path / "imgs")
     folder = str(tmp_path / "imgs")
     tok = StandInTokenizer()
@@ -437,10 +471,10 @@ def test_code_cache_reused_and_invalidated(tmp_path, cache):
     calls = tok.calls
     more, more_captions = load_codes(folder, "train", tok)
     assert tok.calls > calls and len(more) == len(codes) + (not is_held_out_key("late.png"))
-    assert not list((cache / "codes").glob("*.tmp*"))  # atomic writes leave no temporaries
+    assert not list((tmp_cache / "codes").glob("*.tmp*"))  # atomic writes leave no temporaries
 
 
-def test_codes_of_an_embedded_set(cache):
+def test_codes_of_an_embedded_set(tmp_cache):
     tok = StandInTokenizer()
     codes, captions = load_codes("shapes", "test", tok, limit=10)
     assert codes.shape == (10, 4, 4) and len(captions) == 10

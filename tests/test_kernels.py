@@ -37,13 +37,16 @@ def _triton_runnable() -> str | None:
     from triton.runtime.interpreter import InterpretedFunction
 
     if not isinstance(triton.language.standard.cdiv, InterpretedFunction):
-        return ("triton was imported before TRITON_INTERPRET=1 was set, so its kernels cannot run on the CPU "
-                "interpreter: export TRITON_INTERPRET=1 (or set it in conftest.py) when there is no GPU")
+        return (
+            "triton was imported before TRITON_INTERPRET=1 was set, so its kernels cannot run on the CPU "
+            "interpreter: export TRITON_INTERPRET=1 (or set it in conftest.py) when there is no GPU"
+        )
     return None
 
 
 needs_triton = pytest.mark.skipif(_triton_runnable() is not None, reason=str(_triton_runnable()))
 gpu_only = pytest.mark.skipif(not ON_GPU, reason="needs a CUDA GPU (too big or bf16 for the interpreter)")
+
 
 def test_triton_kernels_can_run_here():
     """With triton installed, every kernel test must run (natively or on the interpreter), never skip."""
@@ -117,9 +120,7 @@ def _attn_inputs(case, dtype, seed=0):
 
 @needs_triton
 @pytest.mark.parametrize("dtype,atol,rtol", DTYPE_TOLS)
-@pytest.mark.parametrize(
-    "case", ATTN_CASES + [pytest.param(c, marks=gpu_only) for c in ATTN_GPU_CASES], ids=str
-)
+@pytest.mark.parametrize("case", ATTN_CASES + [pytest.param(c, marks=gpu_only) for c in ATTN_GPU_CASES], ids=str)
 def test_attention_matches_reference(case, dtype, atol, rtol):
     q, k, v, causal = _attn_inputs(case, dtype)
     out = K.attention(q, k, v, causal=causal, backend="triton")
@@ -181,9 +182,7 @@ DECODE_GPU_CASES = [
 
 @needs_triton
 @pytest.mark.parametrize("dtype,atol,rtol", DTYPE_TOLS)
-@pytest.mark.parametrize(
-    "case", DECODE_CASES + [pytest.param(c, marks=gpu_only) for c in DECODE_GPU_CASES], ids=str
-)
+@pytest.mark.parametrize("case", DECODE_CASES + [pytest.param(c, marks=gpu_only) for c in DECODE_GPU_CASES], ids=str)
 def test_decode_attention_matches_reference(case, dtype, atol, rtol):
     Hq, Hkv, s_max, D, lens, num_splits = case
     B = len(lens)
@@ -249,8 +248,7 @@ def test_cfg_sample_matches_reference(cfg_scale, temperature, top_k, top_p):
     B, V = (64, 16384) if ON_GPU else (4, 100)
     logits = _logits(B, V, seed=1)
     for step in (0, 255, torch.tensor(7, device=DEVICE)):
-        kw = dict(cfg_scale=cfg_scale, temperature=temperature, top_k=top_k, top_p=top_p, seeds=_seeds(B),
-                  step=step)
+        kw = dict(cfg_scale=cfg_scale, temperature=temperature, top_k=top_k, top_p=top_p, seeds=_seeds(B), step=step)
         out = K.cfg_sample(logits, backend="triton", **kw)
         ref = K.cfg_sample_reference(logits, **kw)
         assert out.dtype == torch.int64 and out.shape == (B,)
@@ -280,9 +278,11 @@ def test_cfg_sample_streaming_path(monkeypatch):
     monkeypatch.setattr(sampling_module, "TILE_V", 16)
     B, V = 1, 40
     logits = _logits(B, V, seed=3)
-    for kw in (dict(cfg_scale=2.0, temperature=1.0, top_k=6, top_p=0.7),
-               dict(cfg_scale=2.0, temperature=0.0, top_k=0),
-               dict(cfg_scale=1.0, temperature=2.0, top_k=0)):
+    for kw in (
+        dict(cfg_scale=2.0, temperature=1.0, top_k=6, top_p=0.7),
+        dict(cfg_scale=2.0, temperature=0.0, top_k=0),
+        dict(cfg_scale=1.0, temperature=2.0, top_k=0),
+    ):
         out = K.cfg_sample(logits, backend="triton", seeds=_seeds(B), step=9, **kw)
         ref = K.cfg_sample_reference(logits, seeds=_seeds(B), step=9, **kw)
         assert torch.equal(out, ref), f"{kw}: kernel {out.tolist()} vs reference {ref.tolist()}"
@@ -294,9 +294,11 @@ def test_cfg_sample_large_vocab_streams():
     B, V = 16, 50257
     assert V > sampling_module.MAX_RESIDENT_V
     logits = _logits(B, V, dtype=torch.bfloat16, seed=12)
-    for kw in (dict(cfg_scale=3.0, temperature=1.0, top_k=1000, top_p=0.9),
-               dict(cfg_scale=3.0, temperature=0.9, top_k=0),
-               dict(cfg_scale=3.0, temperature=0.0, top_k=0)):
+    for kw in (
+        dict(cfg_scale=3.0, temperature=1.0, top_k=1000, top_p=0.9),
+        dict(cfg_scale=3.0, temperature=0.9, top_k=0),
+        dict(cfg_scale=3.0, temperature=0.0, top_k=0),
+    ):
         out = K.cfg_sample(logits, backend="triton", seeds=_seeds(B), step=17, **kw)
         ref = K.cfg_sample_reference(logits, seeds=_seeds(B), step=17, **kw)
         assert torch.equal(out, ref), f"{kw}: rows {torch.nonzero(out != ref).flatten().tolist()} differ"
@@ -307,8 +309,11 @@ def test_philox_reference_known_answers():
     cases = [
         ((0, 0, 0, 0), (0, 0), (0x6627E8D5, 0xE169C58D, 0xBC57AC4C, 0x9B00DBD8)),
         ((0xFFFFFFFF,) * 4, (0xFFFFFFFF,) * 2, (0x408F276D, 0x41C83B0E, 0xA20BC7C6, 0x6D5451FD)),
-        ((0x243F6A88, 0x85A308D3, 0x13198A2E, 0x03707344), (0xA4093822, 0x299F31D0),
-         (0xD16CFE09, 0x94FDCCEB, 0x5001E420, 0x24126EA1)),
+        (
+            (0x243F6A88, 0x85A308D3, 0x13198A2E, 0x03707344),
+            (0xA4093822, 0x299F31D0),
+            (0xD16CFE09, 0x94FDCCEB, 0x5001E420, 0x24126EA1),
+        ),
     ]
     for counter, key, expected in cases:
         words = K.philox4x32_reference(tuple(map(torch.tensor, counter)), tuple(map(torch.tensor, key)))
@@ -339,10 +344,8 @@ def test_cfg_sample_top1_and_greedy_are_argmax():
     B, V = (256, 16384) if ON_GPU else (8, 64)
     logits = _logits(B, V, seed=4)
     argmax = _mixed(logits, B, 2.5).argmax(-1)
-    top1 = K.cfg_sample(logits, cfg_scale=2.5, temperature=1.0, top_k=1, seeds=_seeds(B), step=0,
-                        backend="triton")
-    greedy = K.cfg_sample(logits, cfg_scale=2.5, temperature=0.0, top_k=50, seeds=_seeds(B), step=0,
-                          backend="triton")
+    top1 = K.cfg_sample(logits, cfg_scale=2.5, temperature=1.0, top_k=1, seeds=_seeds(B), step=0, backend="triton")
+    greedy = K.cfg_sample(logits, cfg_scale=2.5, temperature=0.0, top_k=50, seeds=_seeds(B), step=0, backend="triton")
     assert torch.equal(top1, argmax), f"top_k=1: rows {torch.nonzero(top1 != argmax).flatten().tolist()}"
     assert torch.equal(greedy, argmax), f"temperature=0: rows {torch.nonzero(greedy != argmax).flatten().tolist()}"
 
@@ -353,8 +356,7 @@ def test_cfg_sample_never_draws_outside_top_k():
     B, V, k = (4096, 16384, 1000) if ON_GPU else (24, 48, 3)
     row = _randn(2, V, dtype=torch.float32, seed=5)
     logits = torch.cat([row[:1].expand(B, V), row[1:].expand(B, V)])  # every row the same distribution
-    out = K.cfg_sample(logits, cfg_scale=2.0, temperature=10.0, top_k=k, seeds=_seeds(B, 11), step=2,
-                       backend="triton")
+    out = K.cfg_sample(logits, cfg_scale=2.0, temperature=10.0, top_k=k, seeds=_seeds(B, 11), step=2, backend="triton")
     allowed = set(_mixed(row, 1, 2.0)[0].topk(k).indices.tolist())
     drawn = set(out.tolist())
     assert drawn <= allowed, f"drew tokens outside the top-{k}: {sorted(drawn - allowed)}"
@@ -388,8 +390,7 @@ def test_cfg_sample_frequencies_match_the_distribution():
     if k:
         z = z.masked_fill(z < z.topk(k).values[-1], float("-inf"))
     probs = torch.softmax(z, -1)
-    out = K.cfg_sample(logits, cfg_scale=1.5, temperature=0.8, top_k=k, seeds=_seeds(B, 77), step=1,
-                       backend="triton")
+    out = K.cfg_sample(logits, cfg_scale=1.5, temperature=0.8, top_k=k, seeds=_seeds(B, 77), step=1, backend="triton")
     _frequency_check(out, probs, f"kernel, top_k={k}")
 
 
@@ -407,8 +408,9 @@ def test_cfg_sample_reference_frequencies_with_top_k_and_top_p():
     probs_kp[order[:n_keep]] = p_sorted[:n_keep] / p_sorted[:n_keep].sum()
     assert 1 < n_keep < 6, "pick logits whose top-p cut falls strictly inside the top-k"
     for top_p, probs in ((1.0, probs_k), (0.7, probs_kp)):
-        out = K.cfg_sample_reference(logits, cfg_scale=2.0, temperature=1.0, top_k=6, top_p=top_p,
-                                     seeds=_seeds(B, 3), step=4)
+        out = K.cfg_sample_reference(
+            logits, cfg_scale=2.0, temperature=1.0, top_k=6, top_p=top_p, seeds=_seeds(B, 3), step=4
+        )
         _frequency_check(out, probs, f"reference, top_k=6, top_p={top_p}")
 
 
@@ -467,8 +469,9 @@ def test_kernels_never_sync_and_capture_in_a_cuda_graph():
 
     def decode_and_sample():
         o = K.decode_attention(q, k_cache, v_cache, cache_len, backend="triton")
-        t = K.cfg_sample(logits, cfg_scale=3.0, temperature=1.0, top_k=1000, top_p=0.95, seeds=seeds,
-                         step=step, backend="triton")
+        t = K.cfg_sample(
+            logits, cfg_scale=3.0, temperature=1.0, top_k=1000, top_p=0.95, seeds=seeds, step=step, backend="triton"
+        )
         return o, t
 
     o_eager, t_eager = decode_and_sample()  # compiles outside the capture
@@ -486,6 +489,5 @@ def test_kernels_never_sync_and_capture_in_a_cuda_graph():
     assert torch.equal(o_graph, o_eager) and torch.equal(t_graph, t_eager), "graph replay differs from eager"
     step.fill_(4)  # a device-side step advances the noise without re-capture
     graph.replay()
-    t_next = K.cfg_sample_reference(logits, cfg_scale=3.0, temperature=1.0, top_k=1000, top_p=0.95,
-                                    seeds=seeds, step=4)
+    t_next = K.cfg_sample_reference(logits, cfg_scale=3.0, temperature=1.0, top_k=1000, top_p=0.95, seeds=seeds, step=4)
     assert torch.equal(t_graph, t_next), f"replay at step 4 drew {t_graph.tolist()}, expected {t_next.tolist()}"

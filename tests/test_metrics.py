@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from vqgpt.data import COLORS, SHAPES, all_specs, load_image_tensors, parse_shape_caption, render_shape
+from vqgpt.data import COLORS, SHAPES, ShapeSpec, all_specs, load_image_tensors, parse_shape_caption, render_shape
 from vqgpt.metrics import ATTRIBUTES, codebook_stats, load_judge, psnr, ssim
 
 
@@ -105,7 +105,7 @@ def test_judge_scores_wrong_prompts_low(judge):
     # ask for another shape and, where the background allows it, another colour
     colors = list(COLORS)
     wrong = [
-        s.__class__(
+        ShapeSpec(
             SHAPES[(SHAPES.index(s.shape) + 1) % len(SHAPES)],
             next(c for c in colors[colors.index(s.color) + 1 :] + colors if c not in (s.color, s.background)),
             s.size,

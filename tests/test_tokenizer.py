@@ -114,8 +114,9 @@ def test_training_reduces_loss():
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
     # Smooth images (low-frequency patterns) that a tiny auto-encoder can learn in a few steps.
     g = torch.linspace(0, 1, 32)
-    x = torch.stack([(torch.sin(6 * g[None, :] * (i + 1) / 8 + g[:, None] * c) + 1) / 2
-                     for i in range(8) for c in range(3)]).view(8, 3, 32, 32)
+    x = torch.stack(
+        [(torch.sin(6 * g[None, :] * (i + 1) / 8 + g[:, None] * c) + 1) / 2 for i in range(8) for c in range(3)]
+    ).view(8, 3, 32, 32)
     losses = []
     for _ in range(60):
         recon, _, aux = model(x)

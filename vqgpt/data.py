@@ -168,9 +168,7 @@ def parse_shape_caption(text: str) -> ShapeSpec:
 def all_specs() -> list[ShapeSpec]:
     """Every valid combination, in a fixed order (5 x 7 x 2 x 5 x 4 minus same colour/background)."""
     return [
-        ShapeSpec(*combo)
-        for combo in product(SHAPES, COLORS, SIZES, POSITIONS, BACKGROUNDS)
-        if combo[1] != combo[4]
+        ShapeSpec(*combo) for combo in product(SHAPES, COLORS, SIZES, POSITIONS, BACKGROUNDS) if combo[1] != combo[4]
     ]
 
 
@@ -301,11 +299,9 @@ def openmoji_caption(code: str) -> str | None:
 
 def _clean_emoji_name(name: str) -> str:
     """':person_light_skin_tone_red_hair:' -> 'person: light skin tone, red hair' (CLDR style)."""
-    parts = _SKIN_TONE.split(name.strip(":"))
-    base, qualifiers = parts[0], [p.strip("_") for p in parts[1:] if p.strip("_")]
-    words = [base] if base else []
-    text = ": ".join(filter(None, [" ".join(words), ", ".join(qualifiers)]))
-    return text.replace("_", " ").lower()
+    parts = _SKIN_TONE.split(name.strip(":"))  # [head, tone, rest, tone, rest, ...]
+    qualifiers = ", ".join(p.strip("_") for p in parts[1:] if p.strip("_"))
+    return ": ".join(p for p in (parts[0], qualifiers) if p).replace("_", " ").lower()
 
 
 def _openmoji_files(limit: int | None) -> list:
@@ -383,9 +379,7 @@ def _load_embedded(kind: str, split: str, image_size: int, limit: int | None) ->
         except (OSError, ValueError) as e:
             log.warning("cached %s set at %s is unreadable (%s); rendering it again", kind, path, e)
     if ds is None:
-        rows = (
-            _shapes_rows(split, image_size, limit) if kind == "shapes" else _openmoji_rows(image_size, limit)
-        )
+        rows = _shapes_rows(split, image_size, limit) if kind == "shapes" else _openmoji_rows(image_size, limit)
         images, captions, keys = rows
         features = datasets.Features(
             {"image": datasets.Image(), "text": datasets.Value("string"), "key": datasets.Value("string")}
@@ -448,16 +442,15 @@ def _load_folder(folder: str, split: str, image_column: str, caption_column: str
     try:
         dd = datasets.load_dataset("imagefolder", data_dir=folder, cache_dir=str(cache_root() / "datasets"))
     except (ValueError, OSError, datasets.exceptions.DatasetsError) as e:
-        raise ValueError(f"no usable images in {folder} ({type(e).__name__}: {e}); put {_FORMAT_HELP}") from e
+        raise ValueError(
+            f"no usable images in {folder}: `datasets` cannot read it as an image folder ({type(e).__name__}: {e}); "
+            f"put {_FORMAT_HELP}"
+        ) from e
     base, hashed = _pick_split(list(dd), split)
     ds = _standardise(dd[base], image_column, caption_column, where=folder)
     if hashed:
-        keys = [
-            os.path.relpath(v["path"], folder) if v["path"] else str(i) for i, v in enumerate(ds["image"])
-        ]
-        ds = ds.select(
-            [i for i, k in enumerate(keys) if is_held_out_key(Path(k).as_posix()) == (split == "test")]
-        )
+        keys = [os.path.relpath(v["path"], folder) if v["path"] else str(i) for i, v in enumerate(ds["image"])]
+        ds = ds.select([i for i, k in enumerate(keys) if is_held_out_key(Path(k).as_posix()) == (split == "test")])
     return _drop_unusable(ds, where=folder, split=split, limit=limit)
 
 
@@ -479,17 +472,13 @@ def _load_hub(name: str, split: str, image_column: str, caption_column: str, lim
     return _drop_unusable(ds, where=f"hub dataset {name}", split=split, limit=limit)
 
 
-def _standardise(
-    ds: datasets.Dataset, image_column: str, caption_column: str, where: str
-) -> datasets.Dataset:
+def _standardise(ds: datasets.Dataset, image_column: str, caption_column: str, where: str) -> datasets.Dataset:
     """Columns `image` (undecoded: we decode and check each one ourselves) and `text`."""
     import datasets
 
     cols = ds.column_names
     if image_column not in cols:
-        raise ValueError(
-            f"{where} has no image column {image_column!r}; its columns are {cols} (--image-column)"
-        )
+        raise ValueError(f"{where} has no image column {image_column!r}; its columns are {cols} (--image-column)")
     if not isinstance(ds.features[image_column], datasets.Image):
         raise ValueError(f"column {image_column!r} of {where} holds {ds.features[image_column]}, not images")
     if caption_column not in cols:
@@ -508,9 +497,7 @@ def _standardise(
                 f"Pass --caption-column, or put {_FORMAT_HELP}"
             )
     ds = ds.select_columns([image_column, caption_column])
-    ds = ds.rename_columns(
-        {k: v for k, v in {image_column: "image", caption_column: "text"}.items() if k != v}
-    )
+    ds = ds.rename_columns({k: v for k, v in {image_column: "image", caption_column: "text"}.items() if k != v})
     return ds.cast_column("image", datasets.Image(decode=False))
 
 
@@ -551,7 +538,7 @@ def _check_example(example: dict) -> dict:
         rgb = to_rgb(img)
         if rgb is not img:
             image = {"bytes": _png(rgb), "path": None}
-    except Exception:  # noqa: BLE001 -- PIL plugins raise many kinds of errors on corrupt input: skip it
+    except Exception:  # PIL's decoders raise many kinds of errors on corrupt input; each means: skip it
         bad = "unreadable"
     caption = example["text"]
     if not bad and (not isinstance(caption, str) or not caption.strip()):
@@ -632,14 +619,12 @@ def load_image_tensors(
     cache = None
     if kind in EMBEDDED:
         limit_tag = f"-limit{limit}" if limit is not None else ""
-        cache = (
-            cache_root()
-            / "tensors"
-            / f"{kind}-{_embedded_version(kind)}-{split}-{image_size}px{limit_tag}.pt"
-        )
+        cache = cache_root() / "tensors" / f"{kind}-{_embedded_version(kind)}-{split}-{image_size}px{limit_tag}.pt"
         hit = _try_torch_load(cache)
         if hit is not None:
             return hit["images"], list(hit["captions"])
+    import datasets  # only now: a cached embedded set loads without it, in a fraction of a second
+
     ds = load_captioned(
         spec,
         split,
@@ -651,8 +636,6 @@ def load_image_tensors(
     images = torch.empty((len(ds), 3, image_size, image_size), dtype=torch.uint8)
     captions: list[str] = []
     # Decoding the bytes ourselves, a batch of rows at a time, is ~3x faster than row access in `datasets`.
-    import datasets
-
     raw = ds.cast_column("image", datasets.Image(decode=False))
     for batch in raw.iter(batch_size=1024):
         for value, text in zip(batch["image"], batch["text"]):

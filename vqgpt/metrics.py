@@ -112,7 +112,7 @@ _BORDER = 2  # pixels of frame that vote for the background colour
 _FG_THRESHOLD = 0.2
 _FG_FLOOR, _FG_SCALE = 0.1, 0.3  # the CNN sees (distance - floor) / scale in [0, 1]: the floor drops noise
 _CROP = 0.75  # the CNN sees a window of 3/4 of the side centred on the shape: position is factored out
-_CROP_PIXELS = 24  # ... resampled to 24x24 (a large shape is ~36 px across at 64 px, 13 px at this scale)
+_CROP_PIXELS = 24  # ... resampled to 24x24 (a large shape, ~36 px across at 64 px, spans 18 of them)
 
 
 def _palette(table: dict[str, tuple[int, int, int]]) -> tuple[list[str], Tensor]:

@@ -99,6 +99,7 @@ class GPTConfig:
 
 # LlamaGen-like sizes (Sun et al. 2024, GPT-B/L/XL); counts quoted with a 16384-entry codebook.
 PRESETS: dict[str, dict] = {
+    "tiny": dict(dim=64, n_layer=2, n_head=4),  # smoke tests: seconds on a CPU
     "demo": dict(dim=256, n_layer=6, n_head=8),  # ~6M params: trains on a CPU in minutes
     "B": dict(dim=768, n_layer=12, n_head=12),  # ~111M
     "L": dict(dim=1024, n_layer=24, n_head=16),  # ~343M

@@ -83,6 +83,7 @@ class TokenizerConfig:
 # Named presets. "demo" is sized for a 10-minute run on 2 CPU cores (64 px, 8x8 codes); "f16" is the
 # GPU-scale tokenizer (256 px, 16x16 codes, a 16k codebook as in LlamaGen).
 PRESETS: dict[str, dict] = {
+    "tiny": dict(image_size=32, channels=(16, 32), fsq_levels=(4, 4, 4)),  # smoke tests: seconds on a CPU
     "demo": dict(image_size=64, channels=(64, 128, 256), fsq_levels=(8, 5, 5, 5)),
     "demo-vq": dict(image_size=64, channels=(64, 128, 256), quantizer="vq", vq_codebook_size=1024),
     "f8": dict(image_size=256, channels=(128, 256, 512), fsq_levels=(8, 8, 8, 5, 5, 5), res_blocks=2),

@@ -1,0 +1,141 @@
+"""The scripts end to end on a tiny local imagefolder: train both stages, sample, evaluate, resume."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parents[1]
+COLORS = {"red": (220, 30, 30), "green": (30, 180, 60), "blue": (30, 60, 220), "yellow": (240, 220, 40)}
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    """40 captioned 32x32 images: a coloured square on white, left or right."""
+    root = tmp_path_factory.mktemp("folder")
+    lines = []
+    for i in range(40):
+        name, rgb = list(COLORS.items())[i % 4]
+        side = "left" if (i // 4) % 2 == 0 else "right"
+        im = Image.new("RGB", (32, 32), "white")
+        x0 = 2 + (i % 3) if side == "left" else 16 + (i % 3)
+        im.paste(rgb, (x0, 8, x0 + 12, 20))
+        im.save(root / f"img{i:02d}.png")
+        lines.append(json.dumps({"file_name": f"img{i:02d}.png", "text": f"a {name} square on the {side}"}))
+    (root / "metadata.jsonl").write_text("\n".join(lines) + "\n")
+    return root
+
+
+def run(*args, env=None, check=True, timeout=600):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled", **(env or {})}
+    out = subprocess.run([sys.executable, *map(str, args)], cwd=ROOT, capture_output=True, text=True, env=env,
+                         timeout=timeout)
+    if check and out.returncode != 0:
+        raise AssertionError(f"{args} failed ({out.returncode}):\n{out.stdout[-3000:]}\n{out.stderr[-3000:]}")
+    return out
+
+
+TOK = ["--preset", "tiny", "--batch-size", "8", "--eval-every", "1000", "--log-every", "5", "--device", "cpu"]
+GPT = ["--preset", "tiny", "--batch-size", "8", "--eval-every", "1000", "--log-every", "5", "--device", "cpu"]
+
+
+@pytest.fixture(scope="module")
+def trained(folder, tmp_path_factory):
+    runs = tmp_path_factory.mktemp("runs")
+    cache = {"VQGPT_CACHE": str(runs / "cache")}
+    run("train.py", "tokenizer", "--data", folder, "--out", runs / "tok", "--steps", "30", *TOK, env=cache)
+    run("train.py", "gpt", "--data", folder, "--tokenizer", runs / "tok", "--out", runs / "t2i", "--steps", "30",
+        *GPT, env=cache)
+    return runs, cache
+
+
+def test_tokenizer_stage_writes_a_loadable_tokenizer(trained):
+    from vqgpt import ImageTokenizer
+
+    runs, cache = trained
+    tok = ImageTokenizer.from_pretrained(runs / "tok")
+    assert tok.image_size == 32 and tok.codebook_size == 64
+    assert (runs / "tok" / "samples").is_dir() and list((runs / "tok" / "checkpoints").iterdir())
+
+
+def test_eval_tokenizer_prints_json(trained, folder):
+    runs, cache = trained
+    out = run("-m", "vqgpt.eval", "tokenizer", "--ckpt", runs / "tok", "--data", folder, "--device", "cpu", env=cache)
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    assert {"psnr", "ssim", "usage", "perplexity", "encode_images_per_s"} <= set(result)
+    assert 0 < result["usage"] <= 1 and result["psnr"] > 5
+
+
+def test_gpt_stage_and_sampling(trained, tmp_path):
+    from vqgpt import TextToImage
+
+    runs, cache = trained
+    pipe = TextToImage.from_pretrained(runs / "t2i")
+    a = pipe(["a red square on the left"], num_images=2, seed=3, cfg_scale=2.0, top_k=8)
+    b = pipe(["a red square on the left"], num_images=2, seed=3, cfg_scale=2.0, top_k=8)
+    assert [im.size for im in a] == [(32, 32)] * 2
+    assert all(list(x.getdata()) == list(y.getdata()) for x, y in zip(a, b))
+    out = run("sample.py", "--ckpt", runs / "t2i", "--prompt", "a red square on the left", "--prompt", "a blue square",
+              "--n", "2", "--top-k", "8", "--out", tmp_path / "grid.png", env=cache)
+    assert (tmp_path / "grid.png").is_file() and "images/s" in out.stdout
+    assert len(list(tmp_path.glob("grid-*.png"))) == 4
+    bad = run("sample.py", "--ckpt", runs / "t2i", "--prompt", "x", "--top-k", "0", "--out", tmp_path / "g.png",
+              check=False, env=cache)
+    assert bad.returncode != 0 and "top_k" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_mismatched_checkpoint_is_a_clear_error(trained, tmp_path):
+    import shutil
+
+    from vqgpt import TextToImage
+
+    runs, _ = trained
+    broken = tmp_path / "t2i"
+    shutil.copytree(runs / "t2i", broken)
+    cfg = json.loads((broken / "image_tokenizer" / "config.json").read_text())
+    cfg["fsq_levels"] = [4, 4, 3]  # another codebook: 48 codes where the GPT predicts 64
+    (broken / "image_tokenizer" / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ValueError, match="image tokenizer this GPT was trained with|codebook"):
+        TextToImage.from_pretrained(broken)
+    with pytest.raises(FileNotFoundError, match="not a TextToImage checkpoint"):
+        TextToImage.from_pretrained(runs / "tok")
+
+
+def _final_weights(run_dir):
+    from safetensors.torch import load_file
+
+    return load_file(str(Path(run_dir) / "model.safetensors"))
+
+
+@pytest.mark.parametrize("stage", ["tokenizer", "gpt"])
+def test_killed_run_resumes_to_identical_weights(stage, trained, folder, tmp_path):
+    """SIGKILL mid-run, then --resume: the final weights equal those of an uninterrupted run, bit for bit."""
+    runs, cache = trained
+    flags = TOK if stage == "tokenizer" else [*GPT, "--tokenizer", str(runs / "tok")]
+    common = [stage, "--data", str(folder), "--steps", "24", "--save-every", "4", *flags]
+    run("train.py", *common, "--out", tmp_path / "straight", env=cache)
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled", **cache}
+    proc = subprocess.Popen([sys.executable, "train.py", *common, "--out", str(tmp_path / "killed")], cwd=ROOT,
+                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    ckpts = tmp_path / "killed" / "checkpoints"
+    deadline = time.time() + 300
+    while time.time() < deadline and not any(p.name >= "step-00000008" for p in ckpts.glob("step-*")):
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    steps = sorted(p.name for p in ckpts.glob("step-*"))
+    assert steps and steps[-1] < "step-00000024", f"the run was not killed mid-way: {steps}"
+    run("train.py", *common, "--out", tmp_path / "killed", "--resume", tmp_path / "killed", env=cache)
+
+    a, b = _final_weights(tmp_path / "straight"), _final_weights(tmp_path / "killed")
+    assert a.keys() == b.keys()
+    diff = [k for k in a if not torch.equal(a[k], b[k])]
+    assert not diff, f"resumed run differs from the uninterrupted one in {diff[:5]}"
