@@ -50,6 +50,112 @@ def eval_tokenizer(ckpt: str, data: str, split: str = "test", limit: int | None 
 
 
 # ----------------------------------------------------------------------------------------------------
+def _pipeline_images(pipe, prompts: list[str], seed: int, batch_size: int = 128, **sampling) -> torch.Tensor:
+    """float (len(prompts), 3, H, W) in [0, 1]: one sample per prompt, image i drawn with seed + i."""
+    out = []
+    for i in range(0, len(prompts), batch_size):
+        codes = pipe.generate_codes(prompts[i : i + batch_size], 1, seed + i, **sampling)
+        out.append(pipe.image_tokenizer.decode(codes).cpu())
+    return torch.cat(out)
+
+
+def eval_adherence(ckpt: str, cfg_scales: list[float], seed: int = 0, device: str = "cpu",
+                   grid: str | None = None, **sampling) -> dict:
+    """Per-attribute accuracy of samples on `shapes` prompts, judged by ShapesJudge.
+
+    "cfg": on the held-out attribute combinations (never seen in training), one image per combination;
+    "seen": on as many combinations drawn from the training split. "ceiling": the judge on tokenizer
+    reconstructions of true held-out images, the best a perfect GPT could score with this tokenizer.
+    """
+    import random
+
+    from . import data as vdata
+    from .metrics import load_judge
+    from .pipeline import TextToImage, image_grid
+
+    pipe = TextToImage.from_pretrained(ckpt, device=device)
+    judge = load_judge(pipe.image_tokenizer.image_size, device=device)
+    held = list(vdata.held_out_specs())
+    train_specs = sorted(set(vdata.all_specs()) - set(held), key=vdata.shape_caption)
+    seen = random.Random(seed).sample(train_specs, len(held))
+    result = {"cfg": {}, "seen": {}}
+    rows, labels = [], []
+    for scale in cfg_scales:
+        for name, specs in (("cfg", held), ("seen", seen)):
+            prompts = [vdata.shape_caption(s) for s in specs]
+            images = _pipeline_images(pipe, prompts, seed, cfg_scale=scale, **sampling)
+            result[name][f"{scale:g}"] = {k: round(v, 4) for k, v in judge.score(images, specs).items()}
+            if name == "cfg":
+                rows.append(images[:10])
+                labels.append(f"cfg {scale:g}")
+    fresh = judge.accuracy_on_fresh()
+    result["judge_accuracy"] = round(sum(fresh.values()) / len(fresh), 4)
+    result["judge"] = {k: round(v, 4) for k, v in fresh.items()}
+    true, captions = vdata.load_image_tensors("shapes", "test", pipe.image_tokenizer.image_size)
+    x = true.float().div(255)
+    recon = torch.cat([pipe.image_tokenizer.decode(pipe.image_tokenizer.encode(b.to(device))).cpu()
+                       for b in x.split(128)])
+    specs = [vdata.parse_shape_caption(c) for c in captions]
+    ceiling = judge.score(recon, specs)
+    result["ceiling"] = round(ceiling["mean"], 4)
+    result["ceiling_by_attribute"] = {k: round(v, 4) for k, v in ceiling.items()}
+    result["sampling"] = {**{k: v for k, v in vars(pipe.sampling).items() if k != "cfg_scale"}, **sampling}
+    if grid:
+        image_grid([x[: 10 * 4 : 4][:10]] + rows, labels=["true"] + labels).save(grid)
+        result["grid"] = grid
+    return result
+
+
+def recall_prompts(captions: list[str], n: int = 16) -> list[str]:
+    """n fixed training captions, evenly spaced over the sorted distinct captions."""
+    distinct = sorted(set(captions))
+    return [distinct[int(i * len(distinct) / n)] for i in range(n)]
+
+
+def eval_recall(ckpt: str, data: str, n: int = 16, seed: int = 0, device: str = "cpu",
+                grid: str | None = None, **sampling) -> dict:
+    """Do samples show their prompt? For n fixed training captions, sample one image each (the
+    checkpoint's default settings) and find the nearest training image in pixel space (MSE): a hit when
+    that image carries the prompted caption."""
+    from . import data as vdata
+    from .pipeline import TextToImage, image_grid
+
+    pipe = TextToImage.from_pretrained(ckpt, device=device)
+    images, captions = vdata.load_image_tensors(data, "train", pipe.image_tokenizer.image_size)
+    prompts = recall_prompts(captions, n)
+    samples = _pipeline_images(pipe, prompts, seed, **sampling)  # (n, 3, H, W)
+    train = images.float().div(255).flatten(1)  # (N, 3*H*W)
+    dist = torch.cdist(samples.flatten(1), train)  # (n, N)
+    nearest = dist.argmin(1).tolist()
+    hits = [captions[j] == p for j, p in zip(nearest, prompts)]
+    if grid:
+        rows = [samples, images[nearest].float().div(255)]
+        image_grid(rows, labels=["sample", "nearest"]).save(grid)
+    return {
+        "recall": sum(hits) / n,
+        "hits": sum(hits),
+        "n": n,
+        "prompts": prompts,
+        "nearest": [captions[j] for j in nearest],
+        "sampling": {**vars(pipe.sampling), **sampling},
+        **({"grid": grid} if grid else {}),
+    }
+
+
+def _sampling_args(p):
+    p.add_argument("--top-k", type=int, default=None)
+    p.add_argument("--top-p", type=float, default=None)
+    p.add_argument("--temperature", type=float, default=None)
+    p.add_argument("--cfg-schedule", default=None, choices=["constant", "linear", "interval"])
+    p.add_argument("--cfg-interval", type=int, default=None)
+
+
+def _sampling_kwargs(args) -> dict:
+    keys = ("top_k", "top_p", "temperature", "cfg_schedule", "cfg_interval")
+    return {k: getattr(args, k) for k in keys if getattr(args, k) is not None}
+
+
+# ----------------------------------------------------------------------------------------------------
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="what", required=True)
@@ -61,11 +167,34 @@ def main(argv=None):
     t.add_argument("--image-column", default="image")
     t.add_argument("--caption-column", default="text")
     t.add_argument("--device", default="auto")
+    a = sub.add_parser("adherence", help="per-attribute accuracy on held-out and seen shapes combinations")
+    a.add_argument("--ckpt", required=True)
+    a.add_argument("--cfg", type=float, nargs="+", default=[1.0, 3.0])
+    a.add_argument("--seed", type=int, default=0)
+    a.add_argument("--grid", default=None, help="write a PNG of samples per CFG scale here")
+    a.add_argument("--device", default="auto")
+    _sampling_args(a)
+    r = sub.add_parser("recall", help="fraction of fixed training captions whose sample's nearest image is theirs")
+    r.add_argument("--ckpt", required=True)
+    r.add_argument("--data", default="openmoji")
+    r.add_argument("--n", type=int, default=16)
+    r.add_argument("--seed", type=int, default=0)
+    r.add_argument("--grid", default=None, help="write a PNG of samples and their nearest images here")
+    r.add_argument("--device", default="auto")
+    r.add_argument("--cfg", type=float, default=None)
+    _sampling_args(r)
     args = p.parse_args(argv)
 
+    device = _device(args.device)
     if args.what == "tokenizer":
-        result = eval_tokenizer(args.ckpt, args.data, args.split, args.limit, _device(args.device),
+        result = eval_tokenizer(args.ckpt, args.data, args.split, args.limit, device,
                                 image_column=args.image_column, caption_column=args.caption_column)
+    elif args.what == "adherence":
+        result = eval_adherence(args.ckpt, args.cfg, args.seed, device, args.grid, **_sampling_kwargs(args))
+    else:
+        extra = {"cfg_scale": args.cfg} if args.cfg is not None else {}
+        result = eval_recall(args.ckpt, args.data, args.n, args.seed, device, args.grid,
+                             **_sampling_kwargs(args), **extra)
     print(json.dumps(result))
 
 

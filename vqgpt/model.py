@@ -199,11 +199,21 @@ def attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool, backend: str, dr
     return _sdpa(q, k, v, is_causal=causal, dropout_p=dropout_p)
 
 
-def decode_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, cache_len: Tensor, *, backend: str) -> Tensor:
+def decode_attention(
+    q: Tensor, k_cache: Tensor, v_cache: Tensor, cache_len: Tensor | int, *, backend: str
+) -> Tensor:
     """One query per row over a static cache: q (B, Hq, D), k/v_cache (B, Hkv, Smax, D), cache_len (B,)
-    -> (B, Hq, D). Only cache positions < cache_len[b] are read; the rest may hold stale values."""
+    -> (B, Hq, D). Only cache positions < cache_len[b] are read; the rest may hold stale values.
+
+    cache_len may be an int when every row has the same live length (a host value: CPU decoding). SDPA then
+    reads only that prefix, with no mask; a (B,) tensor keeps the step free of host syncs (CUDA graphs).
+    """
     if use_triton_kernels(backend, q):
+        if isinstance(cache_len, int):
+            cache_len = torch.full((q.shape[0],), cache_len, device=q.device)
         return import_kernels().decode_attention(q, k_cache, v_cache, cache_len)
+    if isinstance(cache_len, int):
+        return _sdpa(q.unsqueeze(2), k_cache[:, :, :cache_len], v_cache[:, :, :cache_len]).squeeze(2)
     live = torch.arange(k_cache.shape[2], device=q.device) < cache_len[:, None]  # (B, Smax)
     out = _sdpa(q.unsqueeze(2), k_cache, v_cache, attn_mask=live[:, None, None, :])  # (B, Hq, 1, D)
     return out.squeeze(2)
@@ -239,8 +249,8 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: Tensor) -> Tensor:
-        xf = x.float()
-        return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).type_as(x) * self.weight
+        # Normalized in float32 (one fused op), scaled in the model's dtype.
+        return F.rms_norm(x.float(), self.weight.shape, eps=self.eps).type_as(x) * self.weight
 
 
 class Attention(nn.Module):
@@ -252,13 +262,21 @@ class Attention(nn.Module):
         self.resid_drop = nn.Dropout(cfg.dropout)
         self.kv_cache: KVCache | None = None
 
-    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, input_pos: Tensor | None = None) -> Tensor:
+    def forward(
+        self,
+        x: Tensor,
+        cos: Tensor,
+        sin: Tensor,
+        input_pos: Tensor | None = None,
+        cache_len: Tensor | int | None = None,
+    ) -> Tensor:
+        """input_pos: cache positions to write (None: no cache); cache_len: live cache length when decoding."""
         B, T, _ = x.shape
         nh, nkv, hd = self.cfg.n_head, self.cfg.n_kv_head, self.cfg.head_dim
-        q, k, v = self.wqkv(x).split([nh * hd, nkv * hd, nkv * hd], dim=-1)
-        q = apply_rope(q.view(B, T, nh, hd).transpose(1, 2), cos, sin)  # (B, nh, T, hd)
-        k = apply_rope(k.view(B, T, nkv, hd).transpose(1, 2), cos, sin)  # (B, nkv, T, hd)
-        v = v.view(B, T, nkv, hd).transpose(1, 2)  # (B, nkv, T, hd)
+        qkv = self.wqkv(x).view(B, T, nh + 2 * nkv, hd).transpose(1, 2)  # (B, nh + 2 nkv, T, hd)
+        qk = apply_rope(qkv[:, : nh + nkv], cos, sin)  # queries and keys turn together: one call
+        q, k = qk.split([nh, nkv], dim=1)  # (B, nh, T, hd), (B, nkv, T, hd)
+        v = qkv[:, nh + nkv :]  # (B, nkv, T, hd)
         backend = self.cfg.attn_backend
         if input_pos is None:  # full sequence, no cache (training, scoring)
             dropout_p = self.cfg.dropout if self.training else 0.0
@@ -266,7 +284,6 @@ class Attention(nn.Module):
         else:
             k_all, v_all = self.kv_cache.update(input_pos, k, v)
             if T == 1:  # decode: one new token attends to the cache up to and including itself
-                cache_len = (input_pos[-1] + 1).repeat(B)  # (B,) contiguous, on device: no host sync
                 k_all, v_all = k_all.to(q.dtype), v_all.to(q.dtype)  # no-op unless under autocast
                 y = decode_attention(q[:, :, 0], k_all, v_all, cache_len, backend=backend).unsqueeze(2)
             else:  # prefill from position 0: the fresh k/v are the whole live cache
@@ -297,8 +314,15 @@ class Block(nn.Module):
         self.mlp_norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.mlp = MLP(cfg)
 
-    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, input_pos: Tensor | None = None) -> Tensor:
-        x = x + self.attn(self.attn_norm(x), cos, sin, input_pos)
+    def forward(
+        self,
+        x: Tensor,
+        cos: Tensor,
+        sin: Tensor,
+        input_pos: Tensor | None = None,
+        cache_len: Tensor | int | None = None,
+    ) -> Tensor:
+        x = x + self.attn(self.attn_norm(x), cos, sin, input_pos, cache_len)
         return x + self.mlp(self.mlp_norm(x))
 
 
@@ -458,9 +482,16 @@ class GPT(nn.Module):
             B = text_ids.shape[0]
             x = torch.cat([self.text_emb(text_ids), self.boi.expand(B, 1, -1)], dim=1)  # (B, T_text + 1, dim)
             input_pos = torch.arange(x.shape[1], device=x.device)
+            cache_len = None  # prefill attends causally over its own keys
         elif codes is not None and input_pos is not None:
             x = self.image_emb(codes.reshape(-1, 1))  # (B, 1, dim)
             input_pos = input_pos.reshape(1)
+            # Live length after this step, shared by all rows and layers. A CPU reads it for free as an
+            # int (attention over the live prefix, no mask); elsewhere it stays a (B,) device tensor.
+            if input_pos.device.type == "cpu" and not torch.compiler.is_compiling():
+                cache_len = int(input_pos) + 1
+            else:
+                cache_len = (input_pos + 1).expand(x.shape[0]).contiguous()  # (B,)
         else:
             raise ValueError("forward_cached needs text_ids (prefill) or codes and input_pos (decode)")
         if x.shape[0] > self.cache_batch_size:
@@ -470,5 +501,5 @@ class GPT(nn.Module):
             )
         cos, sin = self._rope(input_pos)
         for layer in self.layers:
-            x = layer(x, cos, sin, input_pos)
+            x = layer(x, cos, sin, input_pos, cache_len)
         return self.head(self.norm(x[:, -1]))

@@ -84,8 +84,8 @@ class TokenizerConfig:
 # GPU-scale tokenizer (256 px, 16x16 codes, a 16k codebook as in LlamaGen).
 PRESETS: dict[str, dict] = {
     "tiny": dict(image_size=32, channels=(16, 32), fsq_levels=(4, 4, 4)),  # smoke tests: seconds on a CPU
-    "demo": dict(image_size=64, channels=(64, 128, 256), fsq_levels=(8, 5, 5, 5)),
-    "demo-vq": dict(image_size=64, channels=(64, 128, 256), quantizer="vq", vq_codebook_size=1024),
+    "demo": dict(image_size=64, patch_size=2, channels=(32, 64, 128), fsq_levels=(8, 5, 5, 5)),
+    "demo-vq": dict(image_size=64, patch_size=2, channels=(32, 64, 128), quantizer="vq", vq_codebook_size=1024),
     "f8": dict(image_size=256, channels=(128, 256, 512), fsq_levels=(8, 8, 8, 5, 5, 5), res_blocks=2),
     "f16": dict(image_size=256, channels=(128, 128, 256, 512), fsq_levels=(8, 8, 8, 6, 5), res_blocks=2),
     "f16-vq": dict(image_size=256, channels=(128, 128, 256, 512), quantizer="vq", res_blocks=2),
