@@ -73,7 +73,7 @@ def test_demo_preset_is_small():
 
 
 def test_unknown_preset_lists_choices():
-    with pytest.raises(ValueError, match=r"unknown preset 'XXL'; choose one of \['B', 'L', 'XL', 'demo'\]"):
+    with pytest.raises(ValueError, match=r"unknown preset 'XXL'; choose one of \['B', 'L', 'XL', 'demo', 'tiny'\]"):
         gpt_config("XXL")
 
 

@@ -93,23 +93,43 @@ MASK32 = 0xFFFFFFFF
 TWO_POW_M23 = 2.0**-23  # a 23-bit integer + 0.5, times this, is exact in float32 and strictly inside (0, 1)
 
 
-def _mulhilo32(a: int, b: Tensor) -> tuple[Tensor, Tensor]:
-    """(high, low) 32-bit words of a * b for a uint32 constant a and uint32 values b (held in int64)."""
+def _mulhilo32(a: int | Tensor, b: Tensor) -> tuple[Tensor, Tensor]:
+    """(high, low) 32-bit words of a * b for uint32 multipliers a and uint32 values b (held in int64)."""
     lo_part = a * (b & 0xFFFF)  # < 2^48
     hi_part = a * (b >> 16)  # < 2^48;  a * b = hi_part * 2^16 + lo_part
     low = lo_part + ((hi_part & 0xFFFF) << 16)  # < 2^49;  a * b = (hi_part >> 16) * 2^32 + low
     return (hi_part >> 16) + (low >> 32), low & MASK32
 
 
+def _lanes(words: tuple[Tensor, Tensor], ndim: int) -> Tensor:
+    """Stack two broadcastable words into (2, ...) with `ndim` trailing dims (leading 1s, as broadcasting)."""
+    a, b = torch.broadcast_tensors(*words)
+    return torch.stack([a, b]).view(2, *[1] * (ndim - a.ndim), *a.shape)
+
+
 def philox4x32(counter: tuple[Tensor, Tensor, Tensor, Tensor], key: tuple[Tensor, Tensor]) -> tuple[Tensor, ...]:
-    """Philox4x32-10 on broadcastable int64 tensors of uint32 words -> the four output words."""
+    """Philox4x32-10 on broadcastable int64 tensors of uint32 words -> the four output words.
+
+    A round maps (c0, c1, c2, c3) to (hi(B c2) ^ c1 ^ k0, lo(B c2), hi(A c0) ^ c3 ^ k1, lo(A c0)) for the
+    round multipliers A, B. Both products run as one stacked tensor, (c2, c0) times (B, A), which gives the
+    new (c0, c2) = hi ^ (c1, c3) ^ (k0, k1) and the new (c1, c3) = lo: half the tensor ops of two separate
+    products, and the per-op overhead is what a small decode step pays for.
+    """
+    ndim = len(torch.broadcast_shapes(*(w.shape for w in (*counter, *key))))
     c0, c1, c2, c3 = counter
-    k0, k1 = key
+    even, odd = _lanes((c0, c2), ndim), _lanes((c1, c3), ndim)  # (c0, c2), (c1, c3)
+    keys = _lanes(key, ndim)  # (k0, k1)
+    device, shape = even.device, (2,) + (1,) * ndim
+    # Filled rather than torch.tensor(...): a host-to-device copy would sync a CUDA stream.
+    multipliers = torch.empty(shape, dtype=torch.long, device=device)
+    multipliers[0], multipliers[1] = PHILOX_ROUND_B, PHILOX_ROUND_A
+    key_step = torch.empty(shape, dtype=torch.long, device=device)
+    key_step[0], key_step[1] = PHILOX_KEY_A, PHILOX_KEY_B
     for _ in range(PHILOX_ROUNDS):
-        hi_a, lo_a = _mulhilo32(PHILOX_ROUND_A, c0)
-        hi_b, lo_b = _mulhilo32(PHILOX_ROUND_B, c2)
-        c0, c1, c2, c3 = hi_b ^ c1 ^ k0, lo_b, hi_a ^ c3 ^ k1, lo_a
-        k0, k1 = (k0 + PHILOX_KEY_A) & MASK32, (k1 + PHILOX_KEY_B) & MASK32
+        hi, lo = _mulhilo32(multipliers, even.flip(0))  # (hi(B c2), hi(A c0)), (lo(B c2), lo(A c0))
+        even, odd = hi ^ odd ^ keys, lo
+        keys = (keys + key_step) & MASK32
+    (c0, c2), (c1, c3) = even.unbind(0), odd.unbind(0)
     return c0, c1, c2, c3
 
 
@@ -126,8 +146,8 @@ def counter_uniform(seeds: Tensor, step: int | Tensor, vocab: int | Tensor) -> T
     else:
         index = torch.arange(vocab, device=seeds.device).expand(seeds.shape[0], vocab)  # (B, V)
     key = ((seeds & MASK32)[:, None], ((seeds >> 32) & MASK32)[:, None])  # (B, 1) each
-    zeros = torch.zeros_like(index)
-    bits = philox4x32((index, zeros + (step & MASK32), zeros, zeros), key)[0]
+    zero = index.new_zeros(())  # broadcast by philox4x32: no (B, V) tensors of zeros
+    bits = philox4x32((index, zero + (step & MASK32), zero, zero), key)[0]
     return ((bits >> 9).float() + 0.5) * TWO_POW_M23
 
 
