@@ -139,3 +139,23 @@ def test_killed_run_resumes_to_identical_weights(stage, trained, folder, tmp_pat
     assert a.keys() == b.keys()
     diff = [k for k in a if not torch.equal(a[k], b[k])]
     assert not diff, f"resumed run differs from the uninterrupted one in {diff[:5]}"
+
+
+def test_torchrun_two_processes_match_one(trained, folder, tmp_path):
+    """Data-parallel on 2 CPU processes (gloo) follows the single-process run with the same global batch.
+
+    Caption dropout is off so both see exactly the same examples per step; what remains is the order of
+    floating-point reductions (per-rank means averaged by the all-reduce), so weights agree to ~1e-5.
+    """
+    runs, cache = trained
+    common = ["gpt", "--data", str(folder), "--tokenizer", str(runs / "tok"), "--steps", "10", "--save-every", "10",
+              "--cfg-dropout", "0", *GPT]
+    run("train.py", *common, "--out", tmp_path / "one", env=cache)
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled", **cache}
+    out = subprocess.run([*torchrun, "train.py", *common, "--out", str(tmp_path / "two")], cwd=ROOT, env=env,
+                         capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    a, b = _final_weights(tmp_path / "one"), _final_weights(tmp_path / "two")
+    worst = max((a[k] - b[k]).abs().max().item() for k in a)
+    assert worst < 1e-4, f"2-process weights differ from 1-process weights by up to {worst:.2e}"
