@@ -119,6 +119,29 @@ class GPTLoss(torch.nn.Module):
         return self.gpt.loss(text_ids, codes)
 
 
+def restore(resume, model, optimizer, guard, d: T.Dist) -> tuple[int, dict]:
+    """Load weights and optimizer from a verified checkpoint; returns (step to start at, trainer state)."""
+    if resume is None:
+        return 0, {}
+    from vqgpt.tokenizer import load_state_strict
+
+    load_state_strict(model, str(resume.file("model.safetensors")))
+    state = resume.trainer_state()
+    optimizer.load_state_dict(state["optimizer"])
+    guard.skipped = state["skipped"]
+    if d.main:
+        print(f"resuming {resume.path.parent.parent} from step {state['step']}", flush=True)
+    return state["step"], state
+
+
+def rank_batch_size(args, d: T.Dist) -> int:
+    per_rank = args.batch_size // d.world
+    if per_rank * d.world != args.batch_size or per_rank % args.grad_accum:
+        raise ValueError(f"--batch-size {args.batch_size} must split evenly over {d.world} ranks x "
+                         f"{args.grad_accum} micro-batches")
+    return per_rank
+
+
 def trainer_state(step, optimizer, guard, extra=None) -> dict:
     return {"step": step, "optimizer": optimizer.state_dict(), "skipped": guard.skipped, **(extra or {})}
 
@@ -194,27 +217,15 @@ def train_tokenizer(args) -> Path:
     optimizer = make_optimizer(model, args.lr, args.weight_decay)
     disc_opt = torch.optim.AdamW(disc.parameters(), lr=args.lr, betas=(0.5, 0.9)) if disc else None
     guard = T.NonFiniteGuard()
-    start = 0
-    if resume is not None:
-        from vqgpt.tokenizer import load_state_strict
-
-        load_state_strict(model, str(resume.file("model.safetensors")))
-        state = resume.trainer_state()
-        optimizer.load_state_dict(state["optimizer"])
-        if disc is not None and "disc" in state:
-            disc.load_state_dict(state["disc"])
-            disc_opt.load_state_dict(state["disc_optimizer"])
-        start, guard.skipped = state["step"], state["skipped"]
-        if d.main:
-            print(f"resuming {out} from step {start}", flush=True)
+    start, state = restore(resume, model, optimizer, guard, d)
+    if disc is not None and "disc" in state:
+        disc.load_state_dict(state["disc"])
+        disc_opt.load_state_dict(state["disc_optimizer"])
     train_model = wrap_for_training(model, d, args.compile)
 
     warmup = args.warmup if args.warmup is not None else max(1, args.steps // 20)
     gan_start = args.gan_start if args.gan_start is not None else args.steps // 2
-    per_rank = args.batch_size // d.world
-    if per_rank * d.world != args.batch_size or per_rank % args.grad_accum:
-        raise ValueError(f"--batch-size {args.batch_size} must split evenly over {d.world} ranks x "
-                         f"{args.grad_accum} micro-batches")
+    per_rank = rank_batch_size(args, d)
     run_config = {"stage": "tokenizer", "tokenizer": config.to_dict(), "args": vars(args), "world": d.world,
                   "params": sum(p.numel() for p in model.parameters())}
     wb = T.init_wandb(args.wandb, "vqgpt", f"tok-{out.name}", run_config, str(out), enabled=d.main)
@@ -309,7 +320,6 @@ def train_gpt(args) -> Path:
     from vqgpt.model import GPT, GPTConfig, gpt_config
     from vqgpt.pipeline import TextToImage
     from vqgpt.text import TextTokenizer
-    from vqgpt.tokenizer import load_state_strict
 
     d = T.setup_distributed(args.device)
     out = Path(args.out)
@@ -341,21 +351,11 @@ def train_gpt(args) -> Path:
     model = GPT(config).to(d.device)
     optimizer = make_optimizer(model, args.lr, args.weight_decay)
     guard = T.NonFiniteGuard()
-    start = 0
-    if resume is not None:
-        load_state_strict(model, str(resume.file("model.safetensors")))
-        state = resume.trainer_state()
-        optimizer.load_state_dict(state["optimizer"])
-        start, guard.skipped = state["step"], state["skipped"]
-        if d.main:
-            print(f"resuming {out} from step {start}", flush=True)
+    start, _ = restore(resume, model, optimizer, guard, d)
     loss_fn = wrap_for_training(GPTLoss(model), d, args.compile)
 
     warmup = args.warmup if args.warmup is not None else max(1, args.steps // 20)
-    per_rank = args.batch_size // d.world
-    if per_rank * d.world != args.batch_size or per_rank % args.grad_accum:
-        raise ValueError(f"--batch-size {args.batch_size} must split evenly over {d.world} ranks x "
-                         f"{args.grad_accum} micro-batches")
+    per_rank = rank_batch_size(args, d)
     prompts = args.sample_prompts or DEFAULT_PROMPTS.get(args.data, captions[:8])
     run_config = {"stage": "gpt", "gpt": config.to_dict(), "args": vars(args), "world": d.world,
                   "params": model.num_params(), "image_tokenizer": image_tok.fingerprint()}

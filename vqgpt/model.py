@@ -252,8 +252,8 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: Tensor) -> Tensor:
-        # Normalized in float32 (one fused op), scaled in the model's dtype.
-        return F.rms_norm(x.float(), self.weight.shape, eps=self.eps).type_as(x) * self.weight
+        xf = x.float()
+        return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).type_as(x) * self.weight
 
 
 class Attention(nn.Module):
