@@ -81,6 +81,9 @@ def parse_args(argv=None):
     gpt.add_argument("--text-len", type=int, default=None, help="text context in tokens (default: fit 99%%)")
     gpt.add_argument("--cfg-dropout", type=float, default=None, help="caption dropout prob (CFG training)")
     gpt.add_argument("--text-loss-weight", type=float, default=None)
+    gpt.add_argument("--fsdp", action="store_true",
+                     help="shard parameters, gradients and optimizer state over the ranks (FSDP2) instead of DDP; "
+                          "in-training evaluation is then skipped (evaluate the exported model)")
     gpt.add_argument("--sample-prompts", nargs="*", default=None, help="prompts of the sample grids")
 
     args = p.parse_args(argv)
@@ -100,12 +103,47 @@ def make_optimizer(model: torch.nn.Module, lr: float, weight_decay: float) -> to
     return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.95), fused=False)
 
 
-def wrap_for_training(module: torch.nn.Module, d: T.Dist, compile: bool) -> torch.nn.Module:
-    """DDP across ranks when launched by torchrun (gradients all-reduced in backward), then compile."""
-    if d.enabled:
+def wrap_for_training(module: torch.nn.Module, d: T.Dist, compile: bool, shard=None) -> torch.nn.Module:
+    """DDP across ranks when launched by torchrun (gradients all-reduced in backward), then compile.
+
+    With `shard` (a list of blocks), FSDP2 instead: each block and then the root are sharded over the ranks,
+    so parameters, gradients and optimizer state take 1/world of the memory each (for the L/XL presets).
+    """
+    if shard is not None:
+        from torch.distributed.fsdp import fully_shard
+
+        for block in shard:
+            fully_shard(block)
+        fully_shard(module)
+    elif d.enabled:
         ids = [d.local_rank] if d.device.type == "cuda" else None
         module = torch.nn.parallel.DistributedDataParallel(module, device_ids=ids)
     return torch.compile(module) if compile else module
+
+
+def full_state(model, optimizer, fsdp: bool) -> tuple[dict, dict]:
+    """Unsharded (weights, optimizer state) on the CPU; under FSDP a collective that every rank must call."""
+    if not fsdp:
+        return model.state_dict(), optimizer.state_dict()
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
+
+    return get_state_dict(model, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+def restore_sharded(resume, model, optimizer, guard, d: T.Dist) -> int:
+    """restore() for an FSDP run: every rank reads the full checkpoint and keeps its shards."""
+    if resume is None:
+        return 0
+    from safetensors.torch import load_file
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
+
+    state = resume.trainer_state()
+    set_state_dict(model, optimizer, model_state_dict=load_file(str(resume.file("model.safetensors"))),
+                   optim_state_dict=state["optimizer"], options=StateDictOptions(full_state_dict=True))
+    guard.skipped = state["skipped"]
+    if d.main:
+        print(f"resuming {resume.path.parent.parent} from step {state['step']} (FSDP)", flush=True)
+    return state["step"]
 
 
 class GPTLoss(torch.nn.Module):
@@ -349,10 +387,15 @@ def train_gpt(args) -> Path:
 
     torch.manual_seed(args.seed)  # the same initial weights on every rank and every run
     model = GPT(config).to(d.device)
-    optimizer = make_optimizer(model, args.lr, args.weight_decay)
     guard = T.NonFiniteGuard()
-    start, _ = restore(resume, model, optimizer, guard, d)
-    loss_fn = wrap_for_training(GPTLoss(model), d, args.compile)
+    if args.fsdp:  # shard first, then build the optimizer over the sharded parameters
+        loss_fn = wrap_for_training(GPTLoss(model), d, args.compile, shard=model.layers)
+        optimizer = make_optimizer(model, args.lr, args.weight_decay)
+        start = restore_sharded(resume, model, optimizer, guard, d)
+    else:
+        optimizer = make_optimizer(model, args.lr, args.weight_decay)
+        start, _ = restore(resume, model, optimizer, guard, d)
+        loss_fn = wrap_for_training(GPTLoss(model), d, args.compile)
 
     warmup = args.warmup if args.warmup is not None else max(1, args.steps // 20)
     per_rank = rank_batch_size(args, d)
@@ -369,12 +412,13 @@ def train_gpt(args) -> Path:
         return TextToImage(model, image_tok, text_tok, sampling)
 
     def save(step):
+        weights, optim_state = full_state(model, optimizer, args.fsdp)  # a collective under FSDP: all ranks
         if not d.main:
             return
-        ckpts.save(step, model.state_dict(), trainer_state(step, optimizer, guard),
+        ckpts.save(step, weights, {**trainer_state(step, optimizer, guard), "optimizer": optim_state},
                    files={"gpt_config.json": json.dumps(config.to_dict())},
                    writers={"image_tokenizer": image_tok.save_pretrained, "text_tokenizer": text_tok.save_pretrained},
-                   export=lambda run_dir: pipeline().save_pretrained(run_dir))
+                   export=lambda run_dir: pipeline().save_pretrained(run_dir, gpt_state=weights))
 
     bar = progress(args.steps, start, d.main)
     t_last, seen = time.time(), 0
@@ -405,7 +449,7 @@ def train_gpt(args) -> Path:
             if wb:
                 wb.log({"train/loss": loss_v, "train/image_acc": stats["image_acc"].item(), "lr": lr,
                         "tokens_per_s": rate, "skipped_steps": guard.skipped}, step=done)
-        if d.main and (done % args.eval_every == 0 or done == args.steps):
+        if d.main and not args.fsdp and (done % args.eval_every == 0 or done == args.steps):
             bits = held_out_bits(model, test_ids, test_codes)
             paths = [sample_grid(pipeline(), prompts, cfg, out / "samples" / f"step-{done:07d}-cfg{cfg:g}.png")
                      for cfg in (1.0, 3.0)]

@@ -159,3 +159,24 @@ def test_torchrun_two_processes_match_one(trained, folder, tmp_path):
     a, b = _final_weights(tmp_path / "one"), _final_weights(tmp_path / "two")
     worst = max((a[k] - b[k]).abs().max().item() for k in a)
     assert worst < 1e-4, f"2-process weights differ from 1-process weights by up to {worst:.2e}"
+
+
+def test_fsdp_two_processes_match_one_and_resume(trained, folder, tmp_path):
+    """--fsdp (FSDP2 over 2 gloo ranks): same weights as one process, and a sharded resume continues it."""
+    runs, cache = trained
+    common = ["gpt", "--data", str(folder), "--tokenizer", str(runs / "tok"), "--steps", "8", "--save-every", "4",
+              "--cfg-dropout", "0", *GPT]
+    run("train.py", *common, "--out", tmp_path / "one", env=cache)
+    torchrun = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "train.py", *common, "--fsdp"]
+    run(*torchrun, "--out", tmp_path / "fsdp", env=cache)
+    a, b = _final_weights(tmp_path / "one"), _final_weights(tmp_path / "fsdp")
+    worst = max((a[k] - b[k]).abs().max().item() for k in a)
+    assert worst < 1e-4, f"FSDP weights differ from 1-process weights by up to {worst:.2e}"
+    # Resume the sharded run from its step-4 checkpoint: it must end where it ended before.
+    import shutil
+
+    shutil.rmtree(tmp_path / "fsdp" / "checkpoints" / "step-00000008")
+    run(*torchrun, "--out", tmp_path / "fsdp", "--resume", tmp_path / "fsdp", env=cache)
+    c = _final_weights(tmp_path / "fsdp")
+    worst = max((b[k] - c[k]).abs().max().item() for k in b)
+    assert worst < 1e-6, f"resumed FSDP run differs by up to {worst:.2e}"

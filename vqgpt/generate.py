@@ -227,11 +227,68 @@ def decode_one_token(model, token: Tensor, pos: Tensor) -> Tensor:
     return model.forward_cached(codes=token, input_pos=pos)
 
 
+def sample_step(
+    logits: Tensor,
+    cfg: SamplingConfig,
+    seeds: Tensor,
+    step: Tensor,
+    *,
+    scale: float,
+    scale_per_step: Tensor | None,
+    fused=None,
+) -> Tensor:
+    """Draw image code `step` (0-d LongTensor) for each prompt from the step's logits (2B or B rows) -> (B,).
+
+    Guidance uses scale_per_step[step] (a device tensor; None: no guidance) on the PyTorch path and the
+    python float `scale` in the fused kernel (`fused`: vqgpt.kernels, or None for PyTorch); both draw the
+    same tokens.
+    """
+    if fused is not None:
+        return fused.cfg_sample(
+            logits,
+            cfg_scale=scale,
+            temperature=cfg.temperature,
+            top_k=cfg.top_k or 0,  # the kernel's "off" is 0
+            top_p=cfg.top_p,
+            seeds=seeds,
+            step=step,
+        )
+    if scale_per_step is not None:
+        logits = apply_cfg(logits, scale_per_step[step])
+    return sample_seeded(logits, cfg, seeds, step)
+
+
+def capture_cuda_graph(fn, warmup: int = 2) -> torch.cuda.CUDAGraph:
+    """Record fn() (all in-place on static tensors) as a CUDA graph, after warm-up runs on a side stream
+    (Triton JIT compiles, allocator pools settle); replay() then launches the whole step at once."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(warmup):
+            fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    return graph
+
+
 @torch.no_grad()
-def generate(model, text_ids: Tensor, cfg: SamplingConfig, seeds: Tensor, *, progress: bool = False) -> Tensor:
+def generate(
+    model,
+    text_ids: Tensor,
+    cfg: SamplingConfig,
+    seeds: Tensor,
+    *,
+    progress: bool = False,
+    cuda_graph: bool = False,
+) -> Tensor:
     """Sample image codes (B, h, w) for text_ids (B, T_text), one seed per row (LongTensor (B,)).
 
     The model runs in eval mode (restored afterwards) with a KV cache of 2B rows under guidance, B without.
+    cuda_graph=True (a CUDA model) records one decode step (sample, feed the token, advance) as a CUDA graph
+    and replays it, so a step costs one launch instead of hundreds; same codes as without. With the fused
+    kernels (attn_backend "auto" on CUDA) the guidance scale is baked into the graph and must be constant.
     """
     mc = model.config
     if text_ids.ndim != 2 or text_ids.shape[0] == 0:
@@ -251,9 +308,16 @@ def generate(model, text_ids: Tensor, cfg: SamplingConfig, seeds: Tensor, *, pro
     guided = any(s != 1.0 for s in scales)
     if guided:  # rows [0, B) conditional, [B, 2B) their null-caption twins
         text_ids = torch.cat([text_ids, torch.full_like(text_ids, mc.text_pad_id)])
-    scale_per_step = torch.tensor(scales, device=device)  # (N,)
+    scale_per_step = torch.tensor(scales, device=device) if guided else None  # (N,)
     # The fused CFG + top-k/top-p + draw kernel, on the same switch as attention; same Philox noise.
     fused = import_kernels() if use_triton_kernels(mc.attn_backend, seeds) else None
+    if cuda_graph and device.type != "cuda":
+        raise ValueError(f"cuda_graph=True needs the model on a CUDA device; it is on {device}")
+    if cuda_graph and fused is not None and len(set(scales)) > 1:
+        raise ValueError(
+            f"cuda_graph=True with the fused sampler needs a constant guidance scale; cfg_schedule="
+            f"{cfg.cfg_schedule!r} varies it (use cfg_schedule='constant', or attn_backend='torch')"
+        )
 
     steps = range(N)
     if progress:
@@ -263,29 +327,43 @@ def generate(model, text_ids: Tensor, cfg: SamplingConfig, seeds: Tensor, *, pro
     was_training = model.training
     model.eval()
     try:
-        model.setup_cache(text_ids.shape[0])
-        codes = torch.empty(B, N, dtype=torch.long, device=device)
-        input_pos = torch.tensor(mc.image_start, device=device)  # advanced in place: no host sync
-        logits = prefill(model, text_ids)
-        for k in steps:
-            if fused is not None:
-                top_k = cfg.top_k or 0  # the kernel's "off" is 0
-                token = fused.cfg_sample(
-                    logits,
-                    cfg_scale=scales[k],
-                    temperature=cfg.temperature,
-                    top_k=top_k,
-                    top_p=cfg.top_p,
-                    seeds=seeds,
-                    step=k,
+        # Inference mode drops autograd's bookkeeping, which a small decode step pays for on every op.
+        with torch.inference_mode():
+            model.setup_cache(text_ids.shape[0])
+            # Every step works in place on static tensors, so it can also be replayed as a CUDA graph.
+            codes = torch.empty(B, N, dtype=torch.long, device=device)
+            step = torch.zeros((), dtype=torch.long, device=device)  # image step k, advanced in place
+            input_pos = torch.full((), mc.image_start, dtype=torch.long, device=device)  # position of code k
+            logits = prefill(model, text_ids)
+
+            def advance(k: int) -> None:
+                """Draw code k, record it, feed it back: logits then predict code k + 1."""
+                token = sample_step(
+                    logits, cfg, seeds, step, scale=scales[k], scale_per_step=scale_per_step, fused=fused
                 )
-            else:
-                step_logits = apply_cfg(logits, scale_per_step[k]) if guided else logits
-                token = sample_seeded(step_logits, cfg, seeds, k)  # (B,)
-            codes[:, k] = token
-            if k + 1 < N:
-                logits = decode_one_token(model, torch.cat([token, token]) if guided else token, input_pos)
-                input_pos += 1
+                codes.index_copy_(1, step.view(1), token[:, None])
+                logits.copy_(decode_one_token(model, token.repeat(2) if guided else token, input_pos))
+                input_pos.add_(1)
+                step.add_(1)
+
+            graph = None
+            if cuda_graph and N > 1:
+                first_logits = logits.clone()
+                # Warm-up and capture run steps as well: the K/V they write sit at positions the real steps
+                # overwrite before reading them, and the state they advance is reset here.
+                graph = capture_cuda_graph(lambda: advance(0))
+                logits.copy_(first_logits)
+                step.zero_()
+                input_pos.fill_(mc.image_start)
+            for k in steps:
+                if k + 1 == N:  # the last code feeds nothing
+                    codes[:, k] = sample_step(
+                        logits, cfg, seeds, step, scale=scales[k], scale_per_step=scale_per_step, fused=fused
+                    )
+                elif graph is not None:
+                    graph.replay()
+                else:
+                    advance(k)
     finally:
         model.train(was_training)
-    return codes.view(B, *mc.image_grid)
+    return codes.view(B, *mc.image_grid).clone()  # a normal tensor again, outside inference mode

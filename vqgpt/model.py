@@ -202,9 +202,7 @@ def attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool, backend: str, dr
     return _sdpa(q, k, v, is_causal=causal, dropout_p=dropout_p)
 
 
-def decode_attention(
-    q: Tensor, k_cache: Tensor, v_cache: Tensor, cache_len: Tensor | int, *, backend: str
-) -> Tensor:
+def decode_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, cache_len: Tensor | int, *, backend: str) -> Tensor:
     """One query per row over a static cache: q (B, Hq, D), k/v_cache (B, Hkv, Smax, D), cache_len (B,)
     -> (B, Hq, D). Only cache positions < cache_len[b] are read; the rest may hold stale values.
 
@@ -349,6 +347,7 @@ class GPT(nn.Module):
         # Integer, so .to(dtype) leaves it exact; not persistent: it is derived from the config.
         self.register_buffer("rope_pos", rope_positions(config), persistent=False)
         self.cache_batch_size = 0
+        self.rope_table: tuple[Tensor, Tensor] | None = None  # decoding's cos/sin per position, see setup_cache
         self._init_weights()
 
     def _init_weights(self) -> None:
@@ -461,10 +460,16 @@ class GPT(nn.Module):
         ):
             return
         cfg = self.config
-        for layer in self.layers:
-            layer.attn.kv_cache = KVCache(
-                max_batch_size, cfg.n_kv_head, cfg.seq_len, cfg.head_dim, device=device, dtype=dtype
-            )
+        # Ordinary tensors even when called under torch.inference_mode (as generate does), so that the
+        # cache can still be written by forward_cached outside it.
+        with torch.inference_mode(False):
+            for layer in self.layers:
+                layer.attn.kv_cache = KVCache(
+                    max_batch_size, cfg.n_kv_head, cfg.seq_len, cfg.head_dim, device=device, dtype=dtype
+                )
+            # A decode step looks its rotation up instead of recomputing it. A float32 attribute, not a
+            # buffer, so model.to(bfloat16) cannot round the angles (forward_cached rebuilds it on a move).
+            self.rope_table = self._rope(torch.arange(cfg.seq_len, device=device))
         self.cache_batch_size = max_batch_size
 
     def forward_cached(
@@ -490,7 +495,8 @@ class GPT(nn.Module):
             x = self.image_emb(codes.reshape(-1, 1))  # (B, 1, dim)
             input_pos = input_pos.reshape(1)
             # Live length after this step, shared by all rows and layers. A CPU reads it for free as an
-            # int (attention over the live prefix, no mask); elsewhere it stays a (B,) device tensor.
+            # int (attention over the live prefix, no mask); elsewhere, and under torch.compile (where a
+            # host read breaks the graph), it stays a (B,) device tensor.
             if input_pos.device.type == "cpu" and not torch.compiler.is_compiling():
                 cache_len = int(input_pos) + 1
             else:
@@ -502,7 +508,10 @@ class GPT(nn.Module):
                 f"batch of {x.shape[0]} rows exceeds the KV cache ({self.cache_batch_size} rows); "
                 "call setup_cache with a larger max_batch_size"
             )
-        cos, sin = self._rope(input_pos)
+        if self.rope_table[0].device != x.device:  # the model moved after setup_cache
+            with torch.inference_mode(False):
+                self.rope_table = self._rope(torch.arange(self.config.seq_len, device=x.device))
+        cos, sin = (t[input_pos] for t in self.rope_table)  # (T, D/2) each
         for layer in self.layers:
             x = layer(x, cos, sin, input_pos, cache_len)
         return self.head(self.norm(x[:, -1]))

@@ -88,11 +88,12 @@ class TextToImage:
             "text_tokenizer": self.text_tokenizer.fingerprint(),
         }
 
-    def save_pretrained(self, path: str | os.PathLike) -> None:
+    def save_pretrained(self, path: str | os.PathLike, gpt_state: dict | None = None) -> None:
+        """Write the pipeline directory; `gpt_state` overrides the GPT's own state_dict (e.g. gathered shards)."""
         path = Path(path)
         self.image_tokenizer.save_pretrained(path / "image_tokenizer")
         self.text_tokenizer.save_pretrained(path / "text_tokenizer")
-        save_weights(path / "model.safetensors", self.gpt.state_dict())
+        save_weights(path / "model.safetensors", gpt_state if gpt_state is not None else self.gpt.state_dict())
         # config.json last: a directory with a config names weights that are already in place.
         atomic_write_bytes(path / "config.json", (json.dumps(self.config_dict(), indent=2) + "\n").encode())
 
