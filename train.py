@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -24,7 +25,7 @@ import torch.nn.functional as F
 
 from vqgpt import data as vdata
 from vqgpt import training as T
-from vqgpt.checkpoint import CheckpointManager
+from vqgpt.checkpoint import CheckpointError, CheckpointManager
 from vqgpt.tokenizer import ImageTokenizer, TokenizerConfig, tokenizer_config
 
 # Defaults of the embedded demo, chosen to fit 2 CPU cores: the tokenizer in <= 10 minutes, both stages
@@ -501,6 +502,18 @@ def sample_grid(pipe, prompts: list[str], cfg_scale: float, path: Path, n: int =
 
 def main(argv=None):
     parser, args = parse_args(argv)
+    try:
+        run(parser, args, argv)
+    except (ValueError, FileNotFoundError, CheckpointError, FloatingPointError, RuntimeError) as e:
+        # Problems with the user's input or run (bad data, checkpoints, diverged training) end with one
+        # readable line rather than a traceback; VQGPT_DEBUG=1 shows the traceback too.
+        if os.environ.get("VQGPT_DEBUG"):
+            raise
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+def run(parser, args, argv):
     if args.stage == "tokenizer":
         train_tokenizer(args)
     elif args.stage == "gpt":

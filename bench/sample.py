@@ -1,35 +1,40 @@
 """Sampling speed: vqgpt's decode loop against HF transformers `generate` on a model of the same shape.
 
     python bench/sample.py                          # a CUDA GPU: the config of record (GPT-L, 16384 codes, bf16)
-    python bench/sample.py --device cpu             # the demo GPT on a CPU: a few minutes
+    python bench/sample.py --device cpu             # the demo GPT on a CPU: about two minutes
     python bench/sample.py --device cpu --batches 1 --reps 3 --json /tmp/quick.json
 
-Config of record (GPU): LlamaGen-L-sized GPT (dim 1024, 24 layers, 16 heads), codebook 16384, 64 text tokens,
-a 16x16 grid (256 image tokens), CFG scale 3 (2 rows per image), top-k 1000, bf16; 1, 8 and 32 images.
-CPU: the "demo" GPT (dim 256, 6 layers, 8 heads), codebook 1000, 32 text tokens, an 8x8 grid, top-k 100,
-float32, 1 and 16 images, one intra-op thread (see --threads).
+Config of record (GPU): a LlamaGen-L-sized GPT (dim 1024, 24 layers, 16 heads), codebook 16384, 64 text
+tokens, a 16x16 grid (256 image tokens), CFG scale 3 (2 rows per image), top-k 1000, bf16; 1, 8 and 32
+images. CPU: the "demo" GPT (dim 256, 6 layers, 8 heads), codebook 1000, 32 text tokens, an 8x8 grid,
+top-k 100, float32, 1 and 16 images, one intra-op thread (see --threads).
 
 The peer is `LlamaForCausalLM.generate` with the same weight shapes: layers, width, heads, KV heads, SwiGLU
-width, and vocabulary = the image codebook, so the LM head is the same matmul as vqgpt's image head (the
-prompt ids are drawn below the codebook size; an embedding lookup costs the same whatever the table size).
-vqgpt's weights are copied into it (its RoPE is 1D where vqgpt's is 2D on the image, so the logits differ,
-not the work). Both run the same rows, 2 per image: the prompt and its null caption, prefix text_len + 1
-tokens (text + BOI), h * w new tokens, prefill then a KV-cache decode loop. HF's sampling is a logits
-processor that mixes CFG on the B conditional rows, keeps the top k, draws with torch.multinomial and gives
-the token to both rows of the pair (other scores -inf; greedy then picks it), the same work as vqgpt's
-sampler. Peers:
-- hf_generate: HF eager `generate` with its default dynamic cache and SDPA attention;
-- hf_static_compile (GPU): `cache_implementation="static"`, which makes `generate` torch.compile the decode
-  forward (mode "reduce-overhead": CUDA graphs).
-vqgpt runs `vqgpt.generate.generate` with attn_backend "auto": Triton kernels on a GPU, PyTorch on a CPU.
-On a GPU the memory-bandwidth floor of a decode step is also reported: (weight bytes + live KV bytes at the
-mean live length) / (device-to-device copy bandwidth measured in this run).
+width, and a vocabulary equal to the image codebook, so its LM head is the same matmul as vqgpt's image head
+(prompt ids are drawn below the codebook size; an embedding lookup costs the same whatever the table size).
+vqgpt's weights are copied into it (HF's RoPE is 1D where vqgpt's is 2D on the image, so the logits differ,
+not the work). Both run the same rows, two per image (the prompt and its null caption), the same prefix of
+text_len + 1 tokens (text + BOI) and h * w new tokens: a prefill, then a KV-cache decode loop. HF samples
+through a logits processor that mixes CFG on the B conditional rows, keeps the top k, draws with
+torch.multinomial and gives the token to both rows of the pair (scores 0 there, -inf elsewhere, decoded
+greedily), the work of vqgpt's sampler. Contenders:
+- vqgpt: `vqgpt.generate.generate`, attn_backend "auto" (Triton kernels on a GPU, PyTorch on a CPU); on a
+  GPU with cuda_graph=True (one decode step captured and replayed), and vqgpt_eager without it;
+- hf_generate: HF eager `generate` (dynamic cache, SDPA attention);
+- hf_static_compile (GPU): `cache_implementation="static"`, with which `generate` compiles the decode forward
+  (torch.compile, mode "reduce-overhead": CUDA graphs).
+Floors, the time a decode step cannot go below:
+- GPU, bandwidth_floor: (weight bytes + live K/V bytes at the mean live length) / the device-to-device copy
+  bandwidth measured in this run;
+- CPU, matmul_floor: the step's weight matmuls alone (every linear layer and the head on the same rows),
+  timed in this run; at a few rows they stream every weight from memory.
 
 Each contender runs whole generations (prefill + h * w tokens); after --warmup runs each they alternate
-(A, B, A, B, ...) for --reps rounds so machine noise hits all of them alike, and the median is reported:
-ms per token = median seconds / (h * w) * 1e3, images/s = images / median seconds. The table goes to
-stdout, then one JSON line (also written to --json) with device, versions, config, the figures and
-"ratios": name -> vqgpt speed / peer speed (above 1: vqgpt is faster).
+(A, B, ..., then ..., B, A) for --reps rounds so machine noise hits all of them alike, and the medians are
+reported: ms per token = median seconds / (h * w) * 1e3, images/s = images / median seconds. The table goes
+to stdout, then one JSON line (also written to --json) with device, versions, config, the figures and
+"ratios": name -> vqgpt speed / the other's speed (above 1: vqgpt is faster; against a floor, the fraction
+of the floor's speed vqgpt reaches).
 """
 
 import argparse
@@ -41,6 +46,7 @@ import time
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 
 # Python puts this script's folder first on sys.path, and there bench/kernels.py would shadow the `kernels`
 # package (hub kernels) that transformers probes for and imports: drop the folder before importing it.
@@ -76,11 +82,12 @@ parser.add_argument("--batches", type=int, nargs="+", default=None, help="images
 parser.add_argument("--dtype", default=None, choices=["bfloat16", "float16", "float32"], help="default: bf16 / fp32")
 parser.add_argument("--peers", nargs="+", default=None, choices=["hf_generate", "hf_static_compile"],
                     help="default: both on a GPU, hf_generate on a CPU")
+parser.add_argument("--no-cuda-graph", action="store_true", help="GPU: time vqgpt without its CUDA graph only")
 parser.add_argument("--warmup", type=int, default=None, help="untimed runs per contender (default: 3 / 2)")
-parser.add_argument("--reps", type=int, default=None, help="timed rounds, median reported (default: 5 / 7)")
+parser.add_argument("--reps", type=int, default=None, help="timed rounds, medians reported (default: 5 / 7)")
 parser.add_argument("--threads", type=int, default=None,
-                    help="CPU intra-op threads (default 1: at this size a step is latency-bound, and on a shared "
-                         "machine more threads spin-wait on each other; 0 = torch's default)")
+                    help="CPU intra-op threads (default 1: a step of the demo model is latency-bound, and on a "
+                         "shared machine more threads spin-wait on each other; 0 = torch's default)")
 parser.add_argument("--seed", type=int, default=0)
 parser.add_argument("--json", default=None, help="where to write the JSON (default: bench/results-<device>.json)")
 args = parser.parse_args()
@@ -98,6 +105,9 @@ batches = args.batches or ([1, 8, 32] if on_gpu else [1, 16])
 dtype_name = args.dtype or ("bfloat16" if on_gpu else "float32")
 dtype = getattr(torch, dtype_name)
 peers = args.peers or (["hf_generate", "hf_static_compile"] if on_gpu else ["hf_generate"])
+if "hf_static_compile" in peers and not on_gpu:
+    sys.exit("hf_static_compile needs a GPU: transformers compiles the static-cache forward on CUDA only")
+cuda_graph = on_gpu and not args.no_cuda_graph
 warmup = args.warmup if args.warmup is not None else (3 if on_gpu else 2)
 reps = args.reps or (5 if on_gpu else 7)
 if not on_gpu:
@@ -168,6 +178,7 @@ class CFGTopKSampler(LogitsProcessor):
 hf = hf_twin(model)
 sampling = SamplingConfig(cfg_scale=args.cfg_scale, top_k=top_k)
 hf_processors = LogitsProcessorList([CFGTopKSampler(args.cfg_scale, top_k)])
+linears = [m.weight for m in model.modules() if isinstance(m, torch.nn.Linear)]
 
 
 def hf_generation_config(static: bool) -> GenerationConfig:
@@ -190,6 +201,19 @@ def seconds(fn) -> float:
     return time.perf_counter() - t0
 
 
+def matmul_floor(rows: int):
+    """N decode steps' worth of weight matmuls alone: every linear layer and the head, on `rows` rows."""
+    inputs = {w.shape[1]: torch.randn(rows, 1, w.shape[1], device=device, dtype=dtype) for w in linears}
+
+    @torch.inference_mode()
+    def run():
+        for _ in range(N):
+            for w in linears:
+                F.linear(inputs[w.shape[1]], w)
+
+    return run
+
+
 def contenders(B: int) -> dict:
     """name -> a function running one whole generation of B images (2B rows) from fixed prompts."""
     g = torch.Generator().manual_seed(args.seed + B)
@@ -198,16 +222,23 @@ def contenders(B: int) -> dict:
     boi = torch.full((B, 1), codebook - 1, device=device)  # any id: BOI is one more prefix token for HF
     hf_ids = torch.cat([torch.cat([text, boi], 1), torch.cat([torch.zeros_like(text), boi], 1)])  # (2B, T + 1)
     mask = torch.ones_like(hf_ids)
-    fns = {"vqgpt": lambda: generate(model, text, sampling, seeds)}
+    fns = {"vqgpt": lambda: generate(model, text, sampling, seeds, cuda_graph=cuda_graph)}
+    if cuda_graph:
+        fns["vqgpt_eager"] = lambda: generate(model, text, sampling, seeds)
     for peer in peers:
         gen_cfg = hf_generation_config(static=peer == "hf_static_compile")
         fns[peer] = lambda gen_cfg=gen_cfg: hf.generate(
             hf_ids, attention_mask=mask, generation_config=gen_cfg, logits_processor=hf_processors
         )
-    # Both sides make the same number of tokens, and HF's rows of a pair share them (the CFG contract).
-    with torch.no_grad():
-        assert fns["vqgpt"]().shape == (B, *grid)
-        out = fns[peers[0]]()
+    fns["matmul_floor"] = matmul_floor(2 * B) if not on_gpu else None
+    fns = {name: fn for name, fn in fns.items() if fn is not None}
+    # Same number of tokens on both sides; HF's rows of a pair share theirs (the CFG contract); and the graph
+    # replay draws exactly the codes of the eager loop.
+    codes = fns["vqgpt"]()
+    assert codes.shape == (B, *grid), codes.shape
+    if cuda_graph:
+        assert torch.equal(codes, fns["vqgpt_eager"]()), "cuda_graph=True drew other codes than the eager loop"
+    out = fns[peers[0]]()
     assert out.shape == (2 * B, text_len + 1 + N), out.shape
     assert torch.equal(out[:B, text_len + 1 :], out[B:, text_len + 1 :])
     return fns
@@ -239,22 +270,22 @@ results, ratios = [], {}
 for B in batches:
     fns = contenders(B)
     times = {name: [] for name in fns}
-    with torch.no_grad():
-        for fn in fns.values():
-            for _ in range(warmup):
-                fn()
-        for r in range(reps):
-            names = list(fns) if r % 2 == 0 else list(fns)[::-1]  # alternate who goes first
-            for name in names:
-                times[name].append(seconds(fns[name]))
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    for r in range(reps):
+        for name in list(fns) if r % 2 == 0 else list(fns)[::-1]:  # alternate who goes first
+            times[name].append(seconds(fns[name]))
     row = {"images": B, "rows": 2 * B, "new_tokens": N}
     for name, ts in times.items():
         med = statistics.median(ts)
-        row[name] = {"ms_per_token": round(med / N * 1e3, 3), "images_per_s": round(B / med, 3),
-                     "samples_s": [round(t, 4) for t in ts]}
-    vq = statistics.median(times["vqgpt"])
-    for peer in peers:
-        ratios[f"vs_{peer}_b{B}"] = round(statistics.median(times[peer]) / vq, 3)
+        row[name] = {"ms_per_token": round(med / N * 1e3, 3), "samples_s": [round(t, 4) for t in ts]}
+        if name != "matmul_floor":
+            row[name]["images_per_s"] = round(B / med, 3)
+    vqgpt_s = statistics.median(times["vqgpt"])
+    for name in fns:
+        if name not in ("vqgpt", "vqgpt_eager"):
+            ratios[f"vs_{name}_b{B}"] = round(statistics.median(times[name]) / vqgpt_s, 3)
     if bandwidth is not None:
         floor_ms = decode_step_bytes(2 * B) / bandwidth * 1e3
         row["bandwidth_floor"] = {"ms_per_token": round(floor_ms, 3), "bytes_per_step": decode_step_bytes(2 * B)}
@@ -264,18 +295,17 @@ for B in batches:
 # ----------------------------------------------------------------------------------------------------
 # Report
 
-print(f"{'images':>6} {'rows':>5}  {'contender':<18} {'ms/token':>9} {'images/s':>9} {'vqgpt speedup':>14}")
+print(f"{'images':>6} {'rows':>5}  {'contender':<18} {'ms/token':>9} {'images/s':>9} {'vqgpt speed / its':>18}")
 for row in results:
     B = row["images"]
-    for name in ["vqgpt", *peers]:
-        speedup = "" if name == "vqgpt" else f"{ratios[f'vs_{name}_b{B}']:.2f}x"
+    names = [name for name in row if isinstance(row[name], dict)]
+    for name in names:
+        ratio = ratios.get(f"vs_{name}_b{B}")
+        images_per_s = row[name].get("images_per_s")
         print(f"{B:>6} {row['rows']:>5}  {name:<18} {row[name]['ms_per_token']:>9.3f} "
-              f"{row[name]['images_per_s']:>9.3f} {speedup:>14}")
-    if "bandwidth_floor" in row:
-        floor = row["bandwidth_floor"]["ms_per_token"]
-        print(f"{B:>6} {row['rows']:>5}  {'bandwidth floor':<18} {floor:>9.3f} {'':>9} "
-              f"{ratios[f'vs_bandwidth_floor_b{B}']:>13.2f}  (floor / vqgpt)")
-print(f"ms/token: one whole generation (prefill + {N} tokens) / {N}; speedup = peer time / vqgpt time")
+              f"{images_per_s if images_per_s is not None else '':>9} {f'{ratio:.2f}' if ratio else '':>18}")
+print(f"ms/token: one whole generation (prefill + {N} tokens) / {N}; floors: one decode step; "
+      "vqgpt speed / its = its time / vqgpt's time")
 
 triton_version = None
 try:
@@ -292,8 +322,8 @@ out = {
                  "cuda": torch.version.cuda, "python": platform.python_version(), "vqgpt": vqgpt.__version__},
     "config": {"preset": preset, "gpt": cfg.to_dict(), "params": model.num_params(), "dtype": dtype_name,
                "cfg_scale": args.cfg_scale, "top_k": top_k, "temperature": 1.0, "new_tokens": N,
-               "prefix_len": cfg.image_start, "batches": batches, "peers": peers, "warmup": warmup,
-               "reps": reps, "hf_vocab_size": codebook, "hf_attn_implementation": "sdpa"},
+               "prefix_len": cfg.image_start, "batches": batches, "peers": peers, "cuda_graph": cuda_graph,
+               "warmup": warmup, "reps": reps, "hf_vocab_size": codebook, "hf_attn_implementation": "sdpa"},
     "copy_bandwidth_gbps": round(bandwidth / 1e9, 1) if bandwidth else None,
     "results": results,
     "ratios": ratios,

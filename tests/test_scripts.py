@@ -180,3 +180,33 @@ def test_fsdp_two_processes_match_one_and_resume(trained, folder, tmp_path):
     c = _final_weights(tmp_path / "fsdp")
     worst = max((b[k] - c[k]).abs().max().item() for k in b)
     assert worst < 1e-6, f"resumed FSDP run differs by up to {worst:.2e}"
+
+
+def test_diverging_run_stops_with_a_clear_message_and_keeps_its_checkpoint(folder, tmp_path):
+    """A learning rate of 1e30 blows the weights up after the first steps: every later loss is non-finite, each
+    such step is skipped, and after 20 in a row the run stops with one line; the last good checkpoint is intact."""
+    cache = {"VQGPT_CACHE": str(tmp_path / "cache")}
+    out = tmp_path / "nan"
+    run("train.py", "tokenizer", "--data", folder, "--out", out, "--steps", "4", "--save-every", "4", *TOK, env=cache)
+    good = _final_weights(out)
+    bad = run("train.py", "tokenizer", "--data", folder, "--out", out, "--resume", out, "--steps", "60",
+              "--save-every", "100", "--lr", "1e30", "--warmup", "1", *TOK, check=False, env=cache)
+    assert bad.returncode == 2, bad.stderr[-2000:]
+    assert "non-finite loss or gradient" in bad.stderr and "last good checkpoint is intact" in bad.stderr
+    assert "Traceback" not in bad.stderr
+    from vqgpt.checkpoint import CheckpointManager
+
+    ckpt = CheckpointManager(out).require_latest()
+    assert ckpt.step == 4 and all(torch.equal(good[k], v) for k, v in ckpt.weights().items())
+
+
+def test_bad_arguments_are_one_line_errors(folder, tmp_path):
+    cache = {"VQGPT_CACHE": str(tmp_path / "cache")}
+    r = run("train.py", "tokenizer", "--data", tmp_path / "nope", "--out", tmp_path / "x", *TOK, check=False, env=cache)
+    assert r.returncode == 2 and "error:" in r.stderr and "Traceback" not in r.stderr
+    r = run("train.py", "tokenizer", "--data", folder, "--preset", "huge", "--out", tmp_path / "x", check=False,
+            env=cache)
+    assert r.returncode == 2 and "unknown tokenizer preset 'huge'" in r.stderr
+    r = run("train.py", "gpt", "--data", folder, "--resume", tmp_path / "x", "--out", tmp_path / "x", *GPT,
+            check=False, env=cache)
+    assert r.returncode == 2 and "no usable checkpoint" in r.stderr
