@@ -85,6 +85,11 @@ def parse_args(argv=None):
     gpt.add_argument("--fsdp", action="store_true",
                      help="shard parameters, gradients and optimizer state over the ranks (FSDP2) instead of DDP; "
                           "in-training evaluation is then skipped (evaluate the exported model)")
+    gpt.add_argument("--sample-cfg", type=float, default=3.0, help="default guidance scale saved with the model")
+    gpt.add_argument("--sample-top-k", type=int, default=None, help="default top-k saved with the model")
+    gpt.add_argument("--sample-top-p", type=float, default=1.0, help="default top-p saved with the model")
+    gpt.add_argument("--sample-temperature", type=float, default=1.0, help="default temperature saved with the model")
+    gpt.add_argument("--sample-cfg-schedule", default="constant", choices=["constant", "linear", "interval"])
     gpt.add_argument("--sample-prompts", nargs="*", default=None, help="prompts of the sample grids")
 
     args = p.parse_args(argv)
@@ -407,7 +412,10 @@ def train_gpt(args) -> Path:
     if d.main:
         print(f"gpt: {model.num_params() / 1e6:.2f}M params, {len(codes)} train / {len(test_codes)} held-out "
               f"images, sequence {config.text_len} text + 1 + {config.n_image} image tokens", flush=True)
-    sampling = SamplingConfig()
+    # The sampling defaults saved with the model (sample.py and TextToImage use them unless told otherwise).
+    sampling = SamplingConfig(cfg_scale=args.sample_cfg, cfg_schedule=args.sample_cfg_schedule, top_k=args.sample_top_k,
+                              top_p=args.sample_top_p, temperature=args.sample_temperature)
+    sampling.validate(config.image_vocab_size)
 
     def pipeline():
         return TextToImage(model, image_tok, text_tok, sampling)
