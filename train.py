@@ -330,7 +330,8 @@ def train_tokenizer(args) -> Path:
                         "skipped_steps": guard.skipped}, step=done)
         if d.main and (done % args.eval_every == 0 or done == args.steps):
             metrics, recon = evaluate_tokenizer(model, held_out)
-            grid = save_grid([held_out[:8].float() / 255, recon[:8]], out / "samples" / f"recon-{done:07d}.png")
+            pick = torch.linspace(0, len(held_out) - 1, 8).long()  # spread over the split, not its first rows
+            grid = save_grid([held_out[pick].float() / 255, recon[pick]], out / "samples" / f"recon-{done:07d}.png")
             bar.write(f"step {done}: held-out PSNR {metrics['psnr']:.2f} dB, usage {metrics['usage']:.1%}, "
                       f"perplexity {metrics['perplexity']:.0f} -> {grid}")
             if wb:

@@ -253,8 +253,8 @@ def sample_step(
             seeds=seeds,
             step=step,
         )
-    if scale_per_step is not None:
-        logits = apply_cfg(logits, scale_per_step[step])
+    if scale_per_step is not None:  # index_select: indexing by a 0-d tensor would read it on the host
+        logits = apply_cfg(logits, scale_per_step.index_select(0, step.view(1)))
     return sample_seeded(logits, cfg, seeds, step)
 
 
