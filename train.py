@@ -32,7 +32,7 @@ from vqgpt.tokenizer import ImageTokenizer, TokenizerConfig, tokenizer_config
 # in <= 20 (see README for what they reach).
 DEMO = {
     "tokenizer": dict(data="openmoji", preset="demo", steps=1500, batch_size=32, lr=2e-3),
-    "gpt": dict(data="openmoji", preset="demo", steps=2000, batch_size=64, lr=1e-3),
+    "gpt": dict(data="openmoji", preset="demo", steps=800, batch_size=64, lr=1e-3),
 }
 
 
