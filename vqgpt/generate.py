@@ -12,6 +12,8 @@
   exposes as tl.philox, a fused sampling kernel can draw exactly the same tokens.
 - A draw is an exponential race, argmax_i p_i / E_i with E_i ~ Exp(1) i.i.d., which picks i with
   probability p_i (the Gumbel-max trick in another form: -log E_i is Gumbel).
+- Every step (`decode_step`: sample, feed the token) works in place on static tensors, so it can be replayed
+  as a CUDA graph (`generate(..., cuda_graph=True)`) or compiled (`compile=True`); docs/BENCHMARKS.md times both.
 """
 
 from __future__ import annotations
@@ -170,7 +172,8 @@ def logits_to_probs(logits: Tensor, temperature: float, top_k: int | None, top_p
     logits = logits.float()
     if temperature == 0:
         return torch.zeros_like(logits).scatter_(-1, logits.argmax(-1, keepdim=True), 1.0)
-    logits = logits / temperature
+    if temperature != 1:  # x / 1 is x: skip the op
+        logits = logits / temperature
     if top_k is None and top_p >= 1:
         return torch.softmax(logits, dim=-1)
     if top_k is not None:
@@ -233,15 +236,14 @@ def sample_step(
     seeds: Tensor,
     step: Tensor,
     *,
-    scale: float,
     scale_per_step: Tensor | None,
     fused=None,
+    scale: float | None = None,
 ) -> Tensor:
     """Draw image code `step` (0-d LongTensor) for each prompt from the step's logits (2B or B rows) -> (B,).
 
-    Guidance uses scale_per_step[step] (a device tensor; None: no guidance) on the PyTorch path and the
-    python float `scale` in the fused kernel (`fused`: vqgpt.kernels, or None for PyTorch); both draw the
-    same tokens.
+    Guidance: scale_per_step[step] on the PyTorch path (a device tensor; None: no guidance), the python float
+    `scale` in the fused kernel (`fused`: vqgpt.kernels, or None for PyTorch). Both draw the same tokens.
     """
     if fused is not None:
         return fused.cfg_sample(
@@ -256,6 +258,25 @@ def sample_step(
     if scale_per_step is not None:  # index_select: indexing by a 0-d tensor would read it on the host
         logits = apply_cfg(logits, scale_per_step.index_select(0, step.view(1)))
     return sample_seeded(logits, cfg, seeds, step)
+
+
+def decode_step(
+    model,
+    logits: Tensor,
+    cfg: SamplingConfig,
+    seeds: Tensor,
+    step: Tensor,
+    input_pos: Tensor,
+    *,
+    scale_per_step: Tensor | None,
+    fused=None,
+    scale: float | None = None,
+) -> tuple[Tensor, Tensor]:
+    """One step of the loop: draw code `step` from logits and feed it (twice under guidance: both rows of a
+    pair) at input_pos -> (codes (B,), logits for the next code). What compile=True compiles."""
+    token = sample_step(logits, cfg, seeds, step, scale_per_step=scale_per_step, fused=fused, scale=scale)
+    fed = token.repeat(2) if scale_per_step is not None else token  # guided: conditional rows, then null
+    return token, decode_one_token(model, fed, input_pos)
 
 
 def capture_cuda_graph(fn, warmup: int = 2) -> torch.cuda.CUDAGraph:
@@ -282,13 +303,18 @@ def generate(
     *,
     progress: bool = False,
     cuda_graph: bool = False,
+    compile: bool = False,
 ) -> Tensor:
     """Sample image codes (B, h, w) for text_ids (B, T_text), one seed per row (LongTensor (B,)).
 
     The model runs in eval mode (restored afterwards) with a KV cache of 2B rows under guidance, B without.
-    cuda_graph=True (a CUDA model) records one decode step (sample, feed the token, advance) as a CUDA graph
-    and replays it, so a step costs one launch instead of hundreds; same codes as without. With the fused
-    kernels (attn_backend "auto" on CUDA) the guidance scale is baked into the graph and must be constant.
+    Two ways to take the per-step launch overhead away, both paying a one-time cost first:
+    - cuda_graph=True (a CUDA model): one decode step is recorded as a CUDA graph in each call and replayed:
+      the same kernels as without. With the fused kernels (attn_backend "auto") the guidance scale is baked
+      into the graph, so it must be constant.
+    - compile=True (the PyTorch path: a CPU, or attn_backend "torch"): `decode_step` goes through
+      torch.compile (fullgraph, static shapes), kept in model.compiled_decode_step; a new batch size or
+      SamplingConfig compiles again. Float rounding differs from eager, which can flip a near-tie draw.
     """
     mc = model.config
     if text_ids.ndim != 2 or text_ids.shape[0] == 0:
@@ -311,6 +337,8 @@ def generate(
     scale_per_step = torch.tensor(scales, device=device) if guided else None  # (N,)
     # The fused CFG + top-k/top-p + draw kernel, on the same switch as attention; same Philox noise.
     fused = import_kernels() if use_triton_kernels(mc.attn_backend, seeds) else None
+    if cuda_graph and compile:
+        raise ValueError("cuda_graph=True and compile=True are two ways to the same end; pick one")
     if cuda_graph and device.type != "cuda":
         raise ValueError(f"cuda_graph=True needs the model on a CUDA device; it is on {device}")
     if cuda_graph and fused is not None and len(set(scales)) > 1:
@@ -318,6 +346,17 @@ def generate(
             f"cuda_graph=True with the fused sampler needs a constant guidance scale; cfg_schedule="
             f"{cfg.cfg_schedule!r} varies it (use cfg_schedule='constant', or attn_backend='torch')"
         )
+    if compile and fused is not None:
+        raise ValueError(
+            f"compile=True compiles the PyTorch decode step, but this model samples with the Triton kernels "
+            f"(attn_backend {mc.attn_backend!r} on {device}): use cuda_graph=True, or set "
+            f"model.config.attn_backend = 'torch'"
+        )
+    step_fn = decode_step
+    if compile:
+        if getattr(model, "compiled_decode_step", None) is None:
+            model.compiled_decode_step = torch.compile(decode_step, fullgraph=True, dynamic=False)
+        step_fn = model.compiled_decode_step
 
     steps = range(N)
     if progress:
@@ -338,11 +377,19 @@ def generate(
 
             def advance(k: int) -> None:
                 """Draw code k, record it, feed it back: logits then predict code k + 1."""
-                token = sample_step(
-                    logits, cfg, seeds, step, scale=scales[k], scale_per_step=scale_per_step, fused=fused
+                token, next_logits = step_fn(
+                    model,
+                    logits,
+                    cfg,
+                    seeds,
+                    step,
+                    input_pos,
+                    scale_per_step=scale_per_step,
+                    fused=fused,
+                    scale=scales[k] if fused is not None else None,
                 )
                 codes.index_copy_(1, step.view(1), token[:, None])
-                logits.copy_(decode_one_token(model, token.repeat(2) if guided else token, input_pos))
+                logits.copy_(next_logits)
                 input_pos.add_(1)
                 step.add_(1)
 
@@ -358,7 +405,7 @@ def generate(
             for k in steps:
                 if k + 1 == N:  # the last code feeds nothing
                     codes[:, k] = sample_step(
-                        logits, cfg, seeds, step, scale=scales[k], scale_per_step=scale_per_step, fused=fused
+                        logits, cfg, seeds, step, scale_per_step=scale_per_step, fused=fused, scale=scales[k]
                     )
                 elif graph is not None:
                     graph.replay()

@@ -100,7 +100,7 @@ class GPTConfig:
 # LlamaGen-like sizes (Sun et al. 2024, GPT-B/L/XL); counts quoted with a 16384-entry codebook.
 PRESETS: dict[str, dict] = {
     "tiny": dict(dim=64, n_layer=2, n_head=4),  # smoke tests: seconds on a CPU
-    "demo": dict(dim=256, n_layer=6, n_head=8),  # ~6M params: trains on a CPU in minutes
+    "demo": dict(dim=192, n_layer=4, n_head=6),  # ~2M params + embeddings: trains on 2 CPU cores in minutes
     "B": dict(dim=768, n_layer=12, n_head=12),  # ~111M
     "L": dict(dim=1024, n_layer=24, n_head=16),  # ~343M
     "XL": dict(dim=1280, n_layer=36, n_head=20),  # ~775M
@@ -151,9 +151,14 @@ def rope_angles(pos: Tensor, head_dim: int, base: float) -> Tensor:
 def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     """Rotate consecutive pairs (x[2i], x[2i+1]) of x (B, H, T, D) by the angles behind cos/sin (T, D/2).
 
-    Each pair is a complex number turned by a product with cos + i sin: one kernel where the same formula
-    in real arithmetic (unbind, four products, stack) takes six, and decoding calls this once per layer.
+    Eagerly each pair is a complex number turned by a product with cos + i sin: one kernel where the real
+    arithmetic takes six, and decoding pays per kernel, once per layer and token. Under torch.compile the
+    real form is kept: inductor fuses it, and it generates no code for complex numbers.
     """
+    if torch.compiler.is_compiling():
+        x0, x1 = x.float().unflatten(-1, (-1, 2)).unbind(-1)  # (B, H, T, D/2) each
+        out = torch.stack([x0 * cos - x1 * sin, x0 * sin + x1 * cos], dim=-1)  # (B, H, T, D/2, 2)
+        return out.flatten(-2).type_as(x)
     pairs = torch.view_as_complex(x.float().unflatten(-1, (-1, 2)))  # (B, H, T, D/2) complex64, no copy
     return torch.view_as_real(pairs * torch.complex(cos, sin)).flatten(-2).type_as(x)  # (B, H, T, D)
 
@@ -347,7 +352,7 @@ class GPT(nn.Module):
         # Integer, so .to(dtype) leaves it exact; not persistent: it is derived from the config.
         self.register_buffer("rope_pos", rope_positions(config), persistent=False)
         self.cache_batch_size = 0
-        self.rope_table: tuple[Tensor, Tensor] | None = None  # decoding's cos/sin per position, see setup_cache
+        self.rope_table: tuple[Tensor, Tensor] | None = None  # cos/sin of every position, see setup_cache
         self._init_weights()
 
     def _init_weights(self) -> None:

@@ -1,8 +1,8 @@
 """Kernel speed against PyTorch peers timed in the same process, at the config of record.
 
-    python bench/kernels.py                         # a CUDA GPU: Triton kernels vs SDPA / torch sampling
-    python bench/kernels.py --device cpu            # the CPU fallbacks (the references) vs the same peers, small
-    python bench/kernels.py --rows 2 16 --reps 20   # a subset
+    python bench/triton_kernels.py                         # a CUDA GPU: Triton kernels vs SDPA / torch sampling
+    python bench/triton_kernels.py --device cpu            # the CPU fallbacks (the references) vs the same peers, small
+    python bench/triton_kernels.py --rows 2 16 --reps 20   # a subset
 
 Config of record: model dim 1024 = 16 heads x head_dim 64, codebook 16384, 64 text + 256 image tokens
 (S_max = 320), top-k 1000, CFG scale 3; 1, 8 and 32 images per batch = 2, 16 and 64 rows with CFG.
@@ -58,12 +58,12 @@ args = parser.parse_args()
 on_gpu = args.device == "cuda"
 if on_gpu and not torch.cuda.is_available():
     reason = "no CUDA device: the Triton kernels need a GPU (run with --device cpu to time the CPU fallbacks)"
-    print(f"SKIP bench/kernels.py: {reason}")
+    print(f"SKIP bench/triton_kernels.py: {reason}")
     print(json.dumps({"skipped": reason, "ratios": {}}))
     sys.exit(0)
 if on_gpu and not kernels.HAS_TRITON:
     reason = "triton is not installed: the kernels would run their references"
-    print(f"SKIP bench/kernels.py: {reason}")
+    print(f"SKIP bench/triton_kernels.py: {reason}")
     print(json.dumps({"skipped": reason, "ratios": {}}))
     sys.exit(0)
 
