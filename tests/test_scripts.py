@@ -210,3 +210,17 @@ def test_bad_arguments_are_one_line_errors(folder, tmp_path):
     r = run("train.py", "gpt", "--data", folder, "--resume", tmp_path / "x", "--out", tmp_path / "x", *GPT,
             check=False, env=cache)
     assert r.returncode == 2 and "no usable checkpoint" in r.stderr
+
+
+def test_patchgan_loss_trains_and_resumes(folder, tmp_path):
+    """The optional PatchGAN hinge loss switches on after --gan-start; its discriminator is checkpointed."""
+    cache = {"VQGPT_CACHE": str(tmp_path / "cache")}
+    args = ["train.py", "tokenizer", "--data", folder, "--out", tmp_path / "gan", "--gan-weight", "0.1",
+            "--gan-start", "2", "--save-every", "3", *TOK]
+    run(*args, "--steps", "3", env=cache)
+    from vqgpt.checkpoint import CheckpointManager
+
+    state = CheckpointManager(tmp_path / "gan").require_latest().trainer_state()
+    assert "disc" in state and "disc_optimizer" in state
+    out = run(*args, "--steps", "6", "--resume", tmp_path / "gan", env=cache)
+    assert "resuming" in out.stdout
