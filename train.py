@@ -72,6 +72,9 @@ def parse_args(argv=None):
     tok.add_argument("--quantizer", choices=["fsq", "vq"], default=None, help="override the preset's")
     tok.add_argument("--gan-weight", type=float, default=0.0, help="PatchGAN hinge loss weight (0 = off)")
     tok.add_argument("--gan-start", type=int, default=None, help="step the GAN loss starts (default half)")
+    tok.add_argument("--perceptual-weights", default=None, metavar="VGG16.safetensors",
+                     help="local VGG16 features weights; enables the perceptual loss (see vqgpt/perceptual.py)")
+    tok.add_argument("--perceptual-weight", type=float, default=0.1)
 
     gpt = sub.add_parser("gpt", help="train the text-to-image GPT on a trained tokenizer's codes")
     common(gpt, "gpt")
@@ -258,6 +261,11 @@ def train_tokenizer(args) -> Path:
     held_out = held_out[:512]
 
     disc = patch_discriminator().to(d.device) if args.gan_weight > 0 else None
+    perceptual = None
+    if args.perceptual_weights:
+        from vqgpt.perceptual import PerceptualLoss
+
+        perceptual = PerceptualLoss(args.perceptual_weights).to(d.device)
     optimizer = make_optimizer(model, args.lr, args.weight_decay)
     disc_opt = torch.optim.AdamW(disc.parameters(), lr=args.lr, betas=(0.5, 0.9)) if disc else None
     guard = T.NonFiniteGuard()
@@ -306,6 +314,8 @@ def train_tokenizer(args) -> Path:
                 recon = recon.float()
                 rec = F.l1_loss(recon, micro) + F.mse_loss(recon, micro)
                 loss = rec + aux
+                if perceptual is not None:
+                    loss = loss + args.perceptual_weight * perceptual(recon, micro)
                 if use_gan:
                     loss = loss - args.gan_weight * disc(recon * 2 - 1).mean()  # hinge generator loss
             (loss / args.grad_accum).backward()

@@ -224,3 +224,25 @@ def test_patchgan_loss_trains_and_resumes(folder, tmp_path):
     assert "disc" in state and "disc_optimizer" in state
     out = run(*args, "--steps", "6", "--resume", tmp_path / "gan", env=cache)
     assert "resuming" in out.stdout
+
+
+def test_perceptual_loss_uses_local_weights_and_names_bad_ones(folder, tmp_path):
+    """The perceptual loss runs from a local VGG16 weights file (random ones here: the real ones cannot be
+    downloaded on this machine) and a wrong file is a one-line error naming the problem."""
+    from safetensors.torch import save_file
+
+    from vqgpt.perceptual import PerceptualLoss, vgg16_features
+
+    torch.manual_seed(0)
+    state = {f"features.{k}": v for k, v in vgg16_features().state_dict().items()}
+    save_file(state, str(tmp_path / "vgg.safetensors"))
+    loss = PerceptualLoss(str(tmp_path / "vgg.safetensors"))
+    x = torch.rand(2, 3, 32, 32)
+    assert loss(x, x).item() == 0 and loss(x, x.flip(-1)).item() > 0
+
+    cache = {"VQGPT_CACHE": str(tmp_path / "cache")}
+    args = ["train.py", "tokenizer", "--data", folder, "--out", tmp_path / "p", "--steps", "2", *TOK]
+    run(*args, "--perceptual-weights", tmp_path / "vgg.safetensors", env=cache)
+    save_file({"features.0.weight": torch.zeros(1)}, str(tmp_path / "bad.safetensors"))
+    bad = run(*args, "--perceptual-weights", tmp_path / "bad.safetensors", check=False, env=cache)
+    assert bad.returncode == 2 and "misshapen" in bad.stderr and "Traceback" not in bad.stderr
