@@ -189,6 +189,15 @@ def rank_batch_size(args, d: T.Dist) -> int:
     return per_rank
 
 
+def log_train(bar, wb, d: T.Dist, step: int, loss, lr: float, guard, rate_name: str, rate: float,
+              extra: dict) -> None:
+    """The periodic training log of both stages: tqdm postfix and wandb (loss averaged over ranks)."""
+    loss_v = T.all_reduce_mean(loss.detach(), d).item()
+    bar.set_postfix(loss=f"{loss_v:.4f}", lr=f"{lr:.2e}", **{rate_name: f"{rate:.0f}"})
+    if wb:
+        wb.log({"train/loss": loss_v, "lr": lr, rate_name: rate, "skipped_steps": guard.skipped, **extra}, step=step)
+
+
 def trainer_state(step, optimizer, guard, extra=None) -> dict:
     return {"step": step, "optimizer": optimizer.state_dict(), "skipped": guard.skipped, **(extra or {})}
 
@@ -333,11 +342,7 @@ def train_tokenizer(args) -> Path:
         if done % args.log_every == 0 or done == args.steps:
             rate = seen / (time.time() - t_last)
             t_last, seen = time.time(), 0
-            loss_v = T.all_reduce_mean(loss.detach(), d).item()
-            bar.set_postfix(loss=f"{loss_v:.4f}", lr=f"{lr:.2e}", img_s=f"{rate:.0f}")
-            if wb:
-                wb.log({"train/loss": loss_v, "train/rec_loss": rec.item(), "lr": lr, "images_per_s": rate,
-                        "skipped_steps": guard.skipped}, step=done)
+            log_train(bar, wb, d, done, loss, lr, guard, "images_per_s", rate, {"train/rec_loss": rec.item()})
         if d.main and (done % args.eval_every == 0 or done == args.steps):
             metrics, recon = evaluate_tokenizer(model, held_out)
             pick = torch.linspace(0, len(held_out) - 1, 8).long()  # spread over the split, not its first rows
@@ -464,11 +469,8 @@ def train_gpt(args) -> Path:
         if done % args.log_every == 0 or done == args.steps:
             rate = seen / (time.time() - t_last)
             t_last, seen = time.time(), 0
-            loss_v = T.all_reduce_mean(loss.detach(), d).item()
-            bar.set_postfix(loss=f"{loss_v:.3f}", lr=f"{lr:.2e}", tok_s=f"{rate:.0f}")
-            if wb:
-                wb.log({"train/loss": loss_v, "train/image_acc": stats["image_acc"].item(), "lr": lr,
-                        "tokens_per_s": rate, "skipped_steps": guard.skipped}, step=done)
+            log_train(bar, wb, d, done, loss, lr, guard, "tokens_per_s", rate,
+                      {"train/image_acc": stats["image_acc"].item()})
         if d.main and not args.fsdp and (done % args.eval_every == 0 or done == args.steps):
             bits = held_out_bits(model, test_ids, test_codes)
             paths = [sample_grid(pipeline(), prompts, cfg, out / "samples" / f"step-{done:07d}-cfg{cfg:g}.png")
