@@ -16,8 +16,10 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -31,7 +33,7 @@ from vqgpt.tokenizer import ImageTokenizer, TokenizerConfig, tokenizer_config
 # Defaults of the embedded demo, chosen to fit 2 CPU cores: the tokenizer in <= 10 minutes, both stages
 # in <= 20 (see README for what they reach).
 DEMO = {
-    "tokenizer": dict(data="openmoji", preset="demo", steps=1500, batch_size=32, lr=2e-3),
+    "tokenizer": dict(data="openmoji", preset="demo", steps=1200, batch_size=32, lr=2e-3),
     "gpt": dict(data="openmoji", preset="demo", steps=800, batch_size=64, lr=1e-3),
 }
 
@@ -78,7 +80,18 @@ def parse_args(argv=None):
 
     gpt = sub.add_parser("gpt", help="train the text-to-image GPT on a trained tokenizer's codes")
     common(gpt, "gpt")
-    gpt.add_argument("--tokenizer", default="runs/tok", help="image tokenizer directory (stage 1 output)")
+    gpt.add_argument("--tokenizer", default=None, help="image tokenizer directory (stage 1 output; default "
+                     "runs/tok, or the --init model's own)")
+    gpt.add_argument("--include", default=None, metavar="REGEX", help="train only on captions matching REGEX")
+    gpt.add_argument("--exclude", default=None, metavar="REGEX", help="leave out captions matching REGEX")
+    ft = gpt.add_argument_group("fine-tuning (see vqgpt/finetune.py)")
+    ft.add_argument("--init", default=None, metavar="DIR",
+                    help="start from this trained text-to-image model (its image tokenizer stays locked)")
+    ft.add_argument("--add-text-tokens", type=int, default=0, metavar="N",
+                    help="with --init: give up to N words of the new captions that the old text tokenizer "
+                         "spells in pieces their own tokens (default 0: keep the vocabulary)")
+    ft.add_argument("--lora-rank", type=int, default=0, help="train LoRA adapters of this rank only (0: full)")
+    ft.add_argument("--lora-alpha", type=float, default=None, help="LoRA scale numerator (default: the rank)")
     gpt.add_argument("--text-tokenizer", default=None,
                      help="a transformers tokenizer name or path; default: a BPE trained on the captions")
     gpt.add_argument("--text-vocab", type=int, default=1024, help="vocabulary of the trained BPE")
@@ -88,11 +101,12 @@ def parse_args(argv=None):
     gpt.add_argument("--fsdp", action="store_true",
                      help="shard parameters, gradients and optimizer state over the ranks (FSDP2) instead of DDP; "
                           "in-training evaluation is then skipped (evaluate the exported model)")
-    gpt.add_argument("--sample-cfg", type=float, default=3.0, help="default guidance scale saved with the model")
-    gpt.add_argument("--sample-top-k", type=int, default=None, help="default top-k saved with the model")
-    gpt.add_argument("--sample-top-p", type=float, default=1.0, help="default top-p saved with the model")
-    gpt.add_argument("--sample-temperature", type=float, default=1.0, help="default temperature saved with the model")
-    gpt.add_argument("--sample-cfg-schedule", default="constant", choices=["constant", "linear", "interval"])
+    # Sampling defaults saved with the model; unset ones come from the --init model, else SAMPLING_DEFAULTS.
+    gpt.add_argument("--sample-cfg", type=float, default=None, help="default guidance scale (3)")
+    gpt.add_argument("--sample-top-k", type=int, default=None, help="default top-k (none)")
+    gpt.add_argument("--sample-top-p", type=float, default=None, help="default top-p (1)")
+    gpt.add_argument("--sample-temperature", type=float, default=None, help="default temperature (1)")
+    gpt.add_argument("--sample-cfg-schedule", default=None, choices=["constant", "linear", "interval"])
     gpt.add_argument("--sample-prompts", nargs="*", default=None, help="prompts of the sample grids")
 
     args = p.parse_args(argv)
@@ -166,13 +180,18 @@ class GPTLoss(torch.nn.Module):
         return self.gpt.loss(text_ids, codes)
 
 
-def restore(resume, model, optimizer, guard, d: T.Dist) -> tuple[int, dict]:
-    """Load weights and optimizer from a verified checkpoint; returns (step to start at, trainer state)."""
+def restore(resume, model, optimizer, guard, d: T.Dist, adapter=None) -> tuple[int, dict]:
+    """Load weights (the adapter's only, for LoRA) and optimizer from a verified checkpoint; returns (step to
+    start at, trainer state)."""
     if resume is None:
         return 0, {}
+    from vqgpt.finetune import load_adapter_state
     from vqgpt.tokenizer import load_state_strict
 
-    load_state_strict(model, str(resume.file("model.safetensors")))
+    if adapter is not None:
+        load_adapter_state(adapter.peft_model, resume.weights(), str(resume.path))
+    else:
+        load_state_strict(model, str(resume.file("model.safetensors")))
     state = resume.trainer_state()
     optimizer.load_state_dict(state["optimizer"])
     guard.skipped = state["skipped"]
@@ -375,7 +394,45 @@ DEFAULT_PROMPTS = {
 }
 
 
+def load_gpt_data(args, image_tok, verbose: bool = True):
+    """Codes and captions of the train and test splits, filtered by --include/--exclude, then --limit."""
+    kw = dict(image_column=args.image_column, caption_column=args.caption_column)
+    filtered = args.include is not None or args.exclude is not None
+    codes, captions = vdata.load_codes(args.data, "train", image_tok, limit=None if filtered else args.limit, **kw)
+    test_codes, test_captions = vdata.load_codes(args.data, "test", image_tok, **kw)
+    if not filtered:
+        return codes, captions, test_codes, test_captions
+
+    def keep(caps):
+        try:
+            inc = re.compile(args.include) if args.include is not None else None
+            exc = re.compile(args.exclude) if args.exclude is not None else None
+        except re.error as e:
+            raise ValueError(f"--include/--exclude is not a valid regular expression: {e}") from e
+        return [i for i, c in enumerate(caps) if (inc is None or inc.search(c)) and not (exc and exc.search(c))]
+
+    idx, test_idx = keep(captions)[: args.limit], keep(test_captions)
+    if not idx:
+        raise ValueError(f"no training caption of {args.data} passes --include {args.include!r} "
+                         f"--exclude {args.exclude!r}")
+    if verbose:
+        print(f"data: {len(idx)} of {len(captions)} training and {len(test_idx)} of {len(test_captions)} held-out "
+              "images pass --include/--exclude", flush=True)
+    return codes[idx], [captions[i] for i in idx], test_codes[test_idx], [test_captions[i] for i in test_idx]
+
+
 def train_gpt(args) -> Path:
+    from vqgpt.finetune import (
+        Adapter,
+        adapter_state,
+        add_lora,
+        add_text_tokens,
+        grow_text_vocab,
+        new_words,
+        peak_memory_mb,
+        trainable_summary,
+        weights_fingerprint,
+    )
     from vqgpt.generate import SamplingConfig
     from vqgpt.model import GPT, GPTConfig, gpt_config
     from vqgpt.pipeline import TextToImage
@@ -385,16 +442,39 @@ def train_gpt(args) -> Path:
     out = Path(args.out)
     ckpts = CheckpointManager(out, keep=args.keep)
     resume = ckpts.require_latest() if args.resume else None
-    tok_dir = resume.file("image_tokenizer") if resume is not None else Path(args.tokenizer)
-    image_tok = ImageTokenizer.from_pretrained(tok_dir, device=d.device)
-    kw = dict(image_column=args.image_column, caption_column=args.caption_column)
-    codes, captions = vdata.load_codes(args.data, "train", image_tok, limit=args.limit, **kw)
-    test_codes, test_captions = vdata.load_codes(args.data, "test", image_tok, **kw)
+    has_ft = resume is not None and resume.file("finetune.json").exists()
+    finetune = json.loads(resume.file("finetune.json").read_text()) if has_ft else {}  # the --init run's record
+    init = None
+    if resume is None and args.init:  # fine-tuning: the init model brings its (locked) image tokenizer
+        init = TextToImage.from_pretrained(args.init, device=d.device)
+        if args.tokenizer and ImageTokenizer.from_pretrained(args.tokenizer).fingerprint() != \
+                init.image_tokenizer.fingerprint():
+            raise ValueError(f"--tokenizer {args.tokenizer} is not the image tokenizer of --init {args.init}; "
+                             "leave --tokenizer out when fine-tuning (the init model's own is used)")
+        image_tok = init.image_tokenizer
+    else:
+        tok_dir = resume.file("image_tokenizer") if resume is not None else Path(args.tokenizer or "runs/tok")
+        image_tok = ImageTokenizer.from_pretrained(tok_dir, device=d.device)
+    image_tok.requires_grad_(False)
+    codes, captions, test_codes, test_captions = load_gpt_data(args, image_tok, d.main)
 
+    new_ids: dict[int, list[int]] = {}  # new text token id -> the old ids that spelled it
     if resume is not None:
         text_tok = TextTokenizer.from_pretrained(resume.file("text_tokenizer"))
         config = GPTConfig.from_dict(json.loads(resume.file("gpt_config.json").read_text()))
+    elif init is not None:
+        text_tok = init.text_tokenizer
+        if args.add_text_tokens:
+            new_ids = add_text_tokens(text_tok, new_words(text_tok, captions, args.add_text_tokens))
+            if d.main:
+                print(f"text vocabulary: +{len(new_ids)} tokens {text_tok.hf.convert_ids_to_tokens(list(new_ids))}")
+        overrides = {k: v for k, v in (("cfg_dropout", args.cfg_dropout),) if v is not None}
+        config = replace(init.gpt.config, text_vocab_size=text_tok.vocab_size, **overrides)
+        finetune = {"base": str(Path(args.init).resolve()), "base_gpt": weights_fingerprint(init.gpt),
+                    "lora_rank": args.lora_rank, "lora_alpha": args.lora_alpha, "new_token_ids": sorted(new_ids)}
     else:
+        if args.lora_rank:
+            raise ValueError("--lora-rank needs --init: adapters fine-tune a trained model")
         text_tok = (TextTokenizer.from_pretrained(args.text_tokenizer) if args.text_tokenizer
                     else TextTokenizer.train(captions, vocab_size=args.text_vocab))
         text_len = args.text_len or fit_text_len(text_tok, captions)
@@ -408,7 +488,24 @@ def train_gpt(args) -> Path:
     codes, test_codes = codes.flatten(1), test_codes.flatten(1)  # (N, h*w)
 
     torch.manual_seed(args.seed)  # the same initial weights on every rank and every run
-    model = GPT(config).to(d.device)
+    adapter = None
+    if finetune.get("lora_rank"):  # LoRA: the base's weights (checked), grown vocabulary, adapters on top
+        if args.fsdp:
+            raise ValueError("--lora-rank with --fsdp is not supported: LoRA already keeps the optimizer state small")
+        base = init.gpt if init is not None else TextToImage.from_pretrained(finetune["base"], device=d.device).gpt
+        if weights_fingerprint(base) != finetune["base_gpt"]:
+            raise ValueError(f"the base model {finetune['base']} changed since this LoRA run started")
+        model = grow_text_vocab(base, config.text_vocab_size, new_ids)
+        model.config.cfg_dropout = config.cfg_dropout
+        peft_model = add_lora(model, finetune["lora_rank"], finetune["lora_alpha"],
+                              new_token_ids=finetune["new_token_ids"])
+        adapter = Adapter(peft_model, finetune["base"], finetune["base_gpt"])
+    elif init is not None:
+        model = grow_text_vocab(init.gpt, config.text_vocab_size, new_ids)
+        model.config.cfg_dropout = config.cfg_dropout
+    else:
+        model = GPT(config).to(d.device)
+    model.train()
     guard = T.NonFiniteGuard()
     if args.fsdp:  # shard first, then build the optimizer over the sharded parameters
         loss_fn = wrap_for_training(GPTLoss(model), d, args.compile, shard=model.layers)
@@ -416,37 +513,47 @@ def train_gpt(args) -> Path:
         start = restore_sharded(resume, model, optimizer, guard, d)
     else:
         optimizer = make_optimizer(model, args.lr, args.weight_decay)
-        start, _ = restore(resume, model, optimizer, guard, d)
+        start, _ = restore(resume, model, optimizer, guard, d, adapter)
         loss_fn = wrap_for_training(GPTLoss(model), d, args.compile)
 
     warmup = args.warmup if args.warmup is not None else max(1, args.steps // 20)
     per_rank = rank_batch_size(args, d)
     prompts = args.sample_prompts or DEFAULT_PROMPTS.get(args.data, captions[:8])
+    trainable = trainable_summary(model)
     run_config = {"stage": "gpt", "gpt": config.to_dict(), "args": vars(args), "world": d.world,
-                  "params": model.num_params(), "image_tokenizer": image_tok.fingerprint()}
+                  "params": model.num_params(), "image_tokenizer": image_tok.fingerprint(), **trainable}
     wb = T.init_wandb(args.wandb, "vqgpt", f"gpt-{out.name}", run_config, str(out), enabled=d.main)
     if d.main:
-        print(f"gpt: {model.num_params() / 1e6:.2f}M params, {len(codes)} train / {len(test_codes)} held-out "
-              f"images, sequence {config.text_len} text + 1 + {config.n_image} image tokens", flush=True)
+        print(f"gpt: {model.num_params() / 1e6:.2f}M params ({trainable['trainable_params'] / 1e6:.3f}M trainable), "
+              f"{len(codes)} train / {len(test_codes)} held-out images, sequence {config.text_len} text + 1 + "
+              f"{config.n_image} image tokens", flush=True)
     # The sampling defaults saved with the model (sample.py and TextToImage use them unless told otherwise).
-    sampling = SamplingConfig(cfg_scale=args.sample_cfg, cfg_schedule=args.sample_cfg_schedule, top_k=args.sample_top_k,
-                              top_p=args.sample_top_p, temperature=args.sample_temperature)
+    given = {"cfg_scale": args.sample_cfg, "cfg_schedule": args.sample_cfg_schedule, "top_k": args.sample_top_k,
+             "top_p": args.sample_top_p, "temperature": args.sample_temperature}
+    sampling = replace(init.sampling if init is not None else SamplingConfig(),
+                       **{k: v for k, v in given.items() if v is not None})
     sampling.validate(config.image_vocab_size)
 
     def pipeline():
-        return TextToImage(model, image_tok, text_tok, sampling)
+        return TextToImage(model, image_tok, text_tok, sampling, adapter)
 
     def save(step):
-        weights, optim_state = full_state(model, optimizer, args.fsdp)  # a collective under FSDP: all ranks
+        if adapter is not None:  # only the adapters (and new token rows): the base is referenced
+            weights, optim_state = adapter_state(adapter.peft_model), optimizer.state_dict()
+        else:
+            weights, optim_state = full_state(model, optimizer, args.fsdp)  # a collective under FSDP: all ranks
         if not d.main:
             return
-        ckpts.save(step, weights, {**trainer_state(step, optimizer, guard), "optimizer": optim_state},
-                   files={"gpt_config.json": json.dumps(config.to_dict())},
+        files = {"gpt_config.json": json.dumps(config.to_dict())}
+        if finetune:
+            files["finetune.json"] = json.dumps(finetune)
+        ckpts.save(step, weights, {**trainer_state(step, optimizer, guard), "optimizer": optim_state}, files=files,
                    writers={"image_tokenizer": image_tok.save_pretrained, "text_tokenizer": text_tok.save_pretrained},
                    export=lambda run_dir: pipeline().save_pretrained(run_dir, gpt_state=weights))
 
     bar = progress(args.steps, start, d.main)
     t_last, seen = time.time(), 0
+    t_start, t_aside = time.time(), 0.0  # t_aside: evaluation and checkpoints, left out of the step time
     model.train()
     for step in range(start, args.steps):
         T.seed_step(args.seed, step, d.rank)
@@ -471,6 +578,7 @@ def train_gpt(args) -> Path:
             t_last, seen = time.time(), 0
             log_train(bar, wb, d, done, loss, lr, guard, "tokens_per_s", rate,
                       {"train/image_acc": stats["image_acc"].item()})
+        t_mark = time.time()
         if d.main and not args.fsdp and (done % args.eval_every == 0 or done == args.steps):
             bits = held_out_bits(model, test_ids, test_codes)
             paths = [sample_grid(pipeline(), prompts, cfg, out / "samples" / f"step-{done:07d}-cfg{cfg:g}.png")
@@ -483,7 +591,14 @@ def train_gpt(args) -> Path:
                         **{f"samples/cfg{c:g}": wandb.Image(str(p)) for c, p in zip((1, 3), paths)}}, step=done)
         if done % args.save_every == 0 or done == args.steps:
             save(done)
+        t_aside += time.time() - t_mark
     bar.close()
+    if d.main and args.steps > start:  # what this run cost: the full vs LoRA comparison of the README
+        report = {**trainable, "step_ms": round(1000 * (time.time() - t_start - t_aside) / (args.steps - start), 1),
+                  "peak_memory_mb": round(peak_memory_mb(d.device)), "device": d.device.type}
+        print("cost: " + json.dumps(report), flush=True)
+        if wb:
+            wb.summary.update(report)
     if wb:
         wb.finish()
     T.cleanup_distributed(d)

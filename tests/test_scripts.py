@@ -111,15 +111,41 @@ def test_mismatched_checkpoint_is_a_clear_error(trained, tmp_path):
 def _final_weights(run_dir):
     from safetensors.torch import load_file
 
-    return load_file(str(Path(run_dir) / "model.safetensors"))
+    run_dir = Path(run_dir)
+    if (run_dir / "adapter").is_dir():  # a LoRA run exports its adapters only
+        return load_file(str(run_dir / "adapter" / "adapter_model.safetensors"))
+    return load_file(str(run_dir / "model.safetensors"))
 
 
-@pytest.mark.parametrize("stage", ["tokenizer", "gpt"])
-def test_killed_run_resumes_to_identical_weights(stage, trained, folder, tmp_path):
+@pytest.fixture(scope="module")
+def new_folder(tmp_path_factory):
+    """24 images of two colours the `folder` model never saw: purple and orange squares."""
+    root = tmp_path_factory.mktemp("new_folder")
+    lines = []
+    for i in range(24):
+        name, rgb = [("purple", (150, 40, 200)), ("orange", (250, 140, 20))][i % 2]
+        side = "left" if (i // 2) % 2 == 0 else "right"
+        im = Image.new("RGB", (32, 32), "white")
+        x0 = 3 if side == "left" else 17
+        im.paste(rgb, (x0, 8, x0 + 12, 20))
+        im.save(root / f"new{i:02d}.png")
+        lines.append(json.dumps({"file_name": f"new{i:02d}.png", "text": f"a {name} square on the {side}"}))
+    (root / "metadata.jsonl").write_text("\n".join(lines) + "\n")
+    return root
+
+
+@pytest.mark.parametrize("stage", ["tokenizer", "gpt", "lora"])
+def test_killed_run_resumes_to_identical_weights(stage, trained, folder, new_folder, tmp_path):
     """SIGKILL mid-run, then --resume: the final weights equal those of an uninterrupted run, bit for bit."""
     runs, cache = trained
-    flags = TOK if stage == "tokenizer" else [*GPT, "--tokenizer", str(runs / "tok")]
-    common = [stage, "--data", str(folder), "--steps", "24", "--save-every", "4", *flags]
+    if stage == "tokenizer":
+        flags = [stage, "--data", str(folder), *TOK]
+    elif stage == "gpt":
+        flags = [stage, "--data", str(folder), *GPT, "--tokenizer", str(runs / "tok")]
+    else:  # LoRA fine-tuning: only the adapters are checkpointed, the base is reloaded and checked on resume
+        flags = ["gpt", "--data", str(new_folder), *GPT, "--init", str(runs / "t2i"), "--lora-rank", "4",
+                 "--add-text-tokens", "4"]
+    common = [*flags, "--steps", "24", "--save-every", "4"]
     run("train.py", *common, "--out", tmp_path / "straight", env=cache)
 
     env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled", **cache}
@@ -246,3 +272,46 @@ def test_perceptual_loss_uses_local_weights_and_names_bad_ones(folder, tmp_path)
     save_file({"features.0.weight": torch.zeros(1)}, str(tmp_path / "bad.safetensors"))
     bad = run(*args, "--perceptual-weights", tmp_path / "bad.safetensors", check=False, env=cache)
     assert bad.returncode == 2 and "misshapen" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_finetune_full_and_lora_with_new_words(trained, new_folder, tmp_path):
+    """--init continues a trained model on new captions: new words get tokens (old ids unchanged); a LoRA run
+    saves only adapters, loads as base + adapter, merges to a plain checkpoint with the same outputs, and
+    refuses a base that is not its own."""
+    from vqgpt import TextToImage
+
+    runs, cache = trained
+    base = TextToImage.from_pretrained(runs / "t2i")
+    ft = ["gpt", "--data", new_folder, "--init", runs / "t2i", "--steps", "6", "--add-text-tokens", "4", *GPT]
+    out = run("train.py", *ft, "--out", tmp_path / "full", env=cache)
+    assert "text vocabulary: +2 tokens" in out.stdout and '"trainable_fraction": 1.0' in out.stdout
+    full = TextToImage.from_pretrained(tmp_path / "full")
+    old = "a red square on the left"
+    n = base.gpt.config.text_len
+    assert torch.equal(full.text_tokenizer([old], n), base.text_tokenizer([old], n))  # old ids keep their meaning
+    assert full.text_tokenizer(["purple"], 4)[0, 0] == base.text_tokenizer.vocab_size  # one new token
+    assert full.gpt.config.text_vocab_size == base.gpt.config.text_vocab_size + 2
+
+    out = run("train.py", *ft, "--lora-rank", "4", "--out", tmp_path / "lora", "--lr", "1e-2", env=cache)
+    cost = json.loads(out.stdout.split("cost: ")[1].splitlines()[0])
+    assert 0 < cost["trainable_fraction"] < 0.5 and cost["peak_memory_mb"] > 0 and cost["step_ms"] > 0
+    assert not (tmp_path / "lora" / "model.safetensors").exists()
+    assert (tmp_path / "lora" / "adapter" / "adapter_model.safetensors").is_file()
+    lora = TextToImage.from_pretrained(tmp_path / "lora", merge=False)
+    merged_out = run("-m", "vqgpt.finetune", "merge", "--ckpt", tmp_path / "lora", "--out", tmp_path / "merged",
+                     env=cache)
+    assert json.loads(merged_out.stdout.strip().splitlines()[-1])["merged"] == str(tmp_path / "merged")
+    merged = TextToImage.from_pretrained(tmp_path / "merged")
+    assert "base" not in json.loads((tmp_path / "merged" / "config.json").read_text())
+    text = lora.text_tokenizer(["a purple square on the left", old], lora.gpt.config.text_len)
+    codes = torch.randint(0, 64, (2, 16))
+    with torch.no_grad():
+        a, b = lora.gpt(text, codes), merged.gpt(text, codes)
+        before = base.gpt(base.text_tokenizer([old], n), codes[1:])
+    torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(a[1:], before, atol=1e-4), "the adapters changed nothing"
+    with pytest.raises(ValueError, match="not the base the adapter"):
+        TextToImage.from_pretrained(tmp_path / "lora", base=tmp_path / "full")
+    bad = run("train.py", "gpt", "--data", new_folder, "--lora-rank", "4", "--out", tmp_path / "x", *GPT,
+              "--tokenizer", runs / "tok", check=False, env=cache)
+    assert bad.returncode == 2 and "--lora-rank needs --init" in bad.stderr

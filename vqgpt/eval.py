@@ -60,14 +60,17 @@ def _pipeline_images(pipe, prompts: list[str], seed: int, batch_size: int = 128,
 
 
 def eval_adherence(ckpt: str, cfg_scales: list[float], seed: int = 0, device: str = "cpu",
-                   grid: str | None = None, **sampling) -> dict:
+                   grid: str | None = None, include: str | None = None, exclude: str | None = None,
+                   repeat: int = 1, **sampling) -> dict:
     """Per-attribute accuracy of samples on `shapes` prompts, judged by ShapesJudge.
 
-    "cfg": on the held-out attribute combinations (never seen in training), one image per combination;
+    "cfg": on the held-out attribute combinations (never seen in training), `repeat` images per combination;
     "seen": on as many combinations drawn from the training split. "ceiling": the judge on tokenizer
     reconstructions of true held-out images, the best a perfect GPT could score with this tokenizer.
+    include / exclude: regular expressions on the captions, to score a subset (e.g. some colours only).
     """
     import random
+    import re
 
     from . import data as vdata
     from .metrics import load_judge
@@ -75,9 +78,17 @@ def eval_adherence(ckpt: str, cfg_scales: list[float], seed: int = 0, device: st
 
     pipe = TextToImage.from_pretrained(ckpt, device=device)
     judge = load_judge(pipe.image_tokenizer.image_size, device=device)
+    def wanted(spec) -> bool:
+        caption = vdata.shape_caption(spec)
+        return (include is None or re.search(include, caption)) and not (exclude and re.search(exclude, caption))
+
     held = list(vdata.held_out_specs())
     train_specs = sorted(set(vdata.all_specs()) - set(held), key=vdata.shape_caption)
-    seen = random.Random(seed).sample(train_specs, len(held))
+    held, train_specs = [s for s in held if wanted(s)], [s for s in train_specs if wanted(s)]
+    if not held:
+        raise ValueError(f"no held-out combination passes include={include!r} exclude={exclude!r}")
+    seen = random.Random(seed).sample(train_specs, min(len(held), len(train_specs))) * repeat
+    held = held * repeat
     result = {"cfg": {}, "seen": {}}
     rows, labels = [], []
     for scale in cfg_scales:
@@ -100,6 +111,9 @@ def eval_adherence(ckpt: str, cfg_scales: list[float], seed: int = 0, device: st
     result["ceiling"] = round(ceiling["mean"], 4)
     result["ceiling_by_attribute"] = {k: round(v, 4) for k, v in ceiling.items()}
     result["sampling"] = {**{k: v for k, v in vars(pipe.sampling).items() if k != "cfg_scale"}, **sampling}
+    result["images"] = {"cfg": len(held), "seen": len(seen)}
+    if include or exclude:
+        result["subset"] = {"include": include, "exclude": exclude}
     if grid:
         image_grid([x[: 10 * 4 : 4][:10]] + rows, labels=["true"] + labels).save(grid)
         result["grid"] = grid
@@ -173,6 +187,9 @@ def main(argv=None):
     a.add_argument("--seed", type=int, default=0)
     a.add_argument("--grid", default=None, help="write a PNG of samples per CFG scale here")
     a.add_argument("--device", default="auto")
+    a.add_argument("--include", default=None, metavar="REGEX", help="score only captions matching REGEX")
+    a.add_argument("--exclude", default=None, metavar="REGEX", help="leave out captions matching REGEX")
+    a.add_argument("--repeat", type=int, default=1, help="images per combination")
     _sampling_args(a)
     r = sub.add_parser("recall", help="fraction of fixed training captions whose sample's nearest image is theirs")
     r.add_argument("--ckpt", required=True)
@@ -190,7 +207,8 @@ def main(argv=None):
         result = eval_tokenizer(args.ckpt, args.data, args.split, args.limit, device,
                                 image_column=args.image_column, caption_column=args.caption_column)
     elif args.what == "adherence":
-        result = eval_adherence(args.ckpt, args.cfg, args.seed, device, args.grid, **_sampling_kwargs(args))
+        result = eval_adherence(args.ckpt, args.cfg, args.seed, device, args.grid, args.include, args.exclude,
+                                args.repeat, **_sampling_kwargs(args))
     else:
         extra = {"cfg_scale": args.cfg} if args.cfg is not None else {}
         result = eval_recall(args.ckpt, args.data, args.n, args.seed, device, args.grid,

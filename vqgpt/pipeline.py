@@ -10,6 +10,9 @@ Layout of a saved pipeline (what `train.py gpt --out DIR` writes):
     DIR/model.safetensors    GPT weights
     DIR/image_tokenizer/     ImageTokenizer.save_pretrained
     DIR/text_tokenizer/      TextTokenizer.save_pretrained
+
+A LoRA fine-tune (`train.py gpt --init BASE --lora-rank R`) saves `adapter/` and a "base" entry in
+config.json instead of model.safetensors; loading it loads the base too (see vqgpt/finetune.py).
 """
 
 from __future__ import annotations
@@ -30,12 +33,20 @@ MODEL_TYPE = "vqgpt-text-to-image"
 
 
 class TextToImage:
-    def __init__(self, gpt: GPT, image_tokenizer: ImageTokenizer, text_tokenizer, sampling=None):
+    def __init__(self, gpt: GPT, image_tokenizer: ImageTokenizer, text_tokenizer, sampling=None, adapter=None):
         check_compatible(gpt.config, image_tokenizer, text_tokenizer)
         self.gpt = gpt
         self.image_tokenizer = image_tokenizer
         self.text_tokenizer = text_tokenizer
         self.sampling = sampling or SamplingConfig()
+        self.adapter = adapter  # finetune.Adapter when the GPT carries unmerged LoRA adapters
+
+    def merge_adapter(self) -> TextToImage:
+        """Fold LoRA adapters into the GPT's weights (same outputs, plain layers); a no-op without them."""
+        if self.adapter is not None:
+            self.gpt = self.adapter.peft_model.merge_and_unload()
+            self.adapter = None
+        return self
 
     @property
     def device(self) -> torch.device:
@@ -89,16 +100,31 @@ class TextToImage:
         }
 
     def save_pretrained(self, path: str | os.PathLike, gpt_state: dict | None = None) -> None:
-        """Write the pipeline directory; `gpt_state` overrides the GPT's own state_dict (e.g. gathered shards)."""
+        """Write the pipeline directory; `gpt_state` overrides the GPT's own state_dict (e.g. gathered shards).
+
+        With unmerged LoRA adapters only the adapters are written, with a reference to their base.
+        """
         path = Path(path)
         self.image_tokenizer.save_pretrained(path / "image_tokenizer")
         self.text_tokenizer.save_pretrained(path / "text_tokenizer")
-        save_weights(path / "model.safetensors", gpt_state if gpt_state is not None else self.gpt.state_dict())
+        config = self.config_dict()
+        if self.adapter is not None:
+            from .finetune import ADAPTER_DIR, save_adapter
+
+            save_adapter(path / ADAPTER_DIR, self.adapter.peft_model, gpt_state)
+            base = os.path.relpath(Path(self.adapter.base_path).resolve(), path.resolve())
+            config["base"] = {"path": base, "gpt": self.adapter.base_fingerprint}
+        else:
+            save_weights(path / "model.safetensors", gpt_state if gpt_state is not None else self.gpt.state_dict())
         # config.json last: a directory with a config names weights that are already in place.
-        atomic_write_bytes(path / "config.json", (json.dumps(self.config_dict(), indent=2) + "\n").encode())
+        atomic_write_bytes(path / "config.json", (json.dumps(config, indent=2) + "\n").encode())
 
     @classmethod
-    def from_pretrained(cls, path: str | os.PathLike, *, device: str | torch.device = "cpu") -> TextToImage:
+    def from_pretrained(cls, path: str | os.PathLike, *, device: str | torch.device = "cpu",
+                        base: str | os.PathLike | None = None, merge: bool = True) -> TextToImage:
+        """Load a pipeline directory. For a LoRA fine-tune, its base is loaded from the path recorded at
+        training time (or `base`), checked, and the adapter attached: merged into the weights unless
+        `merge=False`."""
         from .text import TextTokenizer
 
         path = Path(path)
@@ -111,10 +137,20 @@ class TextToImage:
                     f"{path / name} is not the {name.replace('_', ' ')} this GPT was trained with "
                     f"(fingerprint {tok.fingerprint()}, config.json expects {config[name]})"
                 )
-        gpt = GPT(GPTConfig.from_dict(config["gpt"]))
-        load_state_strict(gpt, str(path / "model.safetensors"))
         sampling = SamplingConfig(**config.get("sampling", {}))
-        return cls(gpt.to(device).eval(), image_tok, text_tok, sampling)
+        if "base" not in config:
+            gpt = GPT(GPTConfig.from_dict(config["gpt"]))
+            load_state_strict(gpt, str(path / "model.safetensors"))
+            return cls(gpt.to(device).eval(), image_tok, text_tok, sampling)
+        from .finetune import ADAPTER_DIR, Adapter, grow_text_vocab, load_adapter, load_base_gpt, weights_fingerprint
+
+        gpt, base_path = load_base_gpt(path, config, base, device)
+        fingerprint = weights_fingerprint(gpt)
+        gpt = grow_text_vocab(gpt, config["gpt"]["text_vocab_size"])  # new rows come from the adapter
+        gpt.config.cfg_dropout = config["gpt"]["cfg_dropout"]
+        peft_model = load_adapter(gpt, path / ADAPTER_DIR)
+        pipe = cls(gpt.to(device).eval(), image_tok, text_tok, sampling, Adapter(peft_model, base_path, fingerprint))
+        return pipe.merge_adapter() if merge else pipe
 
 
 def image_grid(rows: list, labels: list[str] | None = None, pad: int = 2):
@@ -146,8 +182,9 @@ def _to_pil_list(images) -> list:
 
 
 def read_config(path: Path) -> dict:
-    missing = [n for n in ("config.json", "model.safetensors", "image_tokenizer", "text_tokenizer")
-               if not (path / n).exists()]
+    missing = [n for n in ("config.json", "image_tokenizer", "text_tokenizer") if not (path / n).exists()]
+    if not (path / "model.safetensors").exists() and not (path / "adapter").exists():
+        missing.append("model.safetensors")
     if missing:
         raise FileNotFoundError(
             f"{path} is not a TextToImage checkpoint: missing {', '.join(missing)} "
