@@ -115,7 +115,9 @@ def eval_adherence(ckpt: str, cfg_scales: list[float], seed: int = 0, device: st
     if include or exclude:
         result["subset"] = {"include": include, "exclude": exclude}
     if grid:
-        image_grid([x[: 10 * 4 : 4][:10]] + rows, labels=["true"] + labels).save(grid)
+        size = pipe.image_tokenizer.image_size  # the prompts of the sample rows, drawn true
+        true_row = torch.stack([vdata.square_tensor(vdata.render_shape(s, size), size) for s in held[:10]])
+        image_grid([true_row.float() / 255] + rows, labels=["true"] + labels).save(grid)
         result["grid"] = grid
     return result
 
