@@ -32,6 +32,9 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch-size", type=int, default=64, help="images decoded per batch")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile the decode step (CPU; pays off for many images: docs/BENCHMARKS.md)")
+    p.add_argument("--cuda-graph", action="store_true", help="replay the decode step as a CUDA graph (GPU)")
     p.add_argument("--out", default="samples/grid.png", help="the grid's path; single images go beside it")
     return p.parse_args(argv)
 
@@ -61,7 +64,7 @@ def main(argv=None):
     t0 = time.time()
     try:
         images = pipe(prompts, num_images=args.n, seed=args.seed, batch_size=args.batch_size, progress=True,
-                      **sampling)
+                      compile=args.compile, cuda_graph=args.cuda_graph, **sampling)
     except ValueError as e:  # invalid sampling arguments: say which, without a traceback
         raise SystemExit(f"error: {e}") from None
     dt = time.time() - t0

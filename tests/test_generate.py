@@ -6,12 +6,14 @@ import math
 import pytest
 import torch
 
+import vqgpt.generate
 from vqgpt.generate import (
     MASK32,
     SamplingConfig,
     counter_uniform,
     decode_one_token,
     exponential_noise,
+    exponential_noise_table,
     generate,
     logits_to_probs,
     philox4x32,
@@ -154,6 +156,14 @@ def test_noise_is_a_function_of_seed_step_index_only():
     assert torch.equal(step_tensor, counter_uniform(seeds[:4], 3, V))
 
 
+def test_noise_table_holds_each_steps_noise():
+    seeds = torch.tensor([3, 2**40 + 7])
+    table = exponential_noise_table(seeds, 5, 50)  # (B, N, V)
+    assert table.shape == (2, 5, 50)
+    for k in range(5):
+        assert torch.equal(table[:, k], exponential_noise(seeds, k, 50))
+
+
 @pytest.mark.parametrize(
     "cfg", [SamplingConfig(top_k=10), SamplingConfig(top_k=20, top_p=0.8, temperature=0.7), SamplingConfig()]
 )
@@ -163,6 +173,8 @@ def test_sample_seeded_draws_noise_only_where_it_matters(cfg):
     seeds = torch.arange(3000) * 7
     expected = sample(logits, cfg, exponential_noise(seeds, 5, V))
     assert torch.equal(sample_seeded(logits, cfg, seeds, 5), expected)
+    drawn = exponential_noise(seeds, 5, V)  # that step's noise drawn beforehand (generate's noise table)
+    assert torch.equal(sample_seeded(logits, cfg, seeds, 5, noise=drawn), expected)
 
 
 def test_top_k_1_is_greedy():
@@ -242,7 +254,10 @@ def test_sampled_frequencies_match_the_distribution(cfg):
     ],
     ids=["constant", "linear", "interval", "no-cfg"],
 )
-def test_generate_matches_naive_reference(cfg):
+@pytest.mark.parametrize("table_max", [0, 2**17], ids=["noise-per-step", "noise-table"])
+def test_generate_matches_naive_reference(cfg, table_max, monkeypatch):
+    """Both ways generate draws its noise (each step's, or the whole image's up front) give the reference's codes."""
+    monkeypatch.setattr(vqgpt.generate, "NOISE_TABLE_MAX", table_max)
     model = tiny_model()
     text, seeds = prompts(3), torch.tensor([10, 11, 12])
     codes = generate(model, text, cfg, seeds)

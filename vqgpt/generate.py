@@ -83,8 +83,8 @@ def _is_int(x) -> bool:
 # Counter-based noise: Philox4x32-10 (Salmon et al. 2011, "Parallel Random Numbers: As Easy as 1, 2, 3"),
 # the generator behind triton.language.philox, so a Triton sampler can reproduce it exactly:
 #   key = the row's seed (low word, high word), counter = (vocab index, step, 0, 0), first output word.
-# uint32 values live in int64 tensors and no product reaches 2^63, so the arithmetic is exact and the
-# same on every device.
+# uint32 values live in int64 tensors; the round products wrap modulo 2^64 (see _mulhilo32), so the
+# arithmetic is exact and the same on every device.
 
 PHILOX_ROUND_A = 0xD2511F53  # the two round multipliers
 PHILOX_ROUND_B = 0xCD9E8D57
@@ -93,14 +93,21 @@ PHILOX_KEY_B = 0xBB67AE85  # and 2^32 * (sqrt(3) - 1)
 PHILOX_ROUNDS = 10
 MASK32 = 0xFFFFFFFF
 TWO_POW_M23 = 2.0**-23  # a 23-bit integer + 0.5, times this, is exact in float32 and strictly inside (0, 1)
+# generate draws the noise of a whole image up front when it is at most this many values (B * N * V): one
+# Philox call on 2^17 values costs about what 64 per-step calls on a few hundred do on a CPU.
+NOISE_TABLE_MAX = 2**17
 
 
 def _mulhilo32(a: int | Tensor, b: Tensor) -> tuple[Tensor, Tensor]:
-    """(high, low) 32-bit words of a * b for uint32 multipliers a and uint32 values b (held in int64)."""
-    lo_part = a * (b & 0xFFFF)  # < 2^48
-    hi_part = a * (b >> 16)  # < 2^48;  a * b = hi_part * 2^16 + lo_part
-    low = lo_part + ((hi_part & 0xFFFF) << 16)  # < 2^49;  a * b = (hi_part >> 16) * 2^32 + low
-    return (hi_part >> 16) + (low >> 32), low & MASK32
+    """(high, low) 32-bit words of a * b for uint32 multipliers a and uint32 values b (held in int64).
+
+    The product needs all 64 bits: int64 multiplication keeps it modulo 2^64 (two's complement wrap-around,
+    as on every torch backend), so its low word is p & MASK32 and its high word (p >> 32) & MASK32 (the mask
+    drops the sign bits an arithmetic shift brings in). Four tensor ops where splitting b into 16-bit
+    halves to stay below 2^63 takes eleven; the known-answer tests pin the result.
+    """
+    p = a * b
+    return (p >> 32) & MASK32, p & MASK32
 
 
 def _lanes(words: tuple[Tensor, Tensor], ndim: int) -> Tensor:
@@ -147,15 +154,33 @@ def counter_uniform(seeds: Tensor, step: int | Tensor, vocab: int | Tensor) -> T
         index = vocab.long()  # (B, n)
     else:
         index = torch.arange(vocab, device=seeds.device).expand(seeds.shape[0], vocab)  # (B, V)
-    key = ((seeds & MASK32)[:, None], ((seeds >> 32) & MASK32)[:, None])  # (B, 1) each
     zero = index.new_zeros(())  # broadcast by philox4x32: no (B, V) tensors of zeros
-    bits = philox4x32((index, zero + (step & MASK32), zero, zero), key)[0]
+    return _philox_uniform(seeds[:, None], zero + (step & MASK32), index)
+
+
+def _philox_uniform(seeds: Tensor, step: Tensor, index: Tensor) -> Tensor:
+    """counter_uniform on broadcastable int64 tensors: seeds, steps and vocab indices -> float32 noise."""
+    zero = index.new_zeros(())
+    bits = philox4x32((index, step, zero, zero), (seeds & MASK32, (seeds >> 32) & MASK32))[0]
     return ((bits >> 9).float() + 0.5) * TWO_POW_M23
 
 
 def exponential_noise(seeds: Tensor, step: int | Tensor, vocab: int | Tensor) -> Tensor:
     """Exp(1) noise for the exponential race in `sample` (inverse CDF of `counter_uniform`, same shapes)."""
     return -torch.log(counter_uniform(seeds, step, vocab))
+
+
+def exponential_noise_table(seeds: Tensor, n_steps: int, vocab: int) -> Tensor:
+    """(B, n_steps, V): exponential_noise(seeds, k, vocab) of every step k < n_steps, in one Philox call.
+
+    The same values as n_steps separate calls. Philox is ~150 tensor ops whatever their size, so where the
+    table is small (a few prompts, a small codebook: see NOISE_TABLE_MAX) drawing it up front takes most
+    of the per-op overhead out of a decode step on a CPU.
+    """
+    device = seeds.device
+    steps = torch.arange(n_steps, device=device)[None, :, None]  # (1, N, 1)
+    index = torch.arange(vocab, device=device)[None, None, :]  # (1, 1, V)
+    return -torch.log(_philox_uniform(seeds.long()[:, None, None], steps, index))  # (B, N, V)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -195,18 +220,22 @@ def sample(logits: Tensor, cfg: SamplingConfig, noise: Tensor) -> Tensor:
     return (probs / noise).argmax(-1)
 
 
-def sample_seeded(logits: Tensor, cfg: SamplingConfig, seeds: Tensor, step: int | Tensor) -> Tensor:
+def sample_seeded(
+    logits: Tensor, cfg: SamplingConfig, seeds: Tensor, step: int | Tensor, noise: Tensor | None = None
+) -> Tensor:
     """`sample` with each row's counter-based noise for `step`, drawn only where it can matter.
 
     With top_k set only the k candidates get noise: the noise of a vocab index does not depend on which
     other indices are drawn, so the tokens are those of `sample(logits, cfg, exponential_noise(seeds,
-    step, V))` at a fraction of the work for a large codebook.
+    step, V))` at a fraction of the work for a large codebook. `noise`: that step's (B, V) noise, already
+    drawn (a row of `exponential_noise_table`).
     """
     if cfg.temperature == 0 or cfg.top_k is None:
-        return sample(logits, cfg, exponential_noise(seeds, step, logits.shape[-1]))
+        return sample(logits, cfg, noise if noise is not None else exponential_noise(seeds, step, logits.shape[-1]))
     vals, idx = torch.topk(logits.float(), cfg.top_k, dim=-1)  # (B, k), sorted descending
     within = replace(cfg, top_k=None)  # the top-k restriction is done; temperature and top-p remain
-    choice = sample(vals, within, exponential_noise(seeds, step, idx))  # (B,) positions in the top k
+    noise = noise.gather(-1, idx) if noise is not None else exponential_noise(seeds, step, idx)  # (B, k)
+    choice = sample(vals, within, noise)  # (B,) positions in the top k
     return idx.gather(-1, choice[:, None]).squeeze(-1)
 
 
@@ -239,11 +268,14 @@ def sample_step(
     scale_per_step: Tensor | None,
     fused=None,
     scale: float | None = None,
+    noise_table: Tensor | None = None,
 ) -> Tensor:
     """Draw image code `step` (0-d LongTensor) for each prompt from the step's logits (2B or B rows) -> (B,).
 
     Guidance: scale_per_step[step] on the PyTorch path (a device tensor; None: no guidance), the python float
     `scale` in the fused kernel (`fused`: vqgpt.kernels, or None for PyTorch). Both draw the same tokens.
+    noise_table: the PyTorch path's noise of every step, drawn up front (`exponential_noise_table`), or None
+    to draw this step's now.
     """
     if fused is not None:
         return fused.cfg_sample(
@@ -257,7 +289,8 @@ def sample_step(
         )
     if scale_per_step is not None:  # index_select: indexing by a 0-d tensor would read it on the host
         logits = apply_cfg(logits, scale_per_step.index_select(0, step.view(1)))
-    return sample_seeded(logits, cfg, seeds, step)
+    noise = noise_table.index_select(1, step.view(1)).squeeze(1) if noise_table is not None else None  # (B, V)
+    return sample_seeded(logits, cfg, seeds, step, noise)
 
 
 def decode_step(
@@ -271,10 +304,13 @@ def decode_step(
     scale_per_step: Tensor | None,
     fused=None,
     scale: float | None = None,
+    noise_table: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     """One step of the loop: draw code `step` from logits and feed it (twice under guidance: both rows of a
     pair) at input_pos -> (codes (B,), logits for the next code). What compile=True compiles."""
-    token = sample_step(logits, cfg, seeds, step, scale_per_step=scale_per_step, fused=fused, scale=scale)
+    token = sample_step(
+        logits, cfg, seeds, step, scale_per_step=scale_per_step, fused=fused, scale=scale, noise_table=noise_table
+    )
     fed = token.repeat(2) if scale_per_step is not None else token  # guided: conditional rows, then null
     return token, decode_one_token(model, fed, input_pos)
 
@@ -337,6 +373,11 @@ def generate(
     scale_per_step = torch.tensor(scales, device=device) if guided else None  # (N,)
     # The fused CFG + top-k/top-p + draw kernel, on the same switch as attention; same Philox noise.
     fused = import_kernels() if use_triton_kernels(mc.attn_backend, seeds) else None
+    # The PyTorch sampler's noise for the whole image in one go where that table is small (see
+    # exponential_noise_table); the fused kernel draws its own, and greedy decoding needs none.
+    noise_table = None
+    if fused is None and cfg.temperature > 0 and B * N * mc.image_vocab_size <= NOISE_TABLE_MAX:
+        noise_table = exponential_noise_table(seeds, N, mc.image_vocab_size)  # (B, N, V)
     if cuda_graph and compile:
         raise ValueError("cuda_graph=True and compile=True are two ways to the same end; pick one")
     if cuda_graph and device.type != "cuda":
@@ -387,6 +428,7 @@ def generate(
                     scale_per_step=scale_per_step,
                     fused=fused,
                     scale=scales[k] if fused is not None else None,
+                    noise_table=noise_table,
                 )
                 codes.index_copy_(1, step.view(1), token[:, None])
                 logits.copy_(next_logits)
@@ -405,8 +447,9 @@ def generate(
             for k in steps:
                 if k + 1 == N:  # the last code feeds nothing
                     codes[:, k] = sample_step(
-                        logits, cfg, seeds, step, scale_per_step=scale_per_step, fused=fused, scale=scales[k]
-                    )
+                        logits, cfg, seeds, step, scale_per_step=scale_per_step, fused=fused, scale=scales[k],
+                        noise_table=noise_table,
+                    )  # fmt: skip
                 elif graph is not None:
                     graph.replay()
                 else:

@@ -248,6 +248,11 @@ class KVCache(nn.Module):
 # The transformer
 
 
+def dropout(x: Tensor, p: float, training: bool) -> Tensor:
+    """F.dropout that is not even called when it would return x (eval, p = 0): decoding pays per op."""
+    return F.dropout(x, p, training=True) if training and p > 0 else x
+
+
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float):
         super().__init__()
@@ -255,6 +260,8 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: Tensor) -> Tensor:
+        if x.dtype == torch.float32:  # the same arithmetic without two no-op casts: a decode step pays per op
+            return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps) * self.weight
         xf = x.float()
         return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).type_as(x) * self.weight
 
@@ -265,7 +272,6 @@ class Attention(nn.Module):
         self.cfg = cfg  # shared: reads cfg.attn_backend at call time, so it can be switched after loading
         self.wqkv = nn.Linear(cfg.dim, (cfg.n_head + 2 * cfg.n_kv_head) * cfg.head_dim, bias=False)
         self.wo = nn.Linear(cfg.n_head * cfg.head_dim, cfg.dim, bias=False)
-        self.resid_drop = nn.Dropout(cfg.dropout)
         self.kv_cache: KVCache | None = None
 
     def forward(
@@ -290,12 +296,13 @@ class Attention(nn.Module):
         else:
             k_all, v_all = self.kv_cache.update(input_pos, k, v)
             if T == 1:  # decode: one new token attends to the cache up to and including itself
-                k_all, v_all = k_all.to(q.dtype), v_all.to(q.dtype)  # no-op unless under autocast
+                if k_all.dtype != q.dtype:  # under autocast
+                    k_all, v_all = k_all.to(q.dtype), v_all.to(q.dtype)
                 y = decode_attention(q[:, :, 0], k_all, v_all, cache_len, backend=backend).unsqueeze(2)
             else:  # prefill from position 0: the fresh k/v are the whole live cache
                 y = attention(q, k, v, causal=True, backend=backend)
         y = y.transpose(1, 2).reshape(B, T, nh * hd)  # (B, T, dim)
-        return self.resid_drop(self.wo(y))
+        return dropout(self.wo(y), self.cfg.dropout, self.training)
 
 
 class MLP(nn.Module):
@@ -306,10 +313,10 @@ class MLP(nn.Module):
         self.w1 = nn.Linear(cfg.dim, cfg.ffn_hidden, bias=False)
         self.w3 = nn.Linear(cfg.dim, cfg.ffn_hidden, bias=False)
         self.w2 = nn.Linear(cfg.ffn_hidden, cfg.dim, bias=False)
-        self.drop = nn.Dropout(cfg.dropout)
+        self.p_drop = cfg.dropout
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.drop(self.w2(F.silu(self.w1(x)) * self.w3(x)))
+        return dropout(self.w2(F.silu(self.w1(x)) * self.w3(x)), self.p_drop, self.training)
 
 
 class Block(nn.Module):
@@ -342,7 +349,6 @@ class GPT(nn.Module):
         self.text_emb = nn.Embedding(config.text_vocab_size, config.dim)
         self.boi = nn.Parameter(torch.zeros(config.dim))
         self.image_emb = nn.Embedding(config.image_vocab_size, config.dim)
-        self.drop = nn.Dropout(config.dropout)
         self.layers = nn.ModuleList(Block(config) for _ in range(config.n_layer))
         self.norm = RMSNorm(config.dim, config.norm_eps)
         self.head = nn.Linear(config.dim, config.image_vocab_size, bias=False)
@@ -396,7 +402,7 @@ class GPT(nn.Module):
             dim=1,
         )  # (B, T_text + N, dim)
         cos, sin = self._rope(torch.arange(x.shape[1], device=x.device))
-        x = self.drop(x)
+        x = dropout(x, self.config.dropout, self.training)
         for layer in self.layers:
             x = layer(x, cos, sin)
         return self.norm(x)

@@ -59,8 +59,13 @@ class TextToImage:
 
     # --- sampling ---------------------------------------------------------------------------------------
     @torch.no_grad()
-    def generate_codes(self, prompts: list[str], num_images: int = 1, seed: int = 0, progress=False, **kw):
-        """Codes (len(prompts) * num_images, h, w); image j of prompt i uses seed + i * num_images + j."""
+    def generate_codes(self, prompts: list[str], num_images: int = 1, seed: int = 0, progress=False,
+                       compile: bool = False, cuda_graph: bool = False, **kw):
+        """Codes (len(prompts) * num_images, h, w); image j of prompt i uses seed + i * num_images + j.
+
+        compile / cuda_graph: the decode step through torch.compile (CPU) or replayed as a CUDA graph (GPU);
+        see `vqgpt.generate.generate`. Both pay a one-time cost that a large batch of images amortises.
+        """
         if isinstance(prompts, str):
             prompts = [prompts]
         if not prompts:
@@ -75,7 +80,7 @@ class TextToImage:
         rows = [p for p in prompts for _ in range(num_images)]
         text_ids = self.text_tokenizer(rows, self.gpt.config.text_len)
         seeds = torch.arange(len(rows), dtype=torch.long) + int(seed)
-        return generate(self.gpt, text_ids, cfg, seeds, progress=progress)
+        return generate(self.gpt, text_ids, cfg, seeds, progress=progress, compile=compile, cuda_graph=cuda_graph)
 
     def __call__(self, prompts, num_images: int = 1, *, seed: int = 0, batch_size: int = 64, **kw):
         """A list of PIL images, prompt-major. Same seed -> same images, whatever batch_size."""
