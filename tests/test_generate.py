@@ -395,3 +395,15 @@ def test_invalid_generate_inputs():
         generate(model, prompts(2), SamplingConfig(), torch.tensor([0]))
     with pytest.raises(ValueError, match="seeds must be an integer tensor"):
         generate(model, prompts(2), SamplingConfig(), torch.tensor([0.0, 1.0]))
+
+
+def test_compiled_decode_step_draws_the_same_codes(monkeypatch):
+    """generate(compile=True) (the decode step through torch.compile, a C++ build on a CPU) draws the plain
+    call's codes, with the noise table and with per-step noise (a recompile: the step's inputs change)."""
+    model = tiny_model()
+    text, seeds = prompts(2), torch.tensor([4, 5])
+    cfg = SamplingConfig(cfg_scale=3.0, top_k=10)
+    plain = generate(model, text, cfg, seeds)
+    assert torch.equal(generate(model, text, cfg, seeds, compile=True), plain)
+    monkeypatch.setattr(vqgpt.generate, "NOISE_TABLE_MAX", 0)
+    assert torch.equal(generate(model, text, cfg, seeds, compile=True), plain)

@@ -50,7 +50,8 @@ GPT = ["--preset", "tiny", "--batch-size", "8", "--eval-every", "1000", "--log-e
 def trained(folder, tmp_path_factory):
     runs = tmp_path_factory.mktemp("runs")
     cache = {"VQGPT_CACHE": str(runs / "cache")}
-    run("train.py", "tokenizer", "--data", folder, "--out", runs / "tok", "--steps", "30", *TOK, env=cache)
+    run("train.py", "tokenizer", "--data", folder, "--out", runs / "tok", "--steps", "30",
+        "--fsq-levels", "5", "4", "3", *TOK, env=cache)
     run("train.py", "gpt", "--data", folder, "--tokenizer", runs / "tok", "--out", runs / "t2i", "--steps", "30",
         *GPT, env=cache)
     return runs, cache
@@ -61,7 +62,7 @@ def test_tokenizer_stage_writes_a_loadable_tokenizer(trained):
 
     runs, cache = trained
     tok = ImageTokenizer.from_pretrained(runs / "tok")
-    assert tok.image_size == 32 and tok.codebook_size == 64
+    assert tok.image_size == 32 and tok.codebook_size == 5 * 4 * 3  # --fsq-levels over the preset's (4, 4, 4)
     assert (runs / "tok" / "samples").is_dir() and list((runs / "tok" / "checkpoints").iterdir())
 
 
@@ -100,7 +101,7 @@ def test_mismatched_checkpoint_is_a_clear_error(trained, tmp_path):
     broken = tmp_path / "t2i"
     shutil.copytree(runs / "t2i", broken)
     cfg = json.loads((broken / "image_tokenizer" / "config.json").read_text())
-    cfg["fsq_levels"] = [4, 4, 3]  # another codebook: 48 codes where the GPT predicts 64
+    cfg["fsq_levels"] = [4, 4, 3]  # another codebook: 48 codes where the GPT predicts 60
     (broken / "image_tokenizer" / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(ValueError, match="image tokenizer this GPT was trained with|codebook"):
         TextToImage.from_pretrained(broken)
