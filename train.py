@@ -75,6 +75,8 @@ def parse_args(argv=None):
     common(tok, "tokenizer")
     tok.add_argument("--image-size", type=int, default=None, help="override the preset's image size")
     tok.add_argument("--quantizer", choices=["fsq", "vq"], default=None, help="override the preset's")
+    tok.add_argument("--norm", choices=["group", "channel"], default=None,
+                     help="override the preset's normalisation: GroupNorm over the image, or per position")
     tok.add_argument("--fsq-levels", type=int, nargs="+", default=None, metavar="L",
                      help="override the preset's FSQ levels per latent channel; the codebook is their product")
     tok.add_argument("--gan-weight", type=float, default=0.0, help="PatchGAN hinge loss weight (0 = off)")
@@ -281,7 +283,8 @@ def train_tokenizer(args) -> Path:
         config = TokenizerConfig.from_dict(json.loads(resume.file("tokenizer_config.json").read_text()))
     else:
         overrides = {k: v for k, v in (("image_size", args.image_size), ("quantizer", args.quantizer),
-                                       ("fsq_levels", args.fsq_levels and tuple(args.fsq_levels))) if v}
+                                       ("fsq_levels", args.fsq_levels and tuple(args.fsq_levels)),
+                                       ("norm", args.norm)) if v}
         config = tokenizer_config(args.preset, **overrides)
     torch.manual_seed(args.seed)  # the same initial weights on every rank and every run
     model = ImageTokenizer(config).to(d.device)

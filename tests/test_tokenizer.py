@@ -126,3 +126,24 @@ def test_training_reduces_loss():
         opt.step()
         losses.append(loss.item())
     assert sum(losses[-5:]) / 5 < 0.5 * sum(losses[:5]) / 5, losses[::10]
+
+
+@pytest.mark.parametrize("norm", ["group", "channel"])
+def test_channel_norm_keeps_codes_local(norm):
+    """With norm="channel" a patch's latent depends only on the pixels its convolutions reach; GroupNorm's
+    whole-image statistics let a change far away move it (the GPT would have to model that too)."""
+    torch.manual_seed(0)
+    model = ImageTokenizer(TokenizerConfig(**{**TINY, "image_size": 96, "norm": norm})).eval()
+    a = torch.rand(1, 3, 96, 96)
+    b = a.clone()
+    b[..., 64:, 64:] = torch.rand(1, 3, 32, 32)  # 60+ px from the top-left patch
+    with torch.no_grad():
+        za, zb = model.encoder(a * 2 - 1), model.encoder(b * 2 - 1)  # (1, d, 24, 24)
+    same = torch.allclose(za[..., :2, :2], zb[..., :2, :2], atol=1e-6)
+    assert same == (norm == "channel")
+    assert not torch.allclose(za[..., -1, -1], zb[..., -1, -1])  # where the pixels changed, the latent does
+
+
+def test_unknown_norm_is_refused():
+    with pytest.raises(ValueError, match="norm"):
+        TokenizerConfig(**TINY, norm="batch")

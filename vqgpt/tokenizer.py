@@ -30,12 +30,16 @@ CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
 
 
+NORMS = ("group", "channel")
+
+
 @dataclass
 class TokenizerConfig:
     image_size: int = 64  # side of the square images it encodes, in pixels
     patch_size: int = 2  # the stem's stride (and the decoder's final pixel-shuffle factor)
     channels: tuple[int, ...] = (64, 128, 256)  # width of each stage; every stage after the first halves
     res_blocks: int = 1  # residual blocks per stage (the bottleneck gets one more)
+    norm: str = "group"  # "group": GroupNorm, statistics over the whole image; "channel": per position (local codes)
     quantizer: str = "fsq"  # "fsq" (finite scalar quantization) or "vq" (learned l2-normalised codebook)
     fsq_levels: tuple[int, ...] = (8, 5, 5, 5)  # FSQ: levels per latent channel; codebook = their product
     vq_codebook_size: int = 16384  # VQ: number of codes
@@ -51,6 +55,8 @@ class TokenizerConfig:
         self.fsq_levels = tuple(int(v) for v in self.fsq_levels)
         if self.quantizer not in ("fsq", "vq"):
             raise ValueError(f"unknown quantizer {self.quantizer!r}; choose 'fsq' or 'vq'")
+        if self.norm not in NORMS:
+            raise ValueError(f"unknown norm {self.norm!r}; choose one of {NORMS}")
         if not self.channels:
             raise ValueError("channels must name at least one stage")
         self.downsample = self.patch_size * 2 ** (len(self.channels) - 1)
@@ -98,16 +104,38 @@ def tokenizer_config(preset: str = "demo", **overrides) -> TokenizerConfig:
     return TokenizerConfig(**{**PRESETS[preset], **overrides})
 
 
-def _norm(c: int) -> nn.GroupNorm:
-    # GroupNorm, not BatchNorm: encode/decode must not depend on what else is in the batch.
+class ChannelNorm(nn.Module):
+    """LayerNorm over the channels of each position (ConvNeXt's LayerNorm2d): (B, C, H, W) -> same."""
+
+    def __init__(self, c: int, eps: float = 1e-6):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(c))
+        self.bias = nn.Parameter(torch.zeros(c))
+
+    def forward(self, x):
+        x = F.layer_norm(x.permute(0, 2, 3, 1), x.shape[1:2], self.weight, self.bias, self.eps)
+        return x.permute(0, 3, 1, 2)
+
+
+def _norm(c: int, kind: str) -> nn.Module:
+    """Never BatchNorm: encode/decode must not depend on what else is in the batch.
+
+    GroupNorm normalises each group of channels over the whole image, so the code of a patch of plain
+    background changes with what is drawn elsewhere (a gray corner took 5 codes over the shapes test set);
+    the GPT then has to model that variation too. ChannelNorm normalises each position on its own: a
+    patch's code depends only on the pixels in its receptive field.
+    """
+    if kind == "channel":
+        return ChannelNorm(c)
     return nn.GroupNorm(min(32, c // 4), c, eps=1e-6)
 
 
 class ResBlock(nn.Module):
-    def __init__(self, c: int):
+    def __init__(self, c: int, norm: str):
         super().__init__()
-        self.norm1, self.conv1 = _norm(c), nn.Conv2d(c, c, 3, padding=1)
-        self.norm2, self.conv2 = _norm(c), nn.Conv2d(c, c, 3, padding=1)
+        self.norm1, self.conv1 = _norm(c, norm), nn.Conv2d(c, c, 3, padding=1)
+        self.norm2, self.conv2 = _norm(c, norm), nn.Conv2d(c, c, 3, padding=1)
 
     def forward(self, x):
         h = self.conv1(F.silu(self.norm1(x)))
@@ -125,10 +153,15 @@ class Encoder(nn.Module):
         p = cfg.patch_size
         layers: list[nn.Module] = [nn.Conv2d(3, chans[0], p, stride=p)]
         for i, c in enumerate(chans):
-            layers += [ResBlock(c) for _ in range(cfg.res_blocks)]
+            layers += [ResBlock(c, cfg.norm) for _ in range(cfg.res_blocks)]
             if i + 1 < len(chans):
                 layers.append(nn.Conv2d(c, chans[i + 1], 4, stride=2, padding=1))
-        layers += [ResBlock(chans[-1]), _norm(chans[-1]), nn.SiLU(), nn.Conv2d(chans[-1], cfg.latent_dim, 1)]
+        layers += [
+            ResBlock(chans[-1], cfg.norm),
+            _norm(chans[-1], cfg.norm),
+            nn.SiLU(),
+            nn.Conv2d(chans[-1], cfg.latent_dim, 1),
+        ]
         self.net = nn.Sequential(*layers)
 
     def forward(self, x):
@@ -141,15 +174,20 @@ class Decoder(nn.Module):
     def __init__(self, cfg: TokenizerConfig):
         super().__init__()
         chans = cfg.channels[::-1]
-        layers: list[nn.Module] = [nn.Conv2d(cfg.latent_dim, chans[0], 3, padding=1), ResBlock(chans[0])]
+        layers: list[nn.Module] = [nn.Conv2d(cfg.latent_dim, chans[0], 3, padding=1), ResBlock(chans[0], cfg.norm)]
         for i, c in enumerate(chans):
-            layers += [ResBlock(c) for _ in range(cfg.res_blocks)]
+            layers += [ResBlock(c, cfg.norm) for _ in range(cfg.res_blocks)]
             if i + 1 < len(chans):
                 layers.append(nn.ConvTranspose2d(c, chans[i + 1], 4, stride=2, padding=1))
         # The last upsampling is a pixel shuffle (Shi et al. 2016, arXiv:1609.05158): one conv at
         # 1/patch_size resolution predicts the p x p pixels of each position, the mirror of the stem.
         p = cfg.patch_size
-        layers += [_norm(chans[-1]), nn.SiLU(), nn.Conv2d(chans[-1], 3 * p * p, 3, padding=1), nn.PixelShuffle(p)]
+        layers += [
+            _norm(chans[-1], cfg.norm),
+            nn.SiLU(),
+            nn.Conv2d(chans[-1], 3 * p * p, 3, padding=1),
+            nn.PixelShuffle(p),
+        ]
         self.net = nn.Sequential(*layers)
 
     def forward(self, z):
