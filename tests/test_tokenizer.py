@@ -147,3 +147,15 @@ def test_channel_norm_keeps_codes_local(norm):
 def test_unknown_norm_is_refused():
     with pytest.raises(ValueError, match="norm"):
         TokenizerConfig(**TINY, norm="batch")
+
+
+def test_fields_added_later_leave_old_configs_and_fingerprints_alone():
+    """A tokenizer saved before `norm` existed has no such key: its config.json and fingerprint (which GPT
+    checkpoints and code caches record) must not change when read by this version."""
+    assert "norm" not in TokenizerConfig(**TINY).to_dict()
+    assert TokenizerConfig(**TINY, norm="channel").to_dict()["norm"] == "channel"
+    torch.manual_seed(0)
+    a = ImageTokenizer(TokenizerConfig(**TINY))
+    b = ImageTokenizer(TokenizerConfig.from_dict({**TINY, "norm": "group"}))
+    b.load_state_dict(a.state_dict())
+    assert a.fingerprint() == b.fingerprint()

@@ -31,6 +31,8 @@ WEIGHTS_NAME = "model.safetensors"
 
 
 NORMS = ("group", "channel")
+# Fields added after the first release -> the value that tokenizers saved without them have.
+LATER_FIELDS = {"norm": "group"}
 
 
 @dataclass
@@ -75,7 +77,10 @@ class TokenizerConfig:
         return len(self.fsq_levels) if self.quantizer == "fsq" else self.vq_codebook_dim
 
     def to_dict(self) -> dict:
-        return {f.name: getattr(self, f.name) for f in fields(self) if f.init}
+        """The constructor fields, less those added later while they hold the value every tokenizer saved
+        before them implied: config.json and fingerprint() of existing tokenizers stay what they were."""
+        d = {f.name: getattr(self, f.name) for f in fields(self) if f.init}
+        return {k: v for k, v in d.items() if not (k in LATER_FIELDS and v == LATER_FIELDS[k])}
 
     @classmethod
     def from_dict(cls, d: dict) -> TokenizerConfig:
