@@ -91,13 +91,14 @@ def eval_adherence(ckpt: str, cfg_scales: list[float], seed: int = 0, device: st
     held = held * repeat
     result = {"cfg": {}, "seen": {}}
     rows, labels = [], []
+    shown = torch.linspace(0, len(held) - 1, min(10, len(held))).long()  # grid columns: spread over the combinations
     for scale in cfg_scales:
         for name, specs in (("cfg", held), ("seen", seen)):
             prompts = [vdata.shape_caption(s) for s in specs]
             images = _pipeline_images(pipe, prompts, seed, cfg_scale=scale, **sampling)
             result[name][f"{scale:g}"] = {k: round(v, 4) for k, v in judge.score(images, specs).items()}
             if name == "cfg":
-                rows.append(images[:10])
+                rows.append(images[shown])
                 labels.append(f"cfg {scale:g}")
     fresh = judge.accuracy_on_fresh()
     result["judge_accuracy"] = round(sum(fresh.values()) / len(fresh), 4)
@@ -116,7 +117,7 @@ def eval_adherence(ckpt: str, cfg_scales: list[float], seed: int = 0, device: st
         result["subset"] = {"include": include, "exclude": exclude}
     if grid:
         size = pipe.image_tokenizer.image_size  # the prompts of the sample rows, drawn true
-        true_row = torch.stack([vdata.square_tensor(vdata.render_shape(s, size), size) for s in held[:10]])
+        true_row = torch.stack([vdata.square_tensor(vdata.render_shape(held[i], size), size) for i in shown])
         image_grid([true_row.float() / 255] + rows, labels=["true"] + labels).save(grid)
         result["grid"] = grid
     return result
