@@ -305,7 +305,7 @@ def test_finetune_full_and_lora_with_new_words(trained, new_folder, tmp_path):
     merged = TextToImage.from_pretrained(tmp_path / "merged")
     assert "base" not in json.loads((tmp_path / "merged" / "config.json").read_text())
     text = lora.text_tokenizer(["a purple square on the left", old], lora.gpt.config.text_len)
-    codes = torch.randint(0, 64, (2, 16))
+    codes = torch.randint(0, lora.gpt.config.image_vocab_size, (2, 16))
     with torch.no_grad():
         a, b = lora.gpt(text, codes), merged.gpt(text, codes)
         before = base.gpt(base.text_tokenizer([old], n), codes[1:])
