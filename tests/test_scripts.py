@@ -84,7 +84,7 @@ def test_gpt_stage_and_sampling(trained, tmp_path):
     assert [im.size for im in a] == [(32, 32)] * 2
     assert all(list(x.getdata()) == list(y.getdata()) for x, y in zip(a, b))
     out = run("sample.py", "--ckpt", runs / "t2i", "--prompt", "a red square on the left", "--prompt", "a blue square",
-              "--n", "2", "--top-k", "8", "--out", tmp_path / "grid.png", env=cache)
+              "--n", "2", "--top-k", "8", "--out", tmp_path / "grid.png", "--compile", env=cache)  # compiled step
     assert (tmp_path / "grid.png").is_file() and "images/s" in out.stdout
     assert len(list(tmp_path.glob("grid-*.png"))) == 4
     bad = run("sample.py", "--ckpt", runs / "t2i", "--prompt", "x", "--top-k", "0", "--out", tmp_path / "g.png",
