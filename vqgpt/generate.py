@@ -154,14 +154,13 @@ def counter_uniform(seeds: Tensor, step: int | Tensor, vocab: int | Tensor) -> T
         index = vocab.long()  # (B, n)
     else:
         index = torch.arange(vocab, device=seeds.device).expand(seeds.shape[0], vocab)  # (B, V)
+    return _philox_uniform(seeds[:, None], step, index)
+
+
+def _philox_uniform(seeds: Tensor, step: int | Tensor, index: Tensor) -> Tensor:
+    """counter_uniform on broadcastable int64 tensors (step may be an int): seeds, steps, vocab indices -> noise."""
     zero = index.new_zeros(())  # broadcast by philox4x32: no (B, V) tensors of zeros
-    return _philox_uniform(seeds[:, None], zero + (step & MASK32), index)
-
-
-def _philox_uniform(seeds: Tensor, step: Tensor, index: Tensor) -> Tensor:
-    """counter_uniform on broadcastable int64 tensors: seeds, steps and vocab indices -> float32 noise."""
-    zero = index.new_zeros(())
-    bits = philox4x32((index, step, zero, zero), (seeds & MASK32, (seeds >> 32) & MASK32))[0]
+    bits = philox4x32((index, zero + (step & MASK32), zero, zero), (seeds & MASK32, (seeds >> 32) & MASK32))[0]
     return ((bits >> 9).float() + 0.5) * TWO_POW_M23
 
 

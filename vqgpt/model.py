@@ -226,7 +226,7 @@ def decode_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, cache_len: Ten
         Hkv = k_cache.shape[1]
         k, v = k_cache[:, :, :cache_len], v_cache[:, :, :cache_len]  # (B, Hkv, L, D)
         scores = torch.matmul(q.reshape(B, Hkv, Hq // Hkv, D) * D**-0.5, k.transpose(-1, -2))  # (B, Hkv, Hq/Hkv, L)
-        return torch.matmul(scores.float().softmax(-1).to(v.dtype), v).view(B, Hq, D)
+        return torch.matmul(scores.softmax(-1, dtype=torch.float32).to(v.dtype), v).view(B, Hq, D)
     live = torch.arange(k_cache.shape[2], device=q.device) < cache_len[:, None]  # (B, Smax)
     out = _sdpa(q.unsqueeze(2), k_cache, v_cache, attn_mask=live[:, None, None, :])  # (B, Hq, 1, D)
     return out.squeeze(2)
@@ -320,10 +320,10 @@ class MLP(nn.Module):
         self.w1 = nn.Linear(cfg.dim, cfg.ffn_hidden, bias=False)
         self.w3 = nn.Linear(cfg.dim, cfg.ffn_hidden, bias=False)
         self.w2 = nn.Linear(cfg.ffn_hidden, cfg.dim, bias=False)
-        self.p_drop = cfg.dropout
+        self.cfg = cfg  # shared, as in Attention
 
     def forward(self, x: Tensor) -> Tensor:
-        return dropout(self.w2(F.silu(self.w1(x)) * self.w3(x)), self.p_drop, self.training)
+        return dropout(self.w2(F.silu(self.w1(x)) * self.w3(x)), self.cfg.dropout, self.training)
 
 
 class Block(nn.Module):
