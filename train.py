@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import sys
 import time
 from dataclasses import replace
@@ -70,6 +69,8 @@ def parse_args(argv=None):
                         help="default: online with an account configured, else offline")
         sp.add_argument("--resume", default=None, metavar="RUN_DIR", help="continue the run saved in RUN_DIR")
         sp.add_argument("--compile", action="store_true", help="torch.compile the model")
+        sp.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp32"],
+                        help="autocast; auto: bf16 on CUDA and on CPUs with native bf16 (AVX512-BF16, AMX), else fp32")
 
     tok = sub.add_parser("tokenizer", help="train the image tokenizer (VQ-VAE)")
     common(tok, "tokenizer")
@@ -315,13 +316,14 @@ def train_tokenizer(args) -> Path:
     warmup = args.warmup if args.warmup is not None else max(1, args.steps // 20)
     gan_start = args.gan_start if args.gan_start is not None else args.steps // 2
     per_rank = rank_batch_size(args, d)
+    bf16 = T.use_bf16(d.device, args.precision)
     run_config = {"stage": "tokenizer", "tokenizer": config.to_dict(), "args": vars(args), "world": d.world,
                   "params": sum(p.numel() for p in model.parameters())}
     wb = T.init_wandb(args.wandb, "vqgpt", f"tok-{out.name}", run_config, str(out), enabled=d.main)
     if d.main:
         print(f"tokenizer: {run_config['params'] / 1e6:.2f}M params, {len(images)} train / {len(held_out)} "
-              f"held-out images, codes {config.grid_size}x{config.grid_size} of {config.codebook_size}",
-              flush=True)
+              f"held-out images, codes {config.grid_size}x{config.grid_size} of {config.codebook_size}, "
+              f"{'bf16' if bf16 else 'fp32'} autocast", flush=True)
 
     def save(step):
         if not d.main:
@@ -346,7 +348,7 @@ def train_tokenizer(args) -> Path:
         use_gan = disc is not None and step >= gan_start
         optimizer.zero_grad(set_to_none=True)
         for micro in x.chunk(args.grad_accum):
-            with T.autocast(d.device):
+            with T.autocast(d.device, bf16):
                 recon, _, aux = train_model(micro)
                 recon = recon.float()
                 rec = F.l1_loss(recon, micro) + F.mse_loss(recon, micro)
@@ -412,15 +414,8 @@ def load_gpt_data(args, image_tok, verbose: bool = True):
     if not filtered:
         return codes, captions, test_codes, test_captions
 
-    def keep(caps):
-        try:
-            inc = re.compile(args.include) if args.include is not None else None
-            exc = re.compile(args.exclude) if args.exclude is not None else None
-        except re.error as e:
-            raise ValueError(f"--include/--exclude is not a valid regular expression: {e}") from e
-        return [i for i, c in enumerate(caps) if (inc is None or inc.search(c)) and not (exc and exc.search(c))]
-
-    idx, test_idx = keep(captions)[: args.limit], keep(test_captions)
+    idx = vdata.caption_filter(captions, args.include, args.exclude)[: args.limit]
+    test_idx = vdata.caption_filter(test_captions, args.include, args.exclude)
     if not idx:
         raise ValueError(f"no training caption of {args.data} passes --include {args.include!r} "
                          f"--exclude {args.exclude!r}")
@@ -527,6 +522,7 @@ def train_gpt(args) -> Path:
 
     warmup = args.warmup if args.warmup is not None else max(1, args.steps // 20)
     per_rank = rank_batch_size(args, d)
+    bf16 = T.use_bf16(d.device, args.precision)
     prompts = args.sample_prompts or DEFAULT_PROMPTS.get(args.data, captions[:8])
     trainable = trainable_summary(model)
     run_config = {"stage": "gpt", "gpt": config.to_dict(), "args": vars(args), "world": d.world,
@@ -535,7 +531,7 @@ def train_gpt(args) -> Path:
     if d.main:
         print(f"gpt: {model.num_params() / 1e6:.2f}M params ({trainable['trainable_params'] / 1e6:.3f}M trainable), "
               f"{len(codes)} train / {len(test_codes)} held-out images, sequence {config.text_len} text + 1 + "
-              f"{config.n_image} image tokens", flush=True)
+              f"{config.n_image} image tokens, {'bf16' if bf16 else 'fp32'} autocast", flush=True)
     # The sampling defaults saved with the model (sample.py and TextToImage use them unless told otherwise).
     given = {"cfg_scale": args.sample_cfg, "cfg_schedule": args.sample_cfg_schedule, "top_k": args.sample_top_k,
              "top_p": args.sample_top_p, "temperature": args.sample_temperature}
@@ -543,8 +539,10 @@ def train_gpt(args) -> Path:
                        **{k: v for k, v in given.items() if v is not None})
     sampling.validate(config.image_vocab_size)
 
+    trained_on = {"data": args.data, "include": args.include, "exclude": args.exclude, "limit": args.limit}
+
     def pipeline():
-        return TextToImage(model, image_tok, text_tok, sampling, adapter)
+        return TextToImage(model, image_tok, text_tok, sampling, adapter, trained_on)
 
     def save(step):
         if adapter is not None:  # only the adapters (and new token rows): the base is referenced
@@ -573,7 +571,7 @@ def train_gpt(args) -> Path:
         t_b, c_b = text_ids[idx].to(d.device), codes[idx].to(d.device)
         optimizer.zero_grad(set_to_none=True)
         for t_m, c_m in zip(t_b.chunk(args.grad_accum), c_b.chunk(args.grad_accum)):
-            with T.autocast(d.device):
+            with T.autocast(d.device, bf16):
                 loss, stats = loss_fn(t_m, c_m)
             (loss / args.grad_accum).backward()
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.clip)

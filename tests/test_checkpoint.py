@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from vqgpt.checkpoint import CheckpointError, CheckpointManager, atomic_write_bytes
-from vqgpt.training import NonFiniteGuard, epoch_batch, lr_at
+from vqgpt.training import NonFiniteGuard, autocast, cpu_has_bf16, epoch_batch, lr_at, use_bf16
 
 
 def _save(mgr, step, value):
@@ -101,3 +101,16 @@ def test_non_finite_guard_skips_then_stops():
         for s in range(4, 8):
             guard.check(bad, ok, s)
     assert guard.skipped == 5
+
+
+def test_precision_switch():
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert use_bf16(cuda) and use_bf16(cpu, "bf16") and not use_bf16(cuda, "fp32")
+    assert use_bf16(cpu) == cpu_has_bf16()  # auto: bf16 only where the CPU has native bf16
+    with pytest.raises(ValueError, match="precision"):
+        use_bf16(cpu, "fp16")
+    a, b = torch.randn(4, 8), torch.randn(8, 3)
+    with autocast(cpu, True):
+        assert (a @ b).dtype == torch.bfloat16
+    with autocast(cpu):  # default: CUDA only
+        assert (a @ b).dtype == torch.float32

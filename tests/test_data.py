@@ -484,3 +484,12 @@ def test_codes_of_an_embedded_set(tmp_cache):
     assert tok.calls == calls
     with pytest.raises(TypeError, match="unexpected"):
         load_codes("shapes", "test", tok, colour="red")
+
+
+def test_caption_filter_keeps_include_and_drops_exclude():
+    caps = ["waving hand", "waving hand: dark skin tone", "red heart", "woman: light skin tone, red hair"]
+    assert data.caption_filter(caps) == [0, 1, 2, 3]
+    assert data.caption_filter(caps, exclude="skin tone") == [0, 2]
+    assert data.caption_filter(caps, include="hand|hair", exclude="dark") == [0, 3]
+    with pytest.raises(ValueError, match="regular expression"):
+        data.caption_filter(caps, include="(")

@@ -53,7 +53,7 @@ def trained(folder, tmp_path_factory):
     run("train.py", "tokenizer", "--data", folder, "--out", runs / "tok", "--steps", "30",
         "--fsq-levels", "5", "4", "3", *TOK, env=cache)
     run("train.py", "gpt", "--data", folder, "--tokenizer", runs / "tok", "--out", runs / "t2i", "--steps", "30",
-        *GPT, env=cache)
+        "--exclude", "yellow", *GPT, env=cache)  # the recall test reads this filter back
     return runs, cache
 
 
@@ -90,6 +90,24 @@ def test_gpt_stage_and_sampling(trained, tmp_path):
     bad = run("sample.py", "--ckpt", runs / "t2i", "--prompt", "x", "--top-k", "0", "--out", tmp_path / "g.png",
               check=False, env=cache)
     assert bad.returncode != 0 and "top_k" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_recall_samples_the_captions_the_model_was_trained_on(trained, folder, monkeypatch):
+    from vqgpt import data
+
+    runs, cache = trained
+    monkeypatch.setenv("VQGPT_CACHE", cache["VQGPT_CACHE"])
+    _, captions = data.load_image_tensors(str(folder), "train", 32)
+    kept = len(data.caption_filter(captions, exclude="yellow"))
+    assert 0 < kept < len(captions)
+    saved = json.loads((runs / "t2i" / "config.json").read_text())["trained_on"]
+    assert saved == {"data": str(folder), "include": None, "exclude": "yellow", "limit": None}
+    out = run("-m", "vqgpt.eval", "recall", "--ckpt", runs / "t2i", "--n", "4", "--device", "cpu", env=cache)
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    assert result["data"] == str(folder) and result["train_images"] == kept  # --data defaults to the model's own
+    assert result["caption_filter"] == {"include": None, "exclude": "yellow"}
+    assert len(result["prompts"]) == 4 and not any("yellow" in p for p in result["prompts"] + result["nearest"])
+    assert result["hits"] == sum(p == q for p, q in zip(result["prompts"], result["nearest"]))
 
 
 def test_mismatched_checkpoint_is_a_clear_error(trained, tmp_path):
@@ -176,7 +194,7 @@ def test_torchrun_two_processes_match_one(trained, folder, tmp_path):
     """
     runs, cache = trained
     common = ["gpt", "--data", str(folder), "--tokenizer", str(runs / "tok"), "--steps", "10", "--save-every", "10",
-              "--cfg-dropout", "0", *GPT]
+              "--cfg-dropout", "0", *GPT, "--precision", "fp32"]  # bf16 rounding would swamp reduction order
     run("train.py", *common, "--out", tmp_path / "one", env=cache)
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled", **cache}
@@ -192,7 +210,7 @@ def test_fsdp_two_processes_match_one_and_resume(trained, folder, tmp_path):
     """--fsdp (FSDP2 over 2 gloo ranks): same weights as one process, and a sharded resume continues it."""
     runs, cache = trained
     common = ["gpt", "--data", str(folder), "--tokenizer", str(runs / "tok"), "--steps", "8", "--save-every", "4",
-              "--cfg-dropout", "0", *GPT]
+              "--cfg-dropout", "0", *GPT, "--precision", "fp32"]  # bf16 rounding would swamp reduction order
     run("train.py", *common, "--out", tmp_path / "one", env=cache)
     torchrun = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "train.py", *common, "--fsdp"]
     run(*torchrun, "--out", tmp_path / "fsdp", env=cache)

@@ -646,6 +646,17 @@ def load_image_tensors(
     return images, captions
 
 
+def caption_filter(captions: list[str], include: str | None = None, exclude: str | None = None) -> list[int]:
+    """Indices of the captions that match the regular expression `include` and not `exclude`
+    (`train.py gpt --include/--exclude`; the recall evaluation applies a model's own filter the same way)."""
+    try:
+        inc = re.compile(include) if include is not None else None
+        exc = re.compile(exclude) if exclude is not None else None
+    except re.error as e:
+        raise ValueError(f"include/exclude is not a valid regular expression: {e}") from e
+    return [i for i, c in enumerate(captions) if (inc is None or inc.search(c)) and not (exc and exc.search(c))]
+
+
 def square_tensor(img: Image.Image, image_size: int) -> torch.Tensor:
     """PIL image -> uint8 (3, S, S): shorter side resized to S (LANCZOS when shrinking), centre crop."""
     img = img if img.mode == "RGB" else to_rgb(img)

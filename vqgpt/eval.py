@@ -129,16 +129,29 @@ def recall_prompts(captions: list[str], n: int = 16) -> list[str]:
     return [distinct[int(i * len(distinct) / n)] for i in range(n)]
 
 
-def eval_recall(ckpt: str, data: str, n: int = 16, seed: int = 0, device: str = "cpu",
+def eval_recall(ckpt: str, data: str | None = None, n: int = 16, seed: int = 0, device: str = "cpu",
                 grid: str | None = None, **sampling) -> dict:
     """Do samples show their prompt? For n fixed training captions, sample one image each (the
     checkpoint's default settings) and find the nearest training image in pixel space (MSE): a hit when
-    that image carries the prompted caption."""
+    that image carries the prompted caption.
+
+    The training set is the model's own (config.json "trained_on", written by train.py): its data, and the
+    captions its --include/--exclude/--limit kept. `data` (default: that record's, else openmoji) names
+    another dataset; the record's caption filter then still applies only if it is the same dataset."""
     from . import data as vdata
     from .pipeline import TextToImage, image_grid
 
     pipe = TextToImage.from_pretrained(ckpt, device=device)
-    images, captions = vdata.load_image_tensors(data, "train", pipe.image_tokenizer.image_size)
+    own = pipe.trained_on or {}
+    data = data or own.get("data") or "openmoji"
+    rule = own if own.get("data") == data else {}
+    include, exclude, limit = rule.get("include"), rule.get("exclude"), rule.get("limit")
+    filtered = include is not None or exclude is not None
+    images, captions = vdata.load_image_tensors(data, "train", pipe.image_tokenizer.image_size,
+                                                limit=None if filtered else limit)
+    if filtered:  # as train.py: filter, then the first `limit`
+        keep = vdata.caption_filter(captions, include, exclude)[:limit]
+        images, captions = images[keep], [captions[i] for i in keep]
     prompts = recall_prompts(captions, n)
     samples = _pipeline_images(pipe, prompts, seed, **sampling)  # (n, 3, H, W)
     train = images.float().div(255).flatten(1)  # (N, 3*H*W)
@@ -152,6 +165,9 @@ def eval_recall(ckpt: str, data: str, n: int = 16, seed: int = 0, device: str = 
         "recall": sum(hits) / n,
         "hits": sum(hits),
         "n": n,
+        "data": data,
+        "train_images": len(captions),
+        **({"caption_filter": {"include": include, "exclude": exclude}} if filtered else {}),
         "prompts": prompts,
         "nearest": [captions[j] for j in nearest],
         "sampling": {**vars(pipe.sampling), **sampling},
@@ -196,7 +212,7 @@ def main(argv=None):
     _sampling_args(a)
     r = sub.add_parser("recall", help="fraction of fixed training captions whose sample's nearest image is theirs")
     r.add_argument("--ckpt", required=True)
-    r.add_argument("--data", default="openmoji")
+    r.add_argument("--data", default=None, help="default: the data the model was trained on (else openmoji)")
     r.add_argument("--n", type=int, default=16)
     r.add_argument("--seed", type=int, default=0)
     r.add_argument("--grid", default=None, help="write a PNG of samples and their nearest images here")

@@ -6,7 +6,8 @@
 Layout of a saved pipeline (what `train.py gpt --out DIR` writes):
 
     DIR/config.json          {"model_type": "vqgpt-text-to-image", "gpt": GPTConfig, "sampling": defaults,
-                              "image_tokenizer": fingerprint, "text_tokenizer": fingerprint}
+                              "image_tokenizer": fingerprint, "text_tokenizer": fingerprint,
+                              "trained_on": {"data", "include", "exclude", "limit"} (train.py writes it)}
     DIR/model.safetensors    GPT weights
     DIR/image_tokenizer/     ImageTokenizer.save_pretrained
     DIR/text_tokenizer/      TextTokenizer.save_pretrained
@@ -33,13 +34,15 @@ MODEL_TYPE = "vqgpt-text-to-image"
 
 
 class TextToImage:
-    def __init__(self, gpt: GPT, image_tokenizer: ImageTokenizer, text_tokenizer, sampling=None, adapter=None):
+    def __init__(self, gpt: GPT, image_tokenizer: ImageTokenizer, text_tokenizer, sampling=None, adapter=None,
+                 trained_on: dict | None = None):
         check_compatible(gpt.config, image_tokenizer, text_tokenizer)
         self.gpt = gpt
         self.image_tokenizer = image_tokenizer
         self.text_tokenizer = text_tokenizer
         self.sampling = sampling or SamplingConfig()
         self.adapter = adapter  # finetune.Adapter when the GPT carries unmerged LoRA adapters
+        self.trained_on = trained_on  # the training data and caption filter, for evaluations (vqgpt/eval.py)
 
     def merge_adapter(self) -> TextToImage:
         """Fold LoRA adapters into the GPT's weights (same outputs, plain layers); a no-op without them."""
@@ -102,6 +105,7 @@ class TextToImage:
             "sampling": asdict(self.sampling),
             "image_tokenizer": self.image_tokenizer.fingerprint(),
             "text_tokenizer": self.text_tokenizer.fingerprint(),
+            **({"trained_on": self.trained_on} if self.trained_on is not None else {}),
         }
 
     def save_pretrained(self, path: str | os.PathLike, gpt_state: dict | None = None) -> None:
@@ -143,10 +147,11 @@ class TextToImage:
                     f"(fingerprint {tok.fingerprint()}, config.json expects {config[name]})"
                 )
         sampling = SamplingConfig(**config.get("sampling", {}))
+        trained_on = config.get("trained_on")
         if "base" not in config:
             gpt = GPT(GPTConfig.from_dict(config["gpt"]))
             load_state_strict(gpt, str(path / "model.safetensors"))
-            return cls(gpt.to(device).eval(), image_tok, text_tok, sampling)
+            return cls(gpt.to(device).eval(), image_tok, text_tok, sampling, trained_on=trained_on)
         from .finetune import ADAPTER_DIR, Adapter, grow_text_vocab, load_adapter, load_base_gpt, weights_fingerprint
 
         gpt, base_path = load_base_gpt(path, config, base, device)
@@ -154,7 +159,8 @@ class TextToImage:
         gpt = grow_text_vocab(gpt, config["gpt"]["text_vocab_size"])  # new rows come from the adapter
         gpt.config.cfg_dropout = config["gpt"]["cfg_dropout"]
         peft_model = load_adapter(gpt, path / ADAPTER_DIR)
-        pipe = cls(gpt.to(device).eval(), image_tok, text_tok, sampling, Adapter(peft_model, base_path, fingerprint))
+        pipe = cls(gpt.to(device).eval(), image_tok, text_tok, sampling, Adapter(peft_model, base_path, fingerprint),
+                   trained_on)
         return pipe.merge_adapter() if merge else pipe
 
 
