@@ -391,7 +391,6 @@ def train_tokenizer(args) -> Path:
     bar.close()
     if wb:
         wb.finish()
-    T.cleanup_distributed(d)
     return out
 
 
@@ -610,7 +609,6 @@ def train_gpt(args) -> Path:
             wb.summary.update(report)
     if wb:
         wb.finish()
-    T.cleanup_distributed(d)
     return out
 
 
@@ -659,10 +657,9 @@ def main(argv=None):
 
 
 def run(parser, args, argv):
-    if args.stage == "tokenizer":
-        train_tokenizer(args)
-    elif args.stage == "gpt":
-        train_gpt(args)
+    if args.stage in ("tokenizer", "gpt"):
+        (train_tokenizer if args.stage == "tokenizer" else train_gpt)(args)
+        T.cleanup_distributed()  # after the stage has returned and its models are gone (see the docstring)
     else:  # the embedded demo: stage 1, stage 2, then a sample grid
         if argv or len(sys.argv) > 1:
             parser.error("unknown command; use `tokenizer`, `gpt`, or no arguments for the demo")
@@ -670,6 +667,7 @@ def run(parser, args, argv):
         train_tokenizer(tok_args)
         _, gpt_args = parse_args(["gpt", *DEMO_GPT_ARGS])
         out = train_gpt(gpt_args)
+        T.cleanup_distributed()
         print(f"demo done: tokenizer in {tok_args.out}, text-to-image model in {out}; "
               f"samples in {out / 'samples'}. Next: python sample.py --ckpt {out} --prompt 'green apple'")
 
