@@ -9,7 +9,7 @@ import gc
 import math
 import os
 import warnings
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 
 import torch
@@ -106,6 +106,21 @@ def cleanup_distributed() -> None:
         gc.collect()  # FSDP's hooks form reference cycles; free the modules (and their group) now
         dist.barrier()
         dist.destroy_process_group()
+
+
+@contextmanager
+def rank_zero_first(d: Dist | None = None):
+    """Rank 0 runs the block first (it fills any cache all ranks share: rendered sets, `datasets` files), the
+    other ranks wait at a barrier and then run it on the warm cache, so that no two ranks build one cache."""
+    group = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+    rank = dist.get_rank() if group else 0
+    if group and rank != 0:
+        dist.barrier()
+    try:
+        yield
+    finally:
+        if group and rank == 0:
+            dist.barrier()
 
 
 def all_reduce_mean(x: torch.Tensor, d: Dist) -> torch.Tensor:
