@@ -21,12 +21,14 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
 from vqgpt import data as vdata
 from vqgpt import training as T
-from vqgpt.checkpoint import CheckpointError, CheckpointManager
+from vqgpt.checkpoint import CheckpointError, CheckpointManager, claim_run_dir
+from vqgpt.loader import StepImages, decode_rows, default_workers, image_batches
 from vqgpt.tokenizer import ImageTokenizer, TokenizerConfig, tokenizer_config
 
 # Defaults of the embedded demo, chosen to fit 2 CPU cores: both stages in <= 20 minutes (README, "Two
@@ -52,7 +54,9 @@ def parse_args(argv=None):
         sp.add_argument("--image-column", default="image")
         sp.add_argument("--caption-column", default="text")
         sp.add_argument("--limit", type=int, default=None, help="use at most this many training images")
-        sp.add_argument("--out", default=f"runs/{'tok' if stage == 'tokenizer' else 't2i'}")
+        sp.add_argument("--out", default=None, help=f"run directory (default: --resume's, else runs/"
+                        f"{'tok' if stage == 'tokenizer' else 't2i'})")
+        sp.add_argument("--overwrite", action="store_true", help="replace the run that --out already holds")
         sp.add_argument("--preset", default=d["preset"])
         sp.add_argument("--steps", type=int, default=d["steps"])
         sp.add_argument("--batch-size", type=int, default=d["batch_size"], help="global batch (all ranks)")
@@ -71,6 +75,8 @@ def parse_args(argv=None):
                         help="default: online with an account configured, else offline")
         sp.add_argument("--resume", default=None, metavar="RUN_DIR", help="continue the run saved in RUN_DIR")
         sp.add_argument("--compile", action="store_true", help="torch.compile the model")
+        sp.add_argument("--workers", type=int, default=None,
+                        help="data loader processes (default: one fewer than the cores, at most 8)")
         sp.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp32"],
                         help="autocast; auto: bf16 on CUDA and on CPUs with native bf16 (AVX512-BF16, AMX), else fp32")
 
@@ -120,7 +126,19 @@ def parse_args(argv=None):
     gpt.add_argument("--sample-prompts", nargs="*", default=None, help="prompts of the sample grids")
 
     args = p.parse_args(argv)
+    if args.stage in ("tokenizer", "gpt"):
+        resolve_out(p, args)
     return p, args
+
+
+def resolve_out(parser, args) -> None:
+    """--out defaults to --resume's directory (a run resumes in place), else runs/tok or runs/t2i."""
+    default = "runs/tok" if args.stage == "tokenizer" else "runs/t2i"
+    if args.resume and args.out and Path(args.resume).resolve() != Path(args.out).resolve():
+        parser.error(f"--resume {args.resume} and --out {args.out} differ: a run resumes in its own directory")
+    if args.resume and args.overwrite:
+        parser.error("--resume continues the run in --out and --overwrite replaces it: pass one of them")
+    args.out = args.out or args.resume or default
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -278,8 +296,6 @@ def train_tokenizer(args) -> Path:
     out = Path(args.out)
     ckpts = CheckpointManager(out, keep=args.keep)
     resume = ckpts.require_latest() if args.resume else None
-    if args.resume and Path(args.resume) != out:
-        raise ValueError(f"--resume {args.resume} must be the run directory itself (--out is {args.out})")
 
     # Model: built after the process group exists, so a VQ codebook knows to synchronise across ranks.
     if resume is not None:
@@ -292,13 +308,16 @@ def train_tokenizer(args) -> Path:
     torch.manual_seed(args.seed)  # the same initial weights on every rank and every run
     model = ImageTokenizer(config).to(d.device)
 
-    images, _ = vdata.load_image_tensors(args.data, "train", config.image_size, image_column=args.image_column,
-                                         caption_column=args.caption_column, limit=args.limit)
-    held_out, _ = vdata.load_image_tensors(args.data, "test", config.image_size, image_column=args.image_column,
-                                           caption_column=args.caption_column)
-    if len(held_out) == 0:
-        held_out = images[:64]
-    held_out = held_out[:512]
+    # Images stay on disk (memory-mapped Arrow); loader workers decode each step's batch (vqgpt/loader.py).
+    kw = dict(image_column=args.image_column, caption_column=args.caption_column, image_size=config.image_size)
+    with T.rank_zero_first(d):  # one rank renders / converts the data, the others then read its cache
+        train_set = vdata.load_captioned(args.data, "train", limit=args.limit, **kw)
+        test_set = vdata.load_captioned(args.data, "test", **kw)
+    # Held out: up to 512 test images, spread over the split (the training set's first 64 if it has none).
+    held_set = test_set if len(test_set) else train_set
+    n_held = min(len(held_set), 512 if len(test_set) else 64)
+    held_out = decode_rows(held_set, np.linspace(0, len(held_set) - 1, n_held).round().astype(int),
+                           config.image_size)
 
     disc = patch_discriminator().to(d.device) if args.gan_weight > 0 else None
     perceptual = None
@@ -323,7 +342,7 @@ def train_tokenizer(args) -> Path:
                   "params": sum(p.numel() for p in model.parameters())}
     wb = T.init_wandb(args.wandb, "vqgpt", f"tok-{out.name}", run_config, str(out), enabled=d.main)
     if d.main:
-        print(f"tokenizer: {run_config['params'] / 1e6:.2f}M params, {len(images)} train / {len(held_out)} "
+        print(f"tokenizer: {run_config['params'] / 1e6:.2f}M params, {len(train_set)} train / {len(held_out)} "
               f"held-out images, codes {config.grid_size}x{config.grid_size} of {config.codebook_size}, "
               f"{'bf16' if bf16 else 'fp32'} autocast", flush=True)
 
@@ -337,16 +356,18 @@ def train_tokenizer(args) -> Path:
 
     bar = progress(args.steps, start, d.main)
     t_last, seen = time.time(), 0
+    cadence = T.SaveCadence(save, args.save_every, args.steps, model, d)
+    batches = StepImages(train_set, config.image_size, global_batch=args.batch_size, per_rank=per_rank,
+                         rank=d.rank, seed=args.seed)
+    workers = default_workers() if args.workers is None else args.workers
     model.train()
-    for step in range(start, args.steps):
-        gen = T.seed_step(args.seed, step, d.rank)
+    for step, x in zip(range(start, args.steps), image_batches(batches, start, args.steps, workers=workers,
+                                                               pin_memory=d.device.type == "cuda")):
+        T.seed_step(args.seed, step, d.rank)
         lr = T.lr_at(step, max_lr=args.lr, warmup=warmup, total=args.steps)
         for g in optimizer.param_groups:
             g["lr"] = lr
-        idx = T.epoch_batch(len(images), step, args.batch_size, args.seed)[d.rank * per_rank:(d.rank + 1) * per_rank]
-        x = images[idx].to(d.device).float().div_(255)
-        flip = torch.rand(len(x), generator=gen) < 0.5  # horizontal flips: free extra data
-        x[flip.to(d.device)] = x[flip.to(d.device)].flip(-1)
+        x = x.to(d.device, non_blocking=True).float().div_(255)
         use_gan = disc is not None and step >= gan_start
         optimizer.zero_grad(set_to_none=True)
         for micro in x.chunk(args.grad_accum):
@@ -361,7 +382,9 @@ def train_tokenizer(args) -> Path:
                     loss = loss - args.gan_weight * disc(recon * 2 - 1).mean()  # hinge generator loss
             (loss / args.grad_accum).backward()
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.clip)
-        if guard.check(loss.detach(), grad_norm, step):
+        ok = guard.check(loss.detach(), grad_norm, step, d)
+        cadence.before_update(ok)
+        if ok:
             optimizer.step()
         if use_gan:  # discriminator step on detached reconstructions (hinge loss)
             disc_opt.zero_grad(set_to_none=True)
@@ -386,8 +409,7 @@ def train_tokenizer(args) -> Path:
 
                 wb.log({"eval/psnr": metrics["psnr"], "eval/usage": metrics["usage"],
                         "eval/perplexity": metrics["perplexity"], "eval/recon": wandb.Image(str(grid))}, step=done)
-        if done % args.save_every == 0 or done == args.steps:
-            save(done)
+        cadence.after_step(done, ok)
     bar.close()
     if wb:
         wb.finish()
@@ -562,6 +584,7 @@ def train_gpt(args) -> Path:
     bar = progress(args.steps, start, d.main)
     t_last, seen = time.time(), 0
     t_start, t_aside = time.time(), 0.0  # t_aside: evaluation and checkpoints, left out of the step time
+    cadence = T.SaveCadence(save, args.save_every, args.steps, model, d)
     model.train()
     for step in range(start, args.steps):
         T.seed_step(args.seed, step, d.rank)
@@ -576,7 +599,11 @@ def train_gpt(args) -> Path:
                 loss, stats = loss_fn(t_m, c_m)
             (loss / args.grad_accum).backward()
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.clip)
-        if guard.check(loss.detach(), grad_norm, step):
+        ok = guard.check(loss.detach(), grad_norm, step, d)
+        t_mark = time.time()
+        cadence.before_update(ok)
+        t_aside += time.time() - t_mark
+        if ok:
             optimizer.step()
         seen += len(idx) * config.n_image * d.world
         bar.update(1)
@@ -597,8 +624,7 @@ def train_gpt(args) -> Path:
 
                 wb.log({"eval/bits_per_token": bits,
                         **{f"samples/cfg{c:g}": wandb.Image(str(p)) for c, p in zip((1, 3), paths)}}, step=done)
-        if done % args.save_every == 0 or done == args.steps:
-            save(done)
+        cadence.after_step(done, ok)
         t_aside += time.time() - t_mark
     bar.close()
     if d.main and args.steps > start:  # what this run cost: the full vs LoRA comparison of the README
@@ -656,17 +682,36 @@ def main(argv=None):
         sys.exit(2)
 
 
+def run_stage(args) -> Path:
+    """One stage, holding its run directory (rank 0 takes the lock; the other ranks write nothing there)."""
+    train = train_tokenizer if args.stage == "tokenizer" else train_gpt
+    if int(os.environ.get("RANK", "0")) != 0:
+        return train(args)
+    with claim_run_dir(args.out, resume=bool(args.resume), overwrite=args.overwrite):
+        return train(args)
+
+
+def demo_args(argv: list[str]):
+    """A demo stage's arguments; a directory the demo already trained into is resumed (a finished stage is
+    then a no-op), so an interrupted `python train.py` continues where it stopped."""
+    _, args = parse_args(argv)
+    if CheckpointManager(args.out).list():
+        print(f"{args.out} holds a run: continuing it (delete {args.out} to start the demo over)", flush=True)
+        args.resume = args.out
+    return args
+
+
 def run(parser, args, argv):
     if args.stage in ("tokenizer", "gpt"):
-        (train_tokenizer if args.stage == "tokenizer" else train_gpt)(args)
+        run_stage(args)
         T.cleanup_distributed()  # after the stage has returned and its models are gone (see the docstring)
     else:  # the embedded demo: stage 1, stage 2, then a sample grid
         if argv or len(sys.argv) > 1:
             parser.error("unknown command; use `tokenizer`, `gpt`, or no arguments for the demo")
-        _, tok_args = parse_args(["tokenizer"])
-        train_tokenizer(tok_args)
-        _, gpt_args = parse_args(["gpt", *DEMO_GPT_ARGS])
-        out = train_gpt(gpt_args)
+        tok_args = demo_args(["tokenizer"])
+        run_stage(tok_args)
+        gpt_args = demo_args(["gpt", *DEMO_GPT_ARGS])
+        out = run_stage(gpt_args)
         T.cleanup_distributed()
         print(f"demo done: tokenizer in {tok_args.out}, text-to-image model in {out}; "
               f"samples in {out / 'samples'}. Next: python sample.py --ckpt {out} --prompt 'green apple'")

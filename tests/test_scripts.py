@@ -289,7 +289,7 @@ def test_perceptual_loss_uses_local_weights_and_names_bad_ones(folder, tmp_path)
     args = ["train.py", "tokenizer", "--data", folder, "--out", tmp_path / "p", "--steps", "2", *TOK]
     run(*args, "--perceptual-weights", tmp_path / "vgg.safetensors", env=cache)
     save_file({"features.0.weight": torch.zeros(1)}, str(tmp_path / "bad.safetensors"))
-    bad = run(*args, "--perceptual-weights", tmp_path / "bad.safetensors", check=False, env=cache)
+    bad = run(*args, "--perceptual-weights", tmp_path / "bad.safetensors", "--overwrite", check=False, env=cache)
     assert bad.returncode == 2 and "misshapen" in bad.stderr and "Traceback" not in bad.stderr
 
 

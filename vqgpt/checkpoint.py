@@ -20,12 +20,14 @@ loaded with `torch.load(weights_only=True)`.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
 import shutil
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -217,3 +219,71 @@ class CheckpointManager:
                 f"start a new run without --resume, or point --resume at a run directory"
             )
         return ckpt
+
+
+# --- one writer per run directory --------------------------------------------------------------------
+LOCK = ".lock"
+# What a run writes into its directory; any of them marks the directory as holding a run.
+PUBLIC_FILES = ("config.json", "model.safetensors", "checkpoints", "image_tokenizer", "text_tokenizer", "adapter",
+                "samples", "README.md")
+
+
+def holds_a_run(run_dir: str | os.PathLike) -> bool:
+    """Does `run_dir` already hold a model or checkpoints (anything a new run would overwrite)?"""
+    run_dir = Path(run_dir)
+    return any((run_dir / name).exists() for name in PUBLIC_FILES)
+
+
+@contextmanager
+def claim_run_dir(run_dir: str | os.PathLike, *, resume: bool, overwrite: bool) -> Iterator[Path]:
+    """Hold `run_dir` for one writer for the duration of the block.
+
+    - Another process training into it (it holds the `fcntl` lock on `run_dir/.lock`) is an error that names
+      its pid: two writers would prune each other's checkpoints and mix their models.
+    - A directory that already holds a run is refused unless the caller resumes it or asked to overwrite it;
+      with `overwrite`, its checkpoints and exported model are removed first, so that none of the old run's
+      (newer-numbered) checkpoints outlives the new run's or is resumed by mistake.
+    The lock is a POSIX record lock (`lockf`): it belongs to this process alone, so forked loader workers do not
+    inherit it, and the kernel drops it when the block ends or the process dies, even by SIGKILL.
+    """
+    import fcntl
+
+    run_dir = Path(run_dir)
+    key = str(run_dir.resolve())
+    if key in _HELD:  # POSIX locks do not conflict within one process: check it here
+        raise ValueError(f"another process (pid {os.getpid()}, this one) is training into {run_dir}")
+    if resume and not run_dir.is_dir():
+        raise ValueError(f"--resume {run_dir}: no such run directory")
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        fd = os.open(run_dir / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as e:
+        raise ValueError(f"cannot write the run directory {run_dir}: {e.strerror or e}") from e
+    try:
+        try:
+            fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as e:
+            if e.errno not in (errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK):
+                raise
+            holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "unknown"
+            raise ValueError(f"another process (pid {holder}) is training into {run_dir}; wait for it to finish, "
+                             f"or use another --out") from None
+        if not resume and holds_a_run(run_dir):
+            if not overwrite:
+                raise ValueError(f"--out {run_dir} already holds a run; pass --resume {run_dir} to continue it, "
+                                 f"or --overwrite to replace it")
+            for name in PUBLIC_FILES:
+                target = run_dir / name
+                shutil.rmtree(target) if target.is_dir() else target.unlink(missing_ok=True)
+        _HELD.add(key)
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        try:
+            yield run_dir
+        finally:
+            _HELD.discard(key)
+    finally:
+        os.close(fd)  # releases the lock
+
+
+_HELD: set[str] = set()  # run directories this process holds

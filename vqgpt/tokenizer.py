@@ -326,18 +326,13 @@ class ImageTokenizer(nn.Module):
 
     def save_pretrained(self, path: str | os.PathLike) -> None:
         """Write config.json + model.safetensors into the directory `path` (atomically, file by file)."""
-        from safetensors.torch import save_file
+        from .checkpoint import atomic_write_bytes, save_weights
 
         path = Path(path)
-        path.mkdir(parents=True, exist_ok=True)
         config = {"model_type": "vqgpt-image-tokenizer", **self.config.to_dict()}
-        tmp = path / f".{CONFIG_NAME}.tmp"
-        tmp.write_text(json.dumps(config, indent=2, default=list) + "\n")
-        os.replace(tmp, path / CONFIG_NAME)
-        state = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
-        tmp = path / f".{WEIGHTS_NAME}.tmp"
-        save_file(state, str(tmp), metadata={"format": "pt"})
-        os.replace(tmp, path / WEIGHTS_NAME)
+        save_weights(path / WEIGHTS_NAME, self.state_dict())
+        # config.json last: a directory with a config names weights that are already in place.
+        atomic_write_bytes(path / CONFIG_NAME, (json.dumps(config, indent=2, default=list) + "\n").encode())
 
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike, *, device: str | torch.device = "cpu") -> ImageTokenizer:

@@ -164,9 +164,17 @@ class NonFiniteGuard:
         self.skipped = 0
         self.in_a_row = 0
 
-    def check(self, loss: torch.Tensor, grad_norm: torch.Tensor, step: int) -> bool:
-        """True when the step may be applied. Syncs with the host once a step (the loss is logged anyway)."""
-        ok = bool(torch.isfinite(loss).item() and torch.isfinite(grad_norm).item())
+    def check(self, loss: torch.Tensor, grad_norm: torch.Tensor, step: int, d: Dist | None = None) -> bool:
+        """True when the step may be applied. Syncs with the host once a step (the loss is logged anyway).
+
+        Under torchrun every rank takes the same decision (a rank that stepped alone would drift away)."""
+        if hasattr(grad_norm, "full_tensor"):  # FSDP2's clip_grad_norm_ returns a DTensor (already reduced)
+            grad_norm = grad_norm.full_tensor()
+        finite = (torch.isfinite(loss.detach().float()) & torch.isfinite(grad_norm.detach().float())).float()
+        if d is not None and d.enabled:
+            finite = finite.reshape(1).clone()
+            dist.all_reduce(finite, op=dist.ReduceOp.MIN)
+        ok = bool(finite.item())
         if ok:
             self.in_a_row = 0
             return True
@@ -179,6 +187,60 @@ class NonFiniteGuard:
                 f"stopping. The last good checkpoint is intact: lower --lr, or check the data, then --resume"
             )
         return False
+
+
+def weights_finite(model: torch.nn.Module, d: Dist | None = None) -> bool:
+    """Are all parameters finite (on every rank, for sharded ones)?"""
+    bad = torch.zeros((), dtype=torch.float32)
+    for p in model.parameters():
+        local = p.to_local() if hasattr(p, "to_local") else p  # an FSDP2 DTensor: this rank's shard
+        bad += (~torch.isfinite(local.detach())).sum().float().cpu()
+    if d is not None and d.enabled:
+        bad = bad.reshape(1).to(d.device)
+        dist.all_reduce(bad)
+    return bool(bad.item() == 0)
+
+
+class SaveCadence:
+    """Checkpoints every `every` steps, written only once their weights have shown a finite loss.
+
+    The step that blows the weights up usually has a finite loss and gradient of its own, so the guard applies
+    it; a checkpoint written right after it would hold broken weights, prune a good one, and be what --resume
+    reloads. So the checkpoint due after step s is written during step s + 1, after that step's loss and
+    gradient (computed from exactly those weights) passed the guard and before its update, and dropped if
+    they did not. The last step has no next step: it is saved if its own step passed and its weights are
+    finite. Call `before_update(ok)` between the guard and the optimizer step, `after_step(done, ok)` after.
+    """
+
+    def __init__(self, save, every: int, total: int, model: torch.nn.Module, d: Dist | None = None):
+        self.save, self.every, self.total, self.model, self.d = save, every, total, model, d
+        self.pending: int | None = None
+        self.last_saved: int | None = None
+
+    def before_update(self, ok: bool) -> None:
+        if self.pending is not None:
+            if ok:
+                self._write(self.pending)
+            else:
+                warnings.warn(f"checkpoint {self.pending} not written: its weights gave a non-finite loss",
+                              stacklevel=2)
+            self.pending = None
+
+    def after_step(self, done: int, ok: bool) -> None:
+        if done == self.total:
+            if ok and weights_finite(self.model, self.d):
+                self._write(done)
+            else:
+                raise FloatingPointError(
+                    f"training ended on weights that give a non-finite loss; step {done} was not saved and the "
+                    f"last good checkpoint ({self.last_saved or 'from before this run'}) is intact: lower --lr, "
+                    f"or check the data, then --resume")
+        elif done % self.every == 0:
+            self.pending = done
+
+    def _write(self, step: int) -> None:
+        self.save(step)
+        self.last_saved = step
 
 
 # --- tracking ----------------------------------------------------------------------------------------------

@@ -1,0 +1,125 @@
+"""What survives what: divergence, a second run into an existing --out, two writers on one run directory."""
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+
+from vqgpt.checkpoint import CheckpointManager, claim_run_dir
+
+ROOT = Path(__file__).resolve().parents[1]
+TOK = ["--preset", "tiny", "--batch-size", "8", "--eval-every", "1000", "--log-every", "5", "--device", "cpu"]
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    root = tmp_path_factory.mktemp("faults-folder")
+    lines = []
+    for i in range(24):
+        im = Image.new("RGB", (32, 32), "white")
+        im.paste((200, 40 * (i % 6), 30), (2 + i % 5, 8, 14 + i % 5, 20))
+        im.save(root / f"img{i:02d}.png")
+        lines.append(json.dumps({"file_name": f"img{i:02d}.png", "text": f"a square number {i % 4}"}))
+    (root / "metadata.jsonl").write_text("\n".join(lines) + "\n")
+    return root
+
+
+def train(*args, cache, check=True):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled", "VQGPT_CACHE": str(cache)}
+    out = subprocess.run([sys.executable, "train.py", *map(str, args)], cwd=ROOT, capture_output=True, text=True,
+                         env=env, timeout=300)
+    if check and out.returncode != 0:
+        raise AssertionError(f"{args} failed ({out.returncode}):\n{out.stderr[-3000:]}")
+    return out
+
+
+def one_line_error(r, contains: str) -> None:
+    assert r.returncode == 2, (r.returncode, r.stderr[-2000:])
+    assert "Traceback" not in r.stderr, r.stderr[-2000:]
+    errors = [line for line in r.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and contains in errors[0], r.stderr[-2000:]
+
+
+def test_divergence_keeps_the_good_checkpoints_and_the_exported_model(folder, tmp_path):
+    """The issue's reproduction: --lr 1e30 with a checkpoint every step. The step that blows the weights up has
+    a finite loss of its own; no checkpoint holding its result may be written, prune a good one, or replace the
+    exported model, and --resume from what is left trains on."""
+    cache, out = tmp_path / "cache", tmp_path / "tok"
+    train("tokenizer", "--data", folder, "--out", out, "--steps", "6", "--save-every", "2", *TOK, cache=cache)
+    good = {c.step: c.weights() for c in CheckpointManager(out).list()}
+    assert sorted(good) == [2, 4, 6]
+    exported = load_file(str(out / "model.safetensors"))
+    r = train("tokenizer", "--data", folder, "--resume", out, "--steps", "60", "--save-every", "1", "--lr", "1e30",
+              *TOK, cache=cache, check=False)
+    one_line_error(r, "non-finite loss or gradient")
+    left = CheckpointManager(out).list()
+    assert [c.step for c in left] == [2, 4, 6], [c.step for c in left]
+    for c in left:
+        assert CheckpointManager.verify(c) is None
+        assert all(torch.equal(good[c.step][k], v) for k, v in c.weights().items())
+    assert all(torch.equal(exported[k], v) for k, v in load_file(str(out / "model.safetensors")).items())
+    # what the stop message promises: --resume (with a sane learning rate) continues from step 6
+    r = train("tokenizer", "--data", folder, "--resume", out, "--steps", "8", *TOK, cache=cache)
+    assert "from step 6" in r.stdout + r.stderr
+    assert CheckpointManager(out).require_latest().step == 8
+
+
+def test_a_new_run_into_an_existing_out_is_refused_unless_asked(folder, tmp_path):
+    cache, out = tmp_path / "cache", tmp_path / "tok"
+    train("tokenizer", "--data", folder, "--out", out, "--steps", "4", "--save-every", "4", *TOK, cache=cache)
+    before = load_file(str(out / "model.safetensors"))
+    r = train("tokenizer", "--data", folder, "--out", out, "--steps", "2", *TOK, cache=cache, check=False)
+    one_line_error(r, "already holds a run")
+    assert "--resume" in r.stderr and "--overwrite" in r.stderr
+    assert all(torch.equal(before[k], v) for k, v in load_file(str(out / "model.safetensors")).items())
+    assert [c.step for c in CheckpointManager(out).list()] == [4]
+
+    # --overwrite replaces the whole run: none of the old run's checkpoints is left to be resumed
+    train("tokenizer", "--data", folder, "--out", out, "--steps", "2", "--save-every", "2", "--overwrite", *TOK,
+          cache=cache)
+    assert [c.step for c in CheckpointManager(out).list()] == [2]
+
+    # --resume without --out resumes that directory; a missing one is named, not silently replaced by --out
+    r = train("tokenizer", "--data", folder, "--resume", tmp_path / "nope", *TOK, cache=cache, check=False)
+    one_line_error(r, "no such run directory")
+    assert not (tmp_path / "nope").exists()
+    r = train("tokenizer", "--data", folder, "--resume", out, "--out", tmp_path / "other", *TOK, cache=cache,
+              check=False)
+    assert r.returncode == 2 and "differ" in r.stderr
+
+
+def test_two_writers_on_one_run_directory(folder, tmp_path):
+    """A second process on a run directory that one is training into stops at once, naming the holder, and
+    leaves the first one's files alone; the lock goes with its holder."""
+    cache, out = tmp_path / "cache", tmp_path / "tok"
+    with claim_run_dir(out, resume=False, overwrite=False):  # this test process is the first writer
+        (out / "marker").write_text("mine")
+        r = train("tokenizer", "--data", folder, "--out", out, "--steps", "2", *TOK, cache=cache, check=False)
+        one_line_error(r, "is training into")
+        assert f"pid {os.getpid()}" in r.stderr
+        with pytest.raises(ValueError, match="is training into"):  # in-process too
+            with claim_run_dir(out, resume=True, overwrite=False):
+                pass
+    assert (out / "marker").read_text() == "mine" and not (out / "checkpoints").exists()
+
+    # a writer killed with SIGKILL holds nothing: the kernel drops its lock
+    holder = subprocess.Popen([sys.executable, "-c", (
+        "import sys, time; from vqgpt.checkpoint import claim_run_dir\n"
+        f"with claim_run_dir({str(out)!r}, resume=False, overwrite=False):\n"
+        "    print('held', flush=True); time.sleep(60)")], cwd=ROOT, stdout=subprocess.PIPE, text=True)
+    assert holder.stdout.readline().strip() == "held"
+    with pytest.raises(ValueError, match=f"pid {holder.pid}"):
+        with claim_run_dir(out, resume=False, overwrite=False):
+            pass
+    holder.kill()
+    holder.wait()
+    time.sleep(0.1)
+    train("tokenizer", "--data", folder, "--out", out, "--steps", "2", "--save-every", "2", *TOK, cache=cache)
+    assert CheckpointManager(out).require_latest().step == 2
