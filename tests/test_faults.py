@@ -123,3 +123,18 @@ def test_two_writers_on_one_run_directory(folder, tmp_path):
     time.sleep(0.1)
     train("tokenizer", "--data", folder, "--out", out, "--steps", "2", "--save-every", "2", *TOK, cache=cache)
     assert CheckpointManager(out).require_latest().step == 2
+
+
+@pytest.mark.parametrize("flags, flag", [
+    (["tokenizer", "--clip", "-1"], "--clip"), (["tokenizer", "--clip", "nan"], "--clip"),
+    (["gpt", "--batch-size", "0"], "--batch-size"), (["tokenizer", "--steps", "0"], "--steps"),
+    (["tokenizer", "--image-size", "0"], "--image-size"), (["gpt", "--text-len", "0"], "--text-len"),
+    (["tokenizer", "--grad-accum", "0"], "--grad-accum"), (["gpt", "--save-every", "0"], "--save-every"),
+    (["gpt", "--eval-every", "0"], "--eval-every"), (["tokenizer", "--log-every", "0"], "--log-every"),
+    (["gpt", "--lr", "inf"], "--lr"), (["tokenizer", "--fsq-levels", "0"], "--fsq-levels"),
+])
+def test_flags_that_would_train_nothing_are_refused_naming_the_flag(flags, flag, tmp_path):
+    r = train(*flags, "--out", tmp_path / "run", cache=tmp_path / "cache", check=False)
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-2000:]
+    assert f"error: {flag} must" in r.stderr, r.stderr[-2000:]
+    assert not (tmp_path / "run").exists()
