@@ -366,7 +366,9 @@ def test_kernels_backend_draws_the_same_codes(monkeypatch):
         (dict(top_k=0), r"top_k .*\[1, 64\]"),
         (dict(top_k=65), r"top_k .*\[1, 64\]"),
         (dict(top_k=2.5), "top_k"),
-        (dict(top_p=0.0), r"top_p must be in \(0, 1\]"),
+        (dict(top_p=0.0), r"top_p must be in \[1e-06, 1\]"),
+        # finite in Python, not in float32: every code would come out 0
+        (dict(temperature=1e-40), "temperature"), (dict(cfg_scale=1e39), "cfg_scale"), (dict(top_p=1e-300), "top_p"),
         (dict(top_p=1.5), "top_p"),
         (dict(top_p=float("nan")), "top_p"),
         (dict(temperature=-0.1), "temperature"),

@@ -30,6 +30,14 @@ from .model import import_kernels, use_triton_kernels
 CFG_SCHEDULES = ("constant", "linear", "interval")
 
 
+# Sampling bounds that keep every intermediate finite in float32 (max ~3.4e38, smallest normal ~1.2e-38):
+# logits / temperature and the guidance mix (1 + s) * cond - s * uncond stay far from overflow, and a top-p
+# mass below 1e-6 is top-1 anyway.
+MIN_TEMPERATURE, MAX_TEMPERATURE = 1e-4, 1e4
+MAX_CFG = 1e4
+MIN_TOP_P = 1e-6
+
+
 @dataclass
 class SamplingConfig:
     cfg_scale: float = 3.0  # guidance scale s in u + s * (c - u); 1 = no guidance (conditional only)
@@ -42,8 +50,9 @@ class SamplingConfig:
     def validate(self, codebook_size: int) -> None:
         """Raise ValueError naming the first bad field and the allowed range."""
         s = self.cfg_scale
-        if isinstance(s, bool) or not isinstance(s, numbers.Real) or not math.isfinite(s) or s < 0:
-            raise ValueError(f"cfg_scale must be a finite number >= 0 (1 = no guidance), got {s!r}")
+        # Bounds are float32's, where the logits live: 1e39 is finite in Python and inf there.
+        if isinstance(s, bool) or not isinstance(s, numbers.Real) or not math.isfinite(s) or not 0 <= s <= MAX_CFG:
+            raise ValueError(f"cfg_scale must be a number in [0, {MAX_CFG:g}] (1 = no guidance), got {s!r}")
         if self.cfg_schedule not in CFG_SCHEDULES:
             raise ValueError(f"unknown cfg_schedule {self.cfg_schedule!r}; choose one of {CFG_SCHEDULES}")
         if self.cfg_schedule == "interval":
@@ -59,11 +68,13 @@ class SamplingConfig:
                 f"top_k must be None or an int in [1, {codebook_size}] (codebook size), got {self.top_k!r}"
             )
         p = self.top_p
-        if isinstance(p, bool) or not isinstance(p, numbers.Real) or not 0 < p <= 1:
-            raise ValueError(f"top_p must be in (0, 1] (1 = off), got {p!r}")
+        if isinstance(p, bool) or not isinstance(p, numbers.Real) or not MIN_TOP_P <= p <= 1:
+            raise ValueError(f"top_p must be in [{MIN_TOP_P:g}, 1] (1 = off), got {p!r}")
         t = self.temperature
-        if isinstance(t, bool) or not isinstance(t, numbers.Real) or not math.isfinite(t) or t < 0:
-            raise ValueError(f"temperature must be a finite number >= 0 (0 = greedy), got {t!r}")
+        if isinstance(t, bool) or not isinstance(t, numbers.Real) or not math.isfinite(t) or t < 0 or \
+                0 < t < MIN_TEMPERATURE or t > MAX_TEMPERATURE:
+            raise ValueError(f"temperature must be 0 (greedy) or in [{MIN_TEMPERATURE:g}, {MAX_TEMPERATURE:g}], "
+                             f"got {t!r}")
 
     def scales(self, n_tokens: int) -> list[float]:
         """Guidance scale at each of the n_tokens image steps (python floats: known before sampling)."""
