@@ -159,3 +159,22 @@ def test_fields_added_later_leave_old_configs_and_fingerprints_alone():
     b = ImageTokenizer(TokenizerConfig.from_dict({**TINY, "norm": "group"}))
     b.load_state_dict(a.state_dict())
     assert a.fingerprint() == b.fingerprint()
+
+
+def test_encode_refuses_values_outside_its_range_and_non_finite_weights(tok, tmp_path):
+    x = torch.rand(2, 3, tok.image_size, tok.image_size)
+    with pytest.raises(ValueError, match="divide 0-255 pixels by 255"):
+        tok.encode(x * 255)
+    with pytest.raises(ValueError, match=r"in \[0, 1\]"):
+        tok.encode(torch.full_like(x, float("nan")))
+    tok.save_pretrained(tmp_path / "t")
+    from safetensors.torch import load_file, save_file
+
+    state = load_file(str(tmp_path / "t" / "model.safetensors"))
+    name = next(k for k, v in state.items() if v.is_floating_point())
+    save_file({**state, name: torch.full_like(state[name], float("nan"))}, str(tmp_path / "t" / "model.safetensors"))
+    with pytest.raises(ValueError, match=f"non-finite values .*{name}"):
+        ImageTokenizer.from_pretrained(tmp_path / "t")
+    save_file({**state, name: state[name].to(torch.int32)}, str(tmp_path / "t" / "model.safetensors"))
+    with pytest.raises(ValueError, match="wrong dtype"):
+        ImageTokenizer.from_pretrained(tmp_path / "t")

@@ -35,6 +35,9 @@ NORMS = ("group", "channel")
 LATER_FIELDS = {"norm": "group"}
 
 
+RANGE_SLACK = 1e-3  # encode() accepts pixels this far outside [0, 1] (resampling overshoot, rounding)
+
+
 @dataclass
 class TokenizerConfig:
     image_size: int = 64  # side of the square images it encodes, in pixels
@@ -288,6 +291,11 @@ class ImageTokenizer(nn.Module):
     def encode(self, images: torch.Tensor) -> torch.Tensor:
         """float (B, 3, H, W) in [0, 1] -> LongTensor (B, h, w)."""
         self._check_images(images)
+        if images.numel():
+            low, high = torch.aminmax(images.detach().float())
+            if not (torch.isfinite(low) and torch.isfinite(high)) or low < -RANGE_SLACK or high > 1 + RANGE_SLACK:
+                raise ValueError(f"expected float images in [0, 1], got values in [{low.item():g}, {high.item():g}]"
+                                 f"{'; divide 0-255 pixels by 255' if high > 2 else ''}")
         images = images.to(self.device, torch.float32)
         return self.quantize(images)[1].long()
 
@@ -398,6 +406,14 @@ def load_state_strict(model: nn.Module, weights_file: str) -> None:
         )
     if misshapen:
         problems.append(f"misshapen {len(misshapen)} ({'; '.join(misshapen[:3])})")
+    if not problems:  # the right names and shapes: now the values (NaN or int weights would draw garbage)
+        wrong = [f"{k}: {state[k].dtype} vs {v.dtype}" for k, v in expected.items()
+                 if state[k].dtype != v.dtype and not (state[k].is_floating_point() and v.is_floating_point())]
+        if wrong:
+            problems.append(f"wrong dtype {len(wrong)} ({'; '.join(wrong[:3])})")
+        bad = [k for k, v in state.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+        if bad:
+            problems.append(f"non-finite values (NaN or inf) in {len(bad)} ({', '.join(bad[:5])})")
     if problems:
         raise ValueError(
             f"weights in {weights_file} do not match the {type(model).__name__} described by its config: "
