@@ -127,8 +127,39 @@ def parse_args(argv=None):
 
     args = p.parse_args(argv)
     if args.stage in ("tokenizer", "gpt"):
+        check_args(p, args)
         resolve_out(p, args)
     return p, args
+
+
+def check_args(parser, args) -> None:
+    """Numbers that would train nothing, divide by zero or step uphill are refused here, naming the flag."""
+    import math
+
+    positive = ["steps", "batch_size", "grad_accum", "save_every", "eval_every", "log_every", "keep", "image_size",
+                "text_len", "text_vocab"]
+    for name in positive:
+        value = getattr(args, name, None)
+        if value is not None and value < 1:
+            parser.error(f"--{name.replace('_', '-')} must be >= 1, got {value}")
+    for name, low in (("lr", 0.0), ("clip", 0.0), ("weight_decay", None), ("gan_weight", None),
+                      ("perceptual_weight", None), ("cfg_dropout", None), ("text_loss_weight", None)):
+        value = getattr(args, name, None)
+        if value is None:
+            continue
+        if not math.isfinite(value) or value < 0 or (low is not None and value <= low):
+            parser.error(f"--{name.replace('_', '-')} must be a finite number {'>' if low is not None else '>='} 0, "
+                         f"got {value}")
+    if getattr(args, "cfg_dropout", None) is not None and args.cfg_dropout > 1:
+        parser.error(f"--cfg-dropout is a probability, got {args.cfg_dropout}")
+    if args.warmup is not None and args.warmup < 0:
+        parser.error(f"--warmup must be >= 0, got {args.warmup}")
+    if args.limit is not None and args.limit < 1:
+        parser.error(f"--limit must be >= 1, got {args.limit}")
+    if args.workers is not None and args.workers < 0:
+        parser.error(f"--workers must be >= 0, got {args.workers}")
+    if getattr(args, "fsq_levels", None) and min(args.fsq_levels) < 2:
+        parser.error(f"--fsq-levels must each be >= 2, got {args.fsq_levels}")
 
 
 def resolve_out(parser, args) -> None:
@@ -428,24 +459,41 @@ DEFAULT_PROMPTS = {
 }
 
 
-def load_gpt_data(args, image_tok, verbose: bool = True):
-    """Codes and captions of the train and test splits, filtered by --include/--exclude, then --limit."""
-    kw = dict(image_column=args.image_column, caption_column=args.caption_column)
-    filtered = args.include is not None or args.exclude is not None
-    codes, captions = vdata.load_codes(args.data, "train", image_tok, limit=None if filtered else args.limit, **kw)
-    test_codes, test_captions = vdata.load_codes(args.data, "test", image_tok, **kw)
-    if not filtered:
-        return codes, captions, test_codes, test_captions
+MAX_HELD_OUT = 2048  # held-out images evaluated during training (bits per token), spread over the split
+MAX_TEXT_SAMPLE = 100_000  # captions a new BPE and the text context are fitted on, spread over the set
 
-    idx = vdata.caption_filter(captions, args.include, args.exclude)[: args.limit]
-    test_idx = vdata.caption_filter(test_captions, args.include, args.exclude)
-    if not idx:
-        raise ValueError(f"no training caption of {args.data} passes --include {args.include!r} "
-                         f"--exclude {args.exclude!r}")
-    if verbose:
-        print(f"data: {len(idx)} of {len(captions)} training and {len(test_idx)} of {len(test_captions)} held-out "
-              "images pass --include/--exclude", flush=True)
-    return codes[idx], [captions[i] for i in idx], test_codes[test_idx], [test_captions[i] for i in test_idx]
+
+def load_gpt_data(args, image_tok, d: T.Dist):
+    """The memory-mapped codes stores of the train and test splits (`vqgpt.encode`: built on the first run for
+    this data and tokenizer, each rank encoding its own shards), and the store rows that the stage uses: those
+    whose caption passes --include/--exclude, then the first --limit of them; held-out rows at most
+    MAX_HELD_OUT, spread over the split."""
+    from vqgpt.encode import encode
+
+    kw = dict(image_column=args.image_column, caption_column=args.caption_column, rank=d.rank, world=d.world,
+              progress=d.main)
+    filtered = args.include is not None or args.exclude is not None
+    train = encode(args.data, "train", image_tok, limit=None if filtered else args.limit, **kw)
+    test = encode(args.data, "test", image_tok, **kw)
+    rows, test_rows = np.arange(len(train), dtype=np.int64), np.arange(len(test), dtype=np.int64)
+    if filtered:
+        rows = np.asarray(vdata.caption_filter(train.iter_captions(), args.include, args.exclude)[: args.limit],
+                          dtype=np.int64)
+        test_rows = np.asarray(vdata.caption_filter(test.iter_captions(), args.include, args.exclude), dtype=np.int64)
+        if not len(rows):
+            raise ValueError(f"no training caption of {args.data} passes --include {args.include!r} "
+                             f"--exclude {args.exclude!r}")
+        if d.main:
+            print(f"data: {len(rows)} of {len(train)} training and {len(test_rows)} of {len(test)} held-out "
+                  "images pass --include/--exclude", flush=True)
+    return train, rows, test, spread(test_rows, MAX_HELD_OUT)
+
+
+def spread(rows: np.ndarray, n: int) -> np.ndarray:
+    """At most n of `rows`, evenly spread over them (all of them when there are fewer)."""
+    if len(rows) <= n:
+        return rows
+    return rows[np.linspace(0, len(rows) - 1, n).round().astype(np.int64)]
 
 
 def train_gpt(args) -> Path:
@@ -483,7 +531,8 @@ def train_gpt(args) -> Path:
         tok_dir = resume.file("image_tokenizer") if resume is not None else Path(args.tokenizer or "runs/tok")
         image_tok = ImageTokenizer.from_pretrained(tok_dir, device=d.device)
     image_tok.requires_grad_(False)
-    codes, captions, test_codes, test_captions = load_gpt_data(args, image_tok, d.main)
+    store, rows, test_store, test_rows = load_gpt_data(args, image_tok, d)
+    captions = store.captions(spread(rows, MAX_TEXT_SAMPLE))  # what a new BPE and the text context are fitted on
 
     new_ids: dict[int, list[int]] = {}  # new text token id -> the old ids that spelled it
     if resume is not None:
@@ -504,15 +553,15 @@ def train_gpt(args) -> Path:
             raise ValueError("--lora-rank needs --init: adapters fine-tune a trained model")
         text_tok = (TextTokenizer.from_pretrained(args.text_tokenizer) if args.text_tokenizer
                     else TextTokenizer.train(captions, vocab_size=args.text_vocab))
-        text_len = args.text_len or fit_text_len(text_tok, captions)
+        text_len = args.text_len or fit_text_len(text_tok, captions, verbose=d.main)
         overrides = {k: v for k, v in (("cfg_dropout", args.cfg_dropout), ("text_loss_weight", args.text_loss_weight))
                      if v is not None}
         config = gpt_config(args.preset, text_vocab_size=text_tok.vocab_size, text_pad_id=text_tok.pad_id,
                             text_len=text_len, image_vocab_size=image_tok.codebook_size,
                             image_grid=(image_tok.grid_size, image_tok.grid_size), **overrides)
-    text_ids = text_tok(captions, config.text_len)  # (N, T_text)
-    test_ids = text_tok(test_captions, config.text_len)
-    codes, test_codes = codes.flatten(1), test_codes.flatten(1)  # (N, h*w)
+    test_ids = text_tok(test_store.captions(test_rows), config.text_len)  # (N_test, T_text)
+    test_codes = test_store.codes(test_rows)  # (N_test, h*w)
+    del captions
 
     torch.manual_seed(args.seed)  # the same initial weights on every rank and every run
     adapter = None
@@ -546,14 +595,14 @@ def train_gpt(args) -> Path:
     warmup = args.warmup if args.warmup is not None else max(1, args.steps // 20)
     per_rank = rank_batch_size(args, d)
     bf16 = T.use_bf16(d.device, args.precision)
-    prompts = args.sample_prompts or DEFAULT_PROMPTS.get(args.data, captions[:8])
+    prompts = args.sample_prompts or DEFAULT_PROMPTS.get(args.data) or store.captions(rows[:8])
     trainable = trainable_summary(model)
     run_config = {"stage": "gpt", "gpt": config.to_dict(), "args": vars(args), "world": d.world,
                   "params": model.num_params(), "image_tokenizer": image_tok.fingerprint(), **trainable}
     wb = T.init_wandb(args.wandb, "vqgpt", f"gpt-{out.name}", run_config, str(out), enabled=d.main)
     if d.main:
         print(f"gpt: {model.num_params() / 1e6:.2f}M params ({trainable['trainable_params'] / 1e6:.3f}M trainable), "
-              f"{len(codes)} train / {len(test_codes)} held-out images, sequence {config.text_len} text + 1 + "
+              f"{len(rows)} train / {len(test_codes)} held-out images, sequence {config.text_len} text + 1 + "
               f"{config.n_image} image tokens, {'bf16' if bf16 else 'fp32'} autocast", flush=True)
     # The sampling defaults saved with the model (sample.py and TextToImage use them unless told otherwise).
     given = {"cfg_scale": args.sample_cfg, "cfg_schedule": args.sample_cfg_schedule, "top_k": args.sample_top_k,
@@ -591,8 +640,11 @@ def train_gpt(args) -> Path:
         lr = T.lr_at(step, max_lr=args.lr, warmup=warmup, total=args.steps)
         for g in optimizer.param_groups:
             g["lr"] = lr
-        idx = T.epoch_batch(len(codes), step, args.batch_size, args.seed)[d.rank * per_rank:(d.rank + 1) * per_rank]
-        t_b, c_b = text_ids[idx].to(d.device), codes[idx].to(d.device)
+        # This rank's rows of the step's batch, read from the memory-mapped store and tokenised here.
+        pos = T.epoch_batch(len(rows), step, args.batch_size, args.seed)[d.rank * per_rank:(d.rank + 1) * per_rank]
+        idx = rows[pos.numpy()]
+        t_b = text_tok(store.captions(idx), config.text_len).to(d.device)  # (B, T_text)
+        c_b = store.codes(idx).to(d.device)  # (B, h*w)
         optimizer.zero_grad(set_to_none=True)
         for t_m, c_m in zip(t_b.chunk(args.grad_accum), c_b.chunk(args.grad_accum)):
             with T.autocast(d.device, bf16):
@@ -638,11 +690,20 @@ def train_gpt(args) -> Path:
     return out
 
 
-def fit_text_len(text_tok, captions: list[str], quantile: float = 0.99) -> int:
-    """The text context: long enough for 99% of the captions, rounded up to a multiple of 8."""
+MAX_TEXT_LEN = 256  # the fitted text context never exceeds this (--text-len may)
+
+
+def fit_text_len(text_tok, captions: list[str], quantile: float = 0.99, verbose: bool = True) -> int:
+    """The text context: long enough for 99% of the captions, rounded up to a multiple of 8, at most
+    MAX_TEXT_LEN (one very long caption among a few would otherwise set it, and every step pays for it)."""
     lengths = sorted(len(text_tok.hf(c)["input_ids"]) for c in captions[:5000])
     need = lengths[min(len(lengths) - 1, int(quantile * len(lengths)))]
-    return max(8, -(-need // 8) * 8)
+    text_len = min(MAX_TEXT_LEN, max(8, -(-need // 8) * 8))
+    cut = sum(n > text_len for n in lengths)
+    if cut and verbose:
+        print(f"text context {text_len} tokens: {cut} of {len(lengths)} captions looked at are longer and will be "
+              f"truncated (--text-len sets it)", flush=True)
+    return text_len
 
 
 @torch.no_grad()

@@ -90,6 +90,25 @@ def test_gpt_stage_and_sampling(trained, tmp_path):
     bad = run("sample.py", "--ckpt", runs / "t2i", "--prompt", "x", "--top-k", "0", "--out", tmp_path / "g.png",
               check=False, env=cache)
     assert bad.returncode != 0 and "top_k" in bad.stderr and "Traceback" not in bad.stderr
+    # --batch-size bounds the rows sampled at once (and the KV cache); the images do not depend on it
+    prompts = ["a red square on the left", "a blue square", "a green square on the right"]
+    one = pipe(prompts, num_images=3, seed=5, top_k=8, batch_size=1)
+    many = pipe(prompts, num_images=3, seed=5, top_k=8, batch_size=64)
+    assert all(x.tobytes() == y.tobytes() for x, y in zip(one, many))
+    cli = tmp_path / "cli"
+    run("sample.py", "--ckpt", runs / "t2i", *[a for p in prompts for a in ("--prompt", p)], "--n", "3", "--seed", "5",
+        "--top-k", "8", "--batch-size", "2", "--out", cli / "grid.png", env=cache)
+    from PIL import Image
+
+    for i in range(3):
+        for j in range(3):
+            (path,) = cli.glob(f"grid-{i:02d}-{j}-*.png")
+            assert Image.open(path).tobytes() == many[i * 3 + j].tobytes()
+    # bad --out, --batch-size and seeds are refused before any sampling, in one line
+    for flags, says in ((["--out", tmp_path], "is a directory"), (["--batch-size", "0"], "--batch-size"),
+                        (["--seed", str(2**64)], "--seed")):
+        bad = run("sample.py", "--ckpt", runs / "t2i", "--prompt", "x", *flags, check=False, env=cache)
+        assert bad.returncode != 0 and says in bad.stderr and "Traceback" not in bad.stderr, bad.stderr[-1500:]
 
 
 def test_recall_samples_the_captions_the_model_was_trained_on(trained, folder, monkeypatch):

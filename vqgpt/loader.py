@@ -59,15 +59,14 @@ def decode(values: list[dict], image_size: int, where: str = "") -> torch.Tensor
 
     An image that fails to decode here passed the check when its set was loaded, so this is a disk fault: it
     is replaced by another image of the batch and counted in the log, not a crash hours into a run."""
-    from .data import _open_image, square_tensor, to_rgb
-
     out = torch.empty((len(values), 3, image_size, image_size), dtype=torch.uint8)
     bad = []
     for i, value in enumerate(values):
-        try:
-            out[i] = square_tensor(to_rgb(_open_image(value)), image_size)
-        except Exception:  # PIL raises many kinds of errors on a corrupt file: each means skip it
+        image = decode_one(value, image_size)
+        if image is None:
             bad.append(i)
+        else:
+            out[i] = image
     if bad:
         good = [i for i in range(len(values)) if i not in bad]
         if not good:
@@ -76,6 +75,16 @@ def decode(values: list[dict], image_size: int, where: str = "") -> torch.Tensor
         for j, i in enumerate(bad):
             out[i] = out[good[j % len(good)]]
     return out
+
+
+def decode_one(value: dict, image_size: int) -> torch.Tensor | None:
+    """One undecoded `datasets` image -> uint8 (3, S, S), or None when it cannot be decoded."""
+    from .data import _open_image, square_tensor, to_rgb
+
+    try:
+        return square_tensor(to_rgb(_open_image(value)), image_size)
+    except Exception:  # PIL raises many kinds of errors on a corrupt file: each means skip it
+        return None
 
 
 def decode_rows(ds, rows, image_size: int) -> torch.Tensor:

@@ -63,11 +63,12 @@ class TextToImage:
     # --- sampling ---------------------------------------------------------------------------------------
     @torch.no_grad()
     def generate_codes(self, prompts: list[str], num_images: int = 1, seed: int = 0, progress=False,
-                       compile: bool = False, cuda_graph: bool = False, **kw):
+                       compile: bool = False, cuda_graph: bool = False, batch_size: int | None = None, **kw):
         """Codes (len(prompts) * num_images, h, w); image j of prompt i uses seed + i * num_images + j.
 
-        compile / cuda_graph: the decode step through torch.compile (CPU) or replayed as a CUDA graph (GPU);
-        see `vqgpt.generate.generate`. Both pay a one-time cost that a large batch of images amortises.
+        batch_size: rows sampled at once (the KV cache is allocated for that many); the images do not depend
+        on it. compile / cuda_graph: the decode step through torch.compile (CPU) or replayed as a CUDA graph
+        (GPU); see `vqgpt.generate.generate`. Both pay a one-time cost that a large batch of images amortises.
         """
         if isinstance(prompts, str):
             prompts = [prompts]
@@ -80,16 +81,23 @@ class TextToImage:
             raise TypeError(f"unknown sampling arguments {sorted(unknown)}")
         cfg = SamplingConfig(**{**asdict(self.sampling), **kw})
         cfg.validate(self.gpt.config.image_vocab_size)
+        if batch_size is not None and (not isinstance(batch_size, int) or batch_size < 1):
+            raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
         rows = [p for p in prompts for _ in range(num_images)]
-        text_ids = self.text_tokenizer(rows, self.gpt.config.text_len)
-        seeds = torch.arange(len(rows), dtype=torch.long) + int(seed)
-        return generate(self.gpt, text_ids, cfg, seeds, progress=progress, compile=compile, cuda_graph=cuda_graph)
+        step = batch_size or len(rows)
+        out = []
+        for start in range(0, len(rows), step):
+            text_ids = self.text_tokenizer(rows[start:start + step], self.gpt.config.text_len)
+            seeds = torch.arange(start, min(start + step, len(rows)), dtype=torch.long) + int(seed)
+            out.append(generate(self.gpt, text_ids, cfg, seeds, progress=progress, compile=compile,
+                                cuda_graph=cuda_graph))
+        return torch.cat(out)
 
     def __call__(self, prompts, num_images: int = 1, *, seed: int = 0, batch_size: int = 64, **kw):
         """A list of PIL images, prompt-major. Same seed -> same images, whatever batch_size."""
         from PIL import Image
 
-        codes = self.generate_codes(prompts, num_images, seed, **kw)
+        codes = self.generate_codes(prompts, num_images, seed, batch_size=batch_size, **kw)
         out = []
         for chunk in codes.split(batch_size):
             pixels = self.image_tokenizer.decode(chunk)  # (b, 3, H, W) in [0, 1]
@@ -164,6 +172,9 @@ class TextToImage:
         return pipe.merge_adapter() if merge else pipe
 
 
+MAX_LABEL = 60  # characters of a grid row's label
+
+
 def image_grid(rows: list, labels: list[str] | None = None, pad: int = 2):
     """Tile rows of images (lists of PIL images, or float tensors (n, 3, H, W) in [0, 1]) into one PIL
     image, one row per entry, with an optional text label at the left of each row."""
@@ -172,6 +183,8 @@ def image_grid(rows: list, labels: list[str] | None = None, pad: int = 2):
     rows = [_to_pil_list(r) for r in rows]
     W, H = rows[0][0].size
     n = max(len(r) for r in rows)
+    if labels:  # a label is one line of the default font, 6 px a character: long prompts are cut short
+        labels = [s if len(s) <= MAX_LABEL else s[:MAX_LABEL - 3] + "..." for s in labels]
     label_w = 0 if not labels else 8 + 6 * max(len(s) for s in labels)
     grid = Image.new("RGB", (label_w + n * (W + pad) + pad, len(rows) * (H + pad) + pad), "white")
     draw = ImageDraw.Draw(grid)

@@ -357,6 +357,15 @@ class ImageTokenizer(nn.Module):
         return model.to(device).eval()
 
 
+def looks_local(path: str) -> bool:
+    """Is `path` meant as a local path rather than a hub repo id 'owner/name'? A mistyped `runs/tokk` must
+    not become a network request (slow, and it sends the path away): any path whose first part exists here
+    (`runs/`), or that is absolute, relative (./, ../, ~) or not of the form owner/name, is local."""
+    if path.startswith((".", "/", "~")) or path.count("/") != 1 or Path(path).exists():
+        return True
+    return Path(path.split("/")[0]).exists()
+
+
 def _resolve_files(path: str) -> tuple[str, str]:
     local = Path(path)
     if local.is_dir():
@@ -367,8 +376,8 @@ def _resolve_files(path: str) -> tuple[str, str]:
                 f"(expected {CONFIG_NAME} and {WEIGHTS_NAME}, as written by save_pretrained)"
             )
         return str(local / CONFIG_NAME), str(local / WEIGHTS_NAME)
-    if local.exists() or path.startswith((".", "/", "~")) or path.count("/") != 1:
-        raise FileNotFoundError(f"no tokenizer directory at {path!r} (and it is not a hub repo id 'owner/name')")
+    if looks_local(path):
+        raise FileNotFoundError(f"no tokenizer directory at {path!r} (a local path: the hub was not asked)")
     try:
         from huggingface_hub import hf_hub_download
 

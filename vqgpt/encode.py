@@ -1,0 +1,346 @@
+"""Images -> a sharded, memory-mapped store of image-tokenizer codes with their captions.
+
+    python -m vqgpt.encode --data DATA --tokenizer runs/tok --out codes/            # one process
+    torchrun --nproc_per_node 8 -m vqgpt.encode --data DATA --tokenizer runs/tok --out codes/   # 8 ranks
+
+The GPT stage reads codes from here and never holds a dataset in memory (`train.py gpt` builds the store of
+its data and tokenizer under the cache when there is none). A store is a directory:
+
+    shard-00000.codes.npy     (n, h, w) int16 (int32 for codebooks over 32,767): np.load(mmap_mode="r")
+    shard-00000.text.bin      the n captions, UTF-8, back to back
+    shard-00000.offsets.npy   (n + 1,) int64 byte offsets of the captions in text.bin
+    shard-00000.json          {"count", "rows", "skipped", "sha256"}: written last, marks the shard finished
+    manifest.json             written last of all: counts, codes_sha256, tokenizer fingerprint, data identity
+
+Shard k holds source rows [k * shard_size, (k + 1) * shard_size), whatever the number of ranks, and rank r
+encodes the shards k with k % world == r. So 1 and 8 ranks write the same files, and a killed run, started
+again, encodes only the shards that have no .json yet. Every file goes through a temporary name and a rename.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import logging
+import os
+import re
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from . import data as vdata
+from .checkpoint import atomic_write_bytes
+from .training import rank_zero_first
+
+log = logging.getLogger(__name__)
+
+MANIFEST = "manifest.json"
+VERSION = 1
+SHARD_SIZE = 8192  # images per shard: 1 MB of int16 codes at a 8x8 grid, 8 MB at 16x16
+
+
+def data_identity(spec: str, split: str, image_size: int, **spec_kwargs) -> dict:
+    """What the codes depend on besides the tokenizer: the source, split, size and loader options; for a
+    folder every file's name, size and mtime, for an embedded set its version."""
+    kind, value = vdata._resolve(spec)
+    identity = {"kind": kind, "spec": value, "split": split, "size": image_size,
+                **{k: v for k, v in sorted(spec_kwargs.items()) if v is not None}}
+    if kind in vdata.EMBEDDED:
+        identity["version"] = vdata._embedded_version(kind)
+    elif kind == "folder":
+        identity["files"] = vdata._folder_signature(value)
+    return identity
+
+
+def store_dir(spec: str, split: str, tokenizer, image_size: int | None = None, **spec_kwargs) -> Path:
+    """The default home of a store: under the cache, keyed by the tokenizer fingerprint and the data."""
+    size = image_size or tokenizer.image_size
+    identity = data_identity(spec, split, size, **spec_kwargs)
+    key = hashlib.sha1(json.dumps({"tokenizer": tokenizer.fingerprint(), "data": identity},
+                                  sort_keys=True).encode()).hexdigest()
+    kind, value = vdata._resolve(spec)
+    slug = re.sub(r"[^\w.-]+", "_", Path(value).name if kind == "folder" else value)[-40:]
+    return vdata.cache_root() / "stores" / f"{slug}-{split}-{size}px-{key[:20]}"
+
+
+# --- reading ----------------------------------------------------------------------------------------------
+class CodeStore:
+    """A finished store, memory-mapped: random access to any row's codes and caption in O(1)."""
+
+    def __init__(self, path: Path, manifest: dict):
+        self.path, self.manifest = path, manifest
+        self.grid = tuple(manifest["grid"])
+        self.codebook_size = manifest["codebook_size"]
+        counts = np.array([s["count"] for s in manifest["shards"]], dtype=np.int64)
+        self._starts = np.concatenate([[0], np.cumsum(counts)])  # global row where each shard starts
+        self._codes: dict[int, np.ndarray] = {}
+        self._text: dict[int, tuple[np.memmap, np.ndarray]] = {}
+
+    @classmethod
+    def open(cls, path: str | os.PathLike) -> CodeStore:
+        path = Path(path)
+        try:
+            manifest = json.loads((path / MANIFEST).read_text())
+        except FileNotFoundError:
+            raise ValueError(f"{path} is not a finished codes store: no {MANIFEST} (run `python -m vqgpt.encode` "
+                             f"again with the same --out to finish it)") from None
+        except (OSError, json.JSONDecodeError) as e:
+            raise ValueError(f"{path / MANIFEST} is unreadable ({e}); delete {path} and encode again") from e
+        if not isinstance(manifest, dict) or manifest.get("version") != VERSION or "shards" not in manifest:
+            raise ValueError(f"{path / MANIFEST} is not a vqgpt codes store manifest (version {VERSION})")
+        for shard in manifest["shards"]:
+            if not (path / f"{shard['file']}.codes.npy").is_file():
+                raise ValueError(f"{path} lacks {shard['file']}.codes.npy that its manifest lists")
+        return cls(path, manifest)
+
+    def __len__(self) -> int:
+        return int(self._starts[-1])
+
+    def _locate(self, idx) -> tuple[np.ndarray, np.ndarray]:
+        idx = np.asarray(idx, dtype=np.int64).reshape(-1)
+        if idx.size and (idx.min() < 0 or idx.max() >= len(self)):
+            raise IndexError(f"row {int(idx.max() if idx.max() >= len(self) else idx.min())} is outside the "
+                             f"store's {len(self)} rows")
+        shard = np.searchsorted(self._starts, idx, side="right") - 1
+        return shard, idx - self._starts[shard]
+
+    def _shard_codes(self, k: int) -> np.ndarray:
+        if k not in self._codes:
+            self._codes[k] = np.load(self.path / f"{self.manifest['shards'][k]['file']}.codes.npy", mmap_mode="r")
+        return self._codes[k]
+
+    def _shard_text(self, k: int) -> tuple[np.memmap, np.ndarray]:
+        if k not in self._text:
+            name = self.manifest["shards"][k]["file"]
+            offsets = np.load(self.path / f"{name}.offsets.npy", mmap_mode="r")
+            text = np.memmap(self.path / f"{name}.text.bin", dtype=np.uint8, mode="r") if offsets[-1] else \
+                np.zeros(0, np.uint8)
+            self._text[k] = (text, offsets)
+        return self._text[k]
+
+    def codes(self, idx) -> torch.Tensor:
+        """LongTensor (len(idx), h*w): the codes of rows `idx`, raster order."""
+        shard, row = self._locate(idx)
+        h, w = self.grid
+        out = np.empty((len(shard), h * w), dtype=np.int64)
+        for i, (k, r) in enumerate(zip(shard.tolist(), row.tolist())):
+            out[i] = self._shard_codes(k)[r].reshape(-1)
+        return torch.from_numpy(out)
+
+    def captions(self, idx) -> list[str]:
+        shard, row = self._locate(idx)
+        out = []
+        for k, r in zip(shard.tolist(), row.tolist()):
+            text, offsets = self._shard_text(k)
+            out.append(bytes(text[offsets[r]:offsets[r + 1]]).decode("utf-8"))
+        return out
+
+    def caption(self, i: int) -> str:
+        return self.captions([i])[0]
+
+    def iter_captions(self):
+        """Every caption in store order, one shard in memory at a time."""
+        for k, shard in enumerate(self.manifest["shards"]):
+            text, offsets = self._shard_text(k)
+            blob = bytes(text)
+            for r in range(shard["count"]):
+                yield blob[offsets[r]:offsets[r + 1]].decode("utf-8")
+
+
+# --- writing ----------------------------------------------------------------------------------------------
+def _codes_sha256(codes: np.ndarray) -> str:
+    return hashlib.sha256(np.ascontiguousarray(codes, dtype="<i4").tobytes()).hexdigest()
+
+
+def _atomic_npy(path: Path, array: np.ndarray) -> None:
+    import io
+
+    buf = io.BytesIO()
+    np.save(buf, array)
+    atomic_write_bytes(path, buf.getvalue())
+
+
+def _shard_done(out: Path, name: str) -> dict | None:
+    """The shard's record if it is finished and its codes file is intact, else None (encode it again)."""
+    try:
+        record = json.loads((out / f"{name}.json").read_text())
+        codes = np.load(out / f"{name}.codes.npy", mmap_mode="r")
+    except (OSError, ValueError):
+        return None
+    if len(codes) != record.get("count") or _codes_sha256(codes) != record.get("sha256"):
+        return None
+    return record
+
+
+@torch.no_grad()
+def _encode_shard(ds, rows: range, tokenizer, size: int, batch_size: int, dtype) -> tuple[np.ndarray, list, Counter]:
+    """Codes and captions of source rows `rows`; rows that fail to decode or encode are skipped and counted."""
+    import datasets
+
+    from .loader import decode_one
+
+    raw = ds.cast_column("image", datasets.Image(decode=False))
+    device = next(tokenizer.parameters()).device
+    codes, captions, skipped = [], [], Counter()
+    for start in range(rows.start, rows.stop, batch_size):
+        batch = raw[start:min(start + batch_size, rows.stop)]
+        images, texts = [], []
+        for value, text in zip(batch["image"], batch["text"]):
+            image = decode_one(value, size)
+            if image is None:
+                skipped["unreadable"] += 1
+                continue
+            images.append(image)
+            texts.append(text)
+        if not images:
+            continue
+        x = torch.stack(images).to(device).float().div_(255)
+        codes.append(tokenizer.encode(x).cpu().numpy().astype(dtype))
+        captions += texts
+    h = w = tokenizer.grid_size
+    return (np.concatenate(codes) if codes else np.zeros((0, h, w), dtype)), captions, skipped
+
+
+def _write_shard(out: Path, name: str, rows: range, codes: np.ndarray, captions: list[str], skipped: Counter):
+    blobs = [c.encode("utf-8") for c in captions]
+    offsets = np.concatenate([[0], np.cumsum([len(b) for b in blobs], dtype=np.int64)]).astype(np.int64)
+    _atomic_npy(out / f"{name}.codes.npy", codes)
+    atomic_write_bytes(out / f"{name}.text.bin", b"".join(blobs))
+    _atomic_npy(out / f"{name}.offsets.npy", offsets)
+    record = {"count": len(codes), "rows": [rows.start, rows.stop], "skipped": dict(skipped),
+              "sha256": _codes_sha256(codes)}
+    atomic_write_bytes(out / f"{name}.json", json.dumps(record).encode())  # last: the shard is finished
+    return record
+
+
+def _barrier() -> None:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        dist.barrier()
+
+
+def encode(spec: str, split: str, tokenizer, out: str | os.PathLike | None = None, *, image_size: int | None = None,
+           batch_size: int = 256, shard_size: int = SHARD_SIZE, rank: int = 0, world: int = 1, progress: bool = True,
+           **spec_kwargs) -> CodeStore:
+    """Encode split `split` of `spec` into the store at `out` (default: `store_dir`) and open it.
+
+    A finished store of the same tokenizer and data is opened at once; one of another is an error. Every rank
+    calls this with its own `rank`; rank 0 writes the manifest once all shards exist.
+    spec_kwargs: image_column, caption_column, limit (as `vqgpt.data.load_captioned` takes them).
+    """
+    size = image_size or tokenizer.image_size
+    out = Path(out) if out is not None else store_dir(spec, split, tokenizer, size, **spec_kwargs)
+    identity = data_identity(spec, split, size, **spec_kwargs)
+    fingerprint = tokenizer.fingerprint()
+    if (out / MANIFEST).is_file():
+        store = CodeStore.open(out)
+        if store.manifest.get("tokenizer") == fingerprint and store.manifest.get("data") == identity:
+            return store
+        theirs = store.manifest.get("data") or {}
+        raise ValueError(f"{out} holds the codes of another tokenizer or data ({theirs.get('spec')} "
+                         f"{theirs.get('split')}, tokenizer {str(store.manifest.get('tokenizer'))[:12]}); "
+                         f"use another --out")
+    t0 = time.time()
+    with rank_zero_first():  # one rank renders / converts the data into the shared cache, then the others read it
+        ds = vdata.load_captioned(spec, split, image_size=size, **spec_kwargs)
+    n = len(ds)
+    dtype = np.int16 if tokenizer.codebook_size <= np.iinfo(np.int16).max else np.int32
+    names = [f"shard-{k:05d}" for k in range(max(1, -(-n // shard_size)))]
+    out.mkdir(parents=True, exist_ok=True)
+    was_training = tokenizer.training
+    tokenizer.eval()
+    mine = [k for k in range(len(names)) if k % world == rank]
+    encoded = 0
+    try:
+        for k in mine:
+            if _shard_done(out, names[k]) is not None:
+                continue
+            rows = range(k * shard_size, min((k + 1) * shard_size, n))
+            codes, captions, skipped = _encode_shard(ds, rows, tokenizer, size, batch_size, dtype)
+            _write_shard(out, names[k], rows, codes, captions, skipped)
+            encoded += len(rows)
+            if progress:
+                rate = encoded / max(time.time() - t0, 1e-9)
+                print(f"encode: {names[k]} ({len(codes)} images) on rank {rank}, {rate:.0f} images/s", flush=True)
+    finally:
+        tokenizer.train(was_training)
+    _barrier()
+    if rank == 0:
+        _write_manifest(out, names, identity, fingerprint, tokenizer, dtype)
+    _barrier()
+    return CodeStore.open(out)
+
+
+def _write_manifest(out: Path, names: list[str], identity: dict, fingerprint: str, tokenizer, dtype) -> None:
+    total, shards, skipped, digest = 0, [], Counter(), hashlib.sha256()
+    for name in names:
+        record = _shard_done(out, name)
+        if record is None:
+            raise RuntimeError(f"{out / name} is missing or corrupt after encoding (another process writing "
+                               f"into {out}?); run the same command again")
+        codes = np.load(out / f"{name}.codes.npy", mmap_mode="r")
+        digest.update(np.ascontiguousarray(codes, dtype="<i4").tobytes())
+        shards.append({"file": name, "count": record["count"], "sha256": record["sha256"]})
+        skipped.update(record["skipped"])
+        total += record["count"]
+    if total == 0:
+        raise ValueError(f"no image of {identity['spec']} ({identity['split']}) could be encoded: "
+                         f"skipped {dict(skipped)}")
+    manifest = {"version": VERSION, "count": total, "codes_sha256": digest.hexdigest(), "tokenizer": fingerprint,
+                "data": identity, "grid": [tokenizer.grid_size, tokenizer.grid_size],
+                "codebook_size": tokenizer.codebook_size, "dtype": np.dtype(dtype).name, "skipped": dict(skipped),
+                "shards": shards}
+    if skipped:
+        log.warning("encode: skipped %d images of %s: %s", sum(skipped.values()), identity["spec"], dict(skipped))
+    atomic_write_bytes(out / MANIFEST, (json.dumps(manifest, indent=1) + "\n").encode())
+
+
+# --- command line -------------------------------------------------------------------------------------------
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data", required=True, help="openmoji | shapes | a folder | tar shards | parquet | a hub name")
+    p.add_argument("--tokenizer", required=True, help="an ImageTokenizer directory (train.py tokenizer --out)")
+    p.add_argument("--out", required=True, help="the store's directory")
+    p.add_argument("--split", default="train", choices=list(vdata.SPLITS))
+    p.add_argument("--image-column", default="image")
+    p.add_argument("--caption-column", default="text")
+    p.add_argument("--limit", type=int, default=None)
+    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--shard-size", type=int, default=SHARD_SIZE)
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    args = p.parse_args(argv)
+    for name in ("batch_size", "shard_size", "limit"):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
+            p.error(f"--{name.replace('_', '-')} must be >= 1")
+    from .tokenizer import ImageTokenizer
+    from .training import cleanup_distributed, setup_distributed
+
+    try:
+        d = setup_distributed(args.device)
+        tok = ImageTokenizer.from_pretrained(args.tokenizer, device=d.device)
+        t0 = time.time()
+        store = encode(args.data, args.split, tok, args.out, batch_size=args.batch_size, shard_size=args.shard_size,
+                       rank=d.rank, world=d.world, progress=d.main, image_column=args.image_column,
+                       caption_column=args.caption_column, limit=args.limit)
+        seconds = time.time() - t0
+        cleanup_distributed()
+    except (ValueError, FileNotFoundError, RuntimeError, OSError) as e:
+        if os.environ.get("VQGPT_DEBUG"):
+            raise
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    if d.main:
+        m = store.manifest
+        print(json.dumps({"store": str(store.path), "count": m["count"], "codes_sha256": m["codes_sha256"],
+                          "skipped": m["skipped"], "shards": len(m["shards"]), "world": d.world,
+                          "seconds": round(seconds, 2), "images_per_s": round(m["count"] / max(seconds, 1e-9), 1)}))
+
+
+if __name__ == "__main__":
+    main()
