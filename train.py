@@ -98,6 +98,9 @@ def parse_args(argv=None):
     common(gpt, "gpt")
     gpt.add_argument("--tokenizer", default=None, help="image tokenizer directory (stage 1 output; default "
                      "runs/tok, or the --init model's own)")
+    gpt.add_argument("--codes", default=None, metavar="DIR",
+                     help="the codes store of the data (`python -m vqgpt.encode --out DIR`; made there when "
+                          "missing); default: one under the cache, keyed by the data and the tokenizer")
     gpt.add_argument("--include", default=None, metavar="REGEX", help="train only on captions matching REGEX")
     gpt.add_argument("--exclude", default=None, metavar="REGEX", help="leave out captions matching REGEX")
     ft = gpt.add_argument_group("fine-tuning (see vqgpt/finetune.py)")
@@ -468,13 +471,17 @@ def load_gpt_data(args, image_tok, d: T.Dist):
     this data and tokenizer, each rank encoding its own shards), and the store rows that the stage uses: those
     whose caption passes --include/--exclude, then the first --limit of them; held-out rows at most
     MAX_HELD_OUT, spread over the split."""
-    from vqgpt.encode import encode
+    from vqgpt.encode import encode, split_dir
 
     kw = dict(image_column=args.image_column, caption_column=args.caption_column, rank=d.rank, world=d.world,
               progress=d.main)
     filtered = args.include is not None or args.exclude is not None
-    train = encode(args.data, "train", image_tok, limit=None if filtered else args.limit, **kw)
-    test = encode(args.data, "test", image_tok, **kw)
+
+    def where(split):
+        return split_dir(args.codes, split) if args.codes else None
+
+    train = encode(args.data, "train", image_tok, where("train"), limit=None if filtered else args.limit, **kw)
+    test = encode(args.data, "test", image_tok, where("test"), **kw)
     rows, test_rows = np.arange(len(train), dtype=np.int64), np.arange(len(test), dtype=np.int64)
     if filtered:
         rows = np.asarray(vdata.caption_filter(train.iter_captions(), args.include, args.exclude)[: args.limit],

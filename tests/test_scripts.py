@@ -92,9 +92,13 @@ def test_gpt_stage_and_sampling(trained, tmp_path):
     assert bad.returncode != 0 and "top_k" in bad.stderr and "Traceback" not in bad.stderr
     # --batch-size bounds the rows sampled at once (and the KV cache); the images do not depend on it
     prompts = ["a red square on the left", "a blue square", "a green square on the right"]
-    one = pipe(prompts, num_images=3, seed=5, top_k=8, batch_size=1)
+    one = pipe.generate_codes(prompts, num_images=3, seed=5, top_k=8, batch_size=1)
+    assert torch.equal(one, pipe.generate_codes(prompts, num_images=3, seed=5, top_k=8, batch_size=64))
     many = pipe(prompts, num_images=3, seed=5, top_k=8, batch_size=64)
-    assert all(x.tobytes() == y.tobytes() for x, y in zip(one, many))
+    import numpy as np
+
+    def close(x, y):  # the decoder's convolutions may round differently at another batch size: 1 level of 255
+        return np.abs(np.asarray(x, np.int16) - np.asarray(y, np.int16)).max() <= 1
     cli = tmp_path / "cli"
     run("sample.py", "--ckpt", runs / "t2i", *[a for p in prompts for a in ("--prompt", p)], "--n", "3", "--seed", "5",
         "--top-k", "8", "--batch-size", "2", "--out", cli / "grid.png", env=cache)
@@ -103,7 +107,7 @@ def test_gpt_stage_and_sampling(trained, tmp_path):
     for i in range(3):
         for j in range(3):
             (path,) = cli.glob(f"grid-{i:02d}-{j}-*.png")
-            assert Image.open(path).tobytes() == many[i * 3 + j].tobytes()
+            assert close(Image.open(path), many[i * 3 + j])
     # bad --out, --batch-size and seeds are refused before any sampling, in one line
     for flags, says in ((["--out", tmp_path], "is a directory"), (["--batch-size", "0"], "--batch-size"),
                         (["--seed", str(2**64)], "--seed")):

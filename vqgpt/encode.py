@@ -68,6 +68,11 @@ def store_dir(spec: str, split: str, tokenizer, image_size: int | None = None, *
     return vdata.cache_root() / "stores" / f"{slug}-{split}-{size}px-{key[:20]}"
 
 
+def split_dir(root: str | os.PathLike, split: str) -> Path:
+    """Where `python -m vqgpt.encode --out ROOT` (all splits) and `train.py gpt --codes ROOT` keep a split."""
+    return Path(root) / split
+
+
 # --- reading ----------------------------------------------------------------------------------------------
 class CodeStore:
     """A finished store, memory-mapped: random access to any row's codes and caption in O(1)."""
@@ -307,7 +312,8 @@ def main(argv=None) -> None:
     p.add_argument("--data", required=True, help="openmoji | shapes | a folder | tar shards | parquet | a hub name")
     p.add_argument("--tokenizer", required=True, help="an ImageTokenizer directory (train.py tokenizer --out)")
     p.add_argument("--out", required=True, help="the store's directory")
-    p.add_argument("--split", default="train", choices=list(vdata.SPLITS))
+    p.add_argument("--split", default="all", choices=[*vdata.SPLITS, "all"],
+                   help="all (default): the train and test splits, into OUT/train and OUT/test")
     p.add_argument("--image-column", default="image")
     p.add_argument("--caption-column", default="text")
     p.add_argument("--limit", type=int, default=None)
@@ -324,22 +330,25 @@ def main(argv=None) -> None:
     try:
         d = setup_distributed(args.device)
         tok = ImageTokenizer.from_pretrained(args.tokenizer, device=d.device)
-        t0 = time.time()
-        store = encode(args.data, args.split, tok, args.out, batch_size=args.batch_size, shard_size=args.shard_size,
-                       rank=d.rank, world=d.world, progress=d.main, image_column=args.image_column,
-                       caption_column=args.caption_column, limit=args.limit)
-        seconds = time.time() - t0
+        summary = {}
+        for split in (vdata.SPLITS if args.split == "all" else [args.split]):
+            t0 = time.time()
+            store = encode(args.data, split, tok, split_dir(args.out, split) if args.split == "all" else args.out,
+                           batch_size=args.batch_size, shard_size=args.shard_size, rank=d.rank, world=d.world,
+                           progress=d.main, image_column=args.image_column, caption_column=args.caption_column,
+                           limit=args.limit if split == "train" else None)
+            seconds, m = time.time() - t0, store.manifest
+            summary[split] = {"store": str(store.path), "count": m["count"], "codes_sha256": m["codes_sha256"],
+                              "skipped": m["skipped"], "shards": len(m["shards"]), "seconds": round(seconds, 2),
+                              "images_per_s": round(m["count"] / max(seconds, 1e-9), 1)}
         cleanup_distributed()
     except (ValueError, FileNotFoundError, RuntimeError, OSError) as e:
         if os.environ.get("VQGPT_DEBUG"):
             raise
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
-    if d.main:
-        m = store.manifest
-        print(json.dumps({"store": str(store.path), "count": m["count"], "codes_sha256": m["codes_sha256"],
-                          "skipped": m["skipped"], "shards": len(m["shards"]), "world": d.world,
-                          "seconds": round(seconds, 2), "images_per_s": round(m["count"] / max(seconds, 1e-9), 1)}))
+    if d.main:  # one JSON object, the last line: per split, or the split's own fields for one split
+        print(json.dumps({"world": d.world, **(summary if args.split == "all" else summary[args.split])}))
 
 
 if __name__ == "__main__":
