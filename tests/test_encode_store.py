@@ -132,3 +132,33 @@ def test_bad_input_is_one_line(folder, tok_dir, tmp_path):
     r = cli("--data", tmp_path / "no-such-folder", "--tokenizer", tok_dir, "--out", tmp_path / "x", cache=tmp_path,
             check=False)
     assert r.returncode == 2 and "error:" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_the_readme_commands_for_class_folders_through_torchrun(tmp_path):
+    """README, "Training on a large dataset": tokenizer, extraction and GPT on 2 ranks over ImageNet-style class
+    folders (the folder name is the caption); the GPT stage reads the store that vqgpt.encode wrote."""
+    data = tmp_path / "classes"
+    for c, rgb in enumerate([(220, 30, 30), (30, 180, 60), (30, 60, 220)]):
+        (data / f"class_{c}").mkdir(parents=True)
+        for i in range(16):  # 48 files: 5% of them, by a hash of their names, are the test split
+            im = Image.new("RGB", (24, 20), "white")  # not square: resized and centre-cropped to 16
+            im.paste(rgb, (i % 5, 4, i % 5 + 10, 14))
+            im.save(data / f"class_{c}" / f"{i}.JPEG")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled", "VQGPT_CACHE": str(tmp_path / "cache")}
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    small = ["--preset", "tiny", "--batch-size", "8", "--steps", "6", "--eval-every", "1000", "--device", "cpu"]
+
+    def ok(*cmd):
+        r = subprocess.run([*torchrun, *map(str, cmd)], cwd=ROOT, capture_output=True, text=True, env=env,
+                           timeout=300)
+        assert r.returncode == 0, r.stderr[-3000:]
+        return r
+
+    ok("train.py", "tokenizer", "--data", data, "--out", tmp_path / "tok", "--image-size", "16", *small)
+    ok("-m", "vqgpt.encode", "--data", data, "--tokenizer", tmp_path / "tok", "--out", tmp_path / "codes")
+    store = CodeStore.open(split_dir(tmp_path / "codes", "train"))
+    assert set(store.iter_captions()) <= {"class 0", "class 1", "class 2"} and len(store) >= 20
+    r = ok("train.py", "gpt", "--data", data, "--codes", tmp_path / "codes", "--tokenizer", tmp_path / "tok",
+           "--out", tmp_path / "t2i", *small)
+    assert "encode:" not in r.stdout  # the store was there: nothing encoded again
+    assert (tmp_path / "t2i" / "model.safetensors").is_file()
