@@ -76,6 +76,32 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
     _fsync_dir(path.parent)
 
 
+MAX_JSON_BYTES = 16 << 20  # a config or manifest is a few KB; anything near this size is not one
+
+
+def read_json_file(path: str | os.PathLike, what: str = "config") -> dict:
+    """A JSON object from a regular file, or a ValueError naming the file: a FIFO or a device (which would
+    block or never end), a huge file, invalid JSON, or JSON that is not an object are all refused."""
+    path = Path(path)
+    try:
+        st = os.stat(path)
+    except OSError as e:
+        raise FileNotFoundError(f"cannot read {what} {path}: {e.strerror}") from None
+    import stat
+
+    if not stat.S_ISREG(st.st_mode):
+        raise ValueError(f"{what} {path} is not a regular file")
+    if st.st_size > MAX_JSON_BYTES:
+        raise ValueError(f"{what} {path} is {st.st_size} bytes: too large to be a {what}")
+    try:
+        value = json.loads(path.read_bytes().decode("utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"cannot read {what} {path}: {e}") from e
+    if not isinstance(value, dict):
+        raise ValueError(f"{what} {path} holds a JSON {type(value).__name__}, not an object")
+    return value
+
+
 def save_weights(path: str | os.PathLike, state: dict[str, torch.Tensor], metadata: dict | None = None) -> None:
     from safetensors.torch import save
 

@@ -200,6 +200,13 @@ def load_base_gpt(adapter_dir: Path, config: dict, base: str | os.PathLike | Non
 
     recorded = config["base"]
     base_path = Path(base) if base is not None else (adapter_dir / recorded["path"])
+    from .pipeline import read_config
+
+    if base_path.resolve() == Path(adapter_dir).resolve() or \
+            (base_path / "config.json").is_file() and "base" in read_config(base_path):
+        # a base that is itself an adapter (or this very directory) would recurse without end
+        raise ValueError(f"the base of the LoRA adapter in {adapter_dir}, {base_path}, is not a plain model; "
+                         f"an adapter's base must be one (merge a LoRA base first: python -m vqgpt.finetune merge)")
     try:
         base_pipe = TextToImage.from_pretrained(base_path, device=device)
     except FileNotFoundError as e:

@@ -27,6 +27,33 @@ from torch import Tensor
 ATTN_BACKENDS = ("auto", "torch", "triton")
 
 
+# What a config may hold: far beyond any real model, so that a corrupt or hostile config.json is an error
+# before any memory is sized from it (n_layer=100000 would allocate gigabytes before the weights are read).
+INT_LIMITS = {"text_vocab_size": (1, 2**24), "text_pad_id": (0, 2**24), "text_len": (0, 8192),
+              "image_vocab_size": (1, 2**24), "dim": (4, 32768), "n_layer": (1, 512), "n_head": (1, 1024),
+              "n_kv_head": (1, 1024), "ffn_hidden": (1, 2**18)}
+FLOAT_LIMITS = {"rope_base": (1.0, 1e12), "dropout": (0.0, 1.0), "norm_eps": (0.0, 1.0),
+                "text_loss_weight": (0.0, 1e6), "cfg_dropout": (0.0, 1.0)}
+MAX_GRID = 512
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def check_fields(config, ints: dict, floats: dict) -> None:
+    """Type and range of each numeric field (None is allowed where the field's default is None)."""
+    name = type(config).__name__
+    for field_name, (low, high) in ints.items():
+        v = getattr(config, field_name)
+        if v is not None and (not _is_int(v) or not low <= v <= high):
+            raise ValueError(f"{name}.{field_name} must be an int in [{low}, {high}], got {v!r}")
+    for field_name, (low, high) in floats.items():
+        v = getattr(config, field_name)
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or not low <= v <= high:
+            raise ValueError(f"{name}.{field_name} must be a finite number in [{low:g}, {high:g}], got {v!r}")
+
+
 @dataclass
 class GPTConfig:
     text_vocab_size: int = 1024  # text ids (TextTokenizer.vocab_size)
@@ -52,11 +79,11 @@ class GPTConfig:
     head_dim: int = field(init=False)  # dim // n_head
 
     def __post_init__(self):
-        if self.text_len < 0:
-            raise ValueError(f"text_len must be >= 0, got {self.text_len}")
+        check_fields(self, INT_LIMITS, FLOAT_LIMITS)  # before anything is sized from them
+        if not isinstance(self.image_grid, (list, tuple)) or len(self.image_grid) != 2 or \
+                not all(_is_int(s) and 1 <= s <= MAX_GRID for s in self.image_grid):
+            raise ValueError(f"image_grid must be two ints (h, w) in [1, {MAX_GRID}], got {self.image_grid!r}")
         self.image_grid = tuple(int(s) for s in self.image_grid)
-        if len(self.image_grid) != 2 or min(self.image_grid) < 1:
-            raise ValueError(f"image_grid must be two positive ints (h, w), got {self.image_grid}")
         if self.n_kv_head is None:
             self.n_kv_head = self.n_head
         if self.dim % self.n_head:

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint import atomic_write_bytes, save_weights
+from .checkpoint import atomic_write_bytes, read_json_file, save_weights
 from .generate import SamplingConfig, generate
 from .model import GPT, GPTConfig
 from .tokenizer import ImageTokenizer, load_state_strict
@@ -154,7 +154,15 @@ class TextToImage:
                     f"{path / name} is not the {name.replace('_', ' ')} this GPT was trained with "
                     f"(fingerprint {tok.fingerprint()}, config.json expects {config[name]})"
                 )
-        sampling = SamplingConfig(**config.get("sampling", {}))
+        known = {f.name for f in fields(SamplingConfig)}
+        unknown = sorted(set(config.get("sampling") or {}) - known)
+        if unknown:
+            raise ValueError(f"{path / 'config.json'}: unknown sampling settings {unknown}; known: {sorted(known)}")
+        sampling = SamplingConfig(**(config.get("sampling") or {}))
+        try:
+            sampling.validate(image_tok.codebook_size)
+        except ValueError as e:
+            raise ValueError(f"{path / 'config.json'}: saved sampling defaults are invalid: {e}") from None
         trained_on = config.get("trained_on")
         if "base" not in config:
             gpt = GPT(GPTConfig.from_dict(config["gpt"]))
@@ -214,12 +222,14 @@ def read_config(path: Path) -> dict:
             f"{path} is not a TextToImage checkpoint: missing {', '.join(missing)} "
             f"(train one with `python train.py gpt --out {path}`)"
         )
-    try:
-        config = json.loads((path / "config.json").read_text())
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path / 'config.json'} is not valid JSON: {e}") from e
+    config = read_json_file(path / "config.json")
     if config.get("model_type") != MODEL_TYPE:
         raise ValueError(f"{path / 'config.json'} describes {config.get('model_type')!r}, not {MODEL_TYPE!r}")
+    for key, kind in (("gpt", dict), ("sampling", dict), ("trained_on", dict), ("base", dict)):
+        if key in config and config[key] is not None and not isinstance(config[key], kind):
+            raise ValueError(f"{path / 'config.json'}: {key!r} must be a JSON object, got {config[key]!r:.60}")
+    if not isinstance(config.get("gpt"), dict):
+        raise ValueError(f"{path / 'config.json'} has no 'gpt' object (the GPT's architecture)")
     return config
 
 

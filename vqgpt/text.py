@@ -69,7 +69,10 @@ class TextTokenizer:
         """Load a directory written by `save_pretrained`, or any transformers tokenizer by name or path."""
         from transformers import AutoTokenizer
 
-        return cls(AutoTokenizer.from_pretrained(str(name_or_path)))
+        try:
+            return cls(AutoTokenizer.from_pretrained(str(name_or_path)))
+        except (OSError, ValueError) as e:  # a missing, truncated or foreign tokenizer file: name the directory
+            raise ValueError(f"cannot load the text tokenizer {name_or_path}: {str(e).splitlines()[0][:300]}") from e
 
     def save_pretrained(self, path: str | Path) -> None:
         """Write a standard transformers tokenizer directory (loadable with AutoTokenizer too)."""

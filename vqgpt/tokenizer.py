@@ -56,6 +56,16 @@ class TokenizerConfig:
     codebook_size: int = field(init=False)  # number of distinct codes (derived)
 
     def __post_init__(self):
+        from .model import _is_int, check_fields
+
+        check_fields(self, {"image_size": (8, 4096), "patch_size": (1, 64), "res_blocks": (0, 16),
+                            "vq_codebook_size": (2, 2**20), "vq_codebook_dim": (1, 1024)},
+                     {"vq_commitment_weight": (0.0, 1e3), "vq_dead_code_threshold": (0.0, 1e9)})
+        for name, low, high, most in (("channels", 1, 8192, 8), ("fsq_levels", 2, 1024, 16)):
+            v = getattr(self, name)
+            if not isinstance(v, (list, tuple)) or not 1 <= len(v) <= most or \
+                    not all(_is_int(c) and low <= c <= high for c in v):
+                raise ValueError(f"TokenizerConfig.{name} must be 1 to {most} ints in [{low}, {high}], got {v!r}")
         self.channels = tuple(int(c) for c in self.channels)
         self.fsq_levels = tuple(int(v) for v in self.fsq_levels)
         if self.quantizer not in ("fsq", "vq"):
@@ -346,10 +356,9 @@ class ImageTokenizer(nn.Module):
     def from_pretrained(cls, path: str | os.PathLike, *, device: str | torch.device = "cpu") -> ImageTokenizer:
         """Load from a local directory, or from a hub repo id (downloaded with huggingface_hub)."""
         config_file, weights_file = _resolve_files(str(path))
-        try:
-            raw = json.loads(Path(config_file).read_text())
-        except (OSError, json.JSONDecodeError) as e:
-            raise ValueError(f"cannot read tokenizer config {config_file}: {e}") from e
+        from .checkpoint import read_json_file
+
+        raw = read_json_file(config_file, "tokenizer config")
         if raw.get("model_type", "vqgpt-image-tokenizer") != "vqgpt-image-tokenizer":
             raise ValueError(f"{config_file} describes a {raw['model_type']!r}, not an image tokenizer")
         model = cls(TokenizerConfig.from_dict(raw))
