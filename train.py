@@ -17,7 +17,6 @@ import argparse
 import json
 import os
 import sys
-import time
 from dataclasses import replace
 from pathlib import Path
 
@@ -270,13 +269,10 @@ def rank_batch_size(args, d: T.Dist) -> int:
     return per_rank
 
 
-def log_train(bar, wb, d: T.Dist, step: int, loss, lr: float, guard, rate_name: str, rate: float,
-              extra: dict) -> None:
-    """The periodic training log of both stages: tqdm postfix and wandb (loss averaged over ranks)."""
-    loss_v = T.all_reduce_mean(loss.detach(), d).item()
-    bar.set_postfix(loss=f"{loss_v:.4f}", lr=f"{lr:.2e}", **{rate_name: f"{rate:.0f}"})
-    if wb:
-        wb.log({"train/loss": loss_v, "lr": lr, rate_name: rate, "skipped_steps": guard.skipped, **extra}, step=step)
+def schedule(args, warmup: int) -> T.Schedule:
+    return T.Schedule(steps=args.steps, lr=args.lr, warmup=warmup, grad_accum=args.grad_accum, clip=args.clip,
+                      seed=args.seed, save_every=args.save_every, eval_every=args.eval_every,
+                      log_every=args.log_every)
 
 
 def trainer_state(step, optimizer, guard, extra=None) -> dict:
@@ -388,62 +384,51 @@ def train_tokenizer(args) -> Path:
                    files={"tokenizer_config.json": json.dumps(config.to_dict())},
                    export=model.save_pretrained)
 
-    bar = progress(args.steps, start, d.main)
-    t_last, seen = time.time(), 0
-    cadence = T.SaveCadence(save, args.save_every, args.steps, model, d)
-    batches = StepImages(train_set, config.image_size, global_batch=args.batch_size, per_rank=per_rank,
-                         rank=d.rank, seed=args.seed)
-    workers = default_workers() if args.workers is None else args.workers
-    model.train()
-    for step, x in zip(range(start, args.steps), image_batches(batches, start, args.steps, workers=workers,
-                                                               pin_memory=d.device.type == "cuda")):
-        T.seed_step(args.seed, step, d.rank)
-        lr = T.lr_at(step, max_lr=args.lr, warmup=warmup, total=args.steps)
-        for g in optimizer.param_groups:
-            g["lr"] = lr
-        x = x.to(d.device, non_blocking=True).float().div_(255)
-        use_gan = disc is not None and step >= gan_start
-        optimizer.zero_grad(set_to_none=True)
-        for micro in x.chunk(args.grad_accum):
-            with T.autocast(d.device, bf16):
-                recon, _, aux = train_model(micro)
-                recon = recon.float()
-                rec = F.l1_loss(recon, micro) + F.mse_loss(recon, micro)
-                loss = rec + aux
-                if perceptual is not None:
-                    loss = loss + args.perceptual_weight * perceptual(recon, micro)
-                if use_gan:
-                    loss = loss - args.gan_weight * disc(recon * 2 - 1).mean()  # hinge generator loss
-            (loss / args.grad_accum).backward()
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.clip)
-        ok = guard.check(loss.detach(), grad_norm, step, d)
-        cadence.before_update(ok)
-        if ok:
-            optimizer.step()
-        if use_gan:  # discriminator step on detached reconstructions (hinge loss)
+    use_gan = disc is not None
+
+    def loss(x, step):
+        recon, _, aux = train_model(x)
+        recon = recon.float()
+        rec = F.l1_loss(recon, x) + F.mse_loss(recon, x)
+        total = rec + aux
+        if perceptual is not None:
+            total = total + args.perceptual_weight * perceptual(recon, x)
+        if use_gan and step >= gan_start:
+            total = total - args.gan_weight * disc(recon * 2 - 1).mean()  # hinge generator loss
+        return total, {"rec": rec, "recon": recon}
+
+    def discriminator_step(step, x, stats):  # hinge loss on detached reconstructions (after the generator's)
+        if use_gan and step >= gan_start:
             disc_opt.zero_grad(set_to_none=True)
-            d_loss = F.relu(1 - disc(x * 2 - 1)).mean() + F.relu(1 + disc(recon.detach() * 2 - 1)).mean()
+            d_loss = F.relu(1 - disc(x * 2 - 1)).mean() + F.relu(1 + disc(stats["recon"].detach() * 2 - 1)).mean()
             d_loss.backward()
             disc_opt.step()
-        seen += len(x) * d.world
-        bar.update(1)
-        done = step + 1
-        if done % args.log_every == 0 or done == args.steps:
-            rate = seen / (time.time() - t_last)
-            t_last, seen = time.time(), 0
-            log_train(bar, wb, d, done, loss, lr, guard, "images_per_s", rate, {"train/rec_loss": rec.item()})
-        if d.main and (done % args.eval_every == 0 or done == args.steps):
-            metrics, recon = evaluate_tokenizer(model, held_out)
-            pick = torch.linspace(0, len(held_out) - 1, 8).long()  # spread over the split, not its first rows
-            grid = save_grid([held_out[pick].float() / 255, recon[pick]], out / "samples" / f"recon-{done:07d}.png")
-            bar.write(f"step {done}: held-out PSNR {metrics['psnr']:.2f} dB, usage {metrics['usage']:.1%}, "
-                      f"perplexity {metrics['perplexity']:.0f} -> {grid}")
-            if wb:
-                import wandb
 
-                wb.log({"eval/psnr": metrics["psnr"], "eval/usage": metrics["usage"],
-                        "eval/perplexity": metrics["perplexity"], "eval/recon": wandb.Image(str(grid))}, step=done)
-        cadence.after_step(done, ok)
+    def evaluate(done):
+        if not d.main:
+            return
+        metrics, recon = evaluate_tokenizer(model, held_out)
+        pick = torch.linspace(0, len(held_out) - 1, 8).long()  # spread over the split, not its first rows
+        grid = save_grid([held_out[pick].float() / 255, recon[pick]], out / "samples" / f"recon-{done:07d}.png")
+        bar.write(f"step {done}: held-out PSNR {metrics['psnr']:.2f} dB, usage {metrics['usage']:.1%}, "
+                  f"perplexity {metrics['perplexity']:.0f} -> {grid}")
+        if wb:
+            import wandb
+
+            wb.log({"eval/psnr": metrics["psnr"], "eval/usage": metrics["usage"],
+                    "eval/perplexity": metrics["perplexity"], "eval/recon": wandb.Image(str(grid))}, step=done)
+
+    # Each step's images, decoded and flipped in loader workers, as floats in [0, 1] on the device.
+    step_images = StepImages(train_set, config.image_size, global_batch=args.batch_size, per_rank=per_rank,
+                             rank=d.rank, seed=args.seed)
+    workers = default_workers() if args.workers is None else args.workers
+    loader = image_batches(step_images, start, args.steps, workers=workers, pin_memory=d.device.type == "cuda")
+    batches = (x.to(d.device, non_blocking=True).float().div_(255) for x in loader)
+    stage = T.Stage(model=model, optimizer=optimizer, batches=batches, loss=loss, save=save,
+                    rate_name="images_per_s", items=len, evaluate=evaluate, after_update=discriminator_step,
+                    log_stats=lambda stats: {"train/rec_loss": stats["rec"].item()})
+    bar = progress(args.steps, start, d.main)
+    T.fit(stage, schedule(args, warmup), start=start, d=d, guard=guard, bf16=bf16, wb=wb, bar=bar)
     bar.close()
     if wb:
         wb.finish()
@@ -637,57 +622,34 @@ def train_gpt(args) -> Path:
                    writers={"image_tokenizer": image_tok.save_pretrained, "text_tokenizer": text_tok.save_pretrained},
                    export=lambda run_dir: pipeline().save_pretrained(run_dir, gpt_state=weights))
 
-    bar = progress(args.steps, start, d.main)
-    t_last, seen = time.time(), 0
-    t_start, t_aside = time.time(), 0.0  # t_aside: evaluation and checkpoints, left out of the step time
-    cadence = T.SaveCadence(save, args.save_every, args.steps, model, d)
-    model.train()
-    for step in range(start, args.steps):
-        T.seed_step(args.seed, step, d.rank)
-        lr = T.lr_at(step, max_lr=args.lr, warmup=warmup, total=args.steps)
-        for g in optimizer.param_groups:
-            g["lr"] = lr
-        # This rank's rows of the step's batch, read from the memory-mapped store and tokenised here.
-        pos = T.epoch_batch(len(rows), step, args.batch_size, args.seed)[d.rank * per_rank:(d.rank + 1) * per_rank]
-        idx = rows[pos.numpy()]
-        t_b = text_tok(store.captions(idx), config.text_len).to(d.device)  # (B, T_text)
-        c_b = store.codes(idx).to(d.device)  # (B, h*w)
-        optimizer.zero_grad(set_to_none=True)
-        for t_m, c_m in zip(t_b.chunk(args.grad_accum), c_b.chunk(args.grad_accum)):
-            with T.autocast(d.device, bf16):
-                loss, stats = loss_fn(t_m, c_m)
-            (loss / args.grad_accum).backward()
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.clip)
-        ok = guard.check(loss.detach(), grad_norm, step, d)
-        t_mark = time.time()
-        cadence.before_update(ok)
-        t_aside += time.time() - t_mark
-        if ok:
-            optimizer.step()
-        seen += len(idx) * config.n_image * d.world
-        bar.update(1)
-        done = step + 1
-        if done % args.log_every == 0 or done == args.steps:
-            rate = seen / (time.time() - t_last)
-            t_last, seen = time.time(), 0
-            log_train(bar, wb, d, done, loss, lr, guard, "tokens_per_s", rate,
-                      {"train/image_acc": stats["image_acc"].item()})
-        t_mark = time.time()
-        if d.main and not args.fsdp and (done % args.eval_every == 0 or done == args.steps):
-            bits = held_out_bits(model, test_ids, test_codes)
-            paths = [sample_grid(pipeline(), prompts, cfg, out / "samples" / f"step-{done:07d}-cfg{cfg:g}.png")
-                     for cfg in (1.0, 3.0)]
-            bar.write(f"step {done}: held-out {bits:.3f} bits/image token -> {paths[-1]}")
-            if wb:
-                import wandb
+    def batches():  # this rank's rows of each step's batch, read from the memory-mapped store and tokenised
+        for step in range(start, args.steps):
+            pos = T.epoch_batch(len(rows), step, args.batch_size, args.seed)[d.rank * per_rank:(d.rank + 1) * per_rank]
+            idx = rows[pos.numpy()]
+            yield (text_tok(store.captions(idx), config.text_len).to(d.device),  # (B, T_text)
+                   store.codes(idx).to(d.device))  # (B, h*w)
 
-                wb.log({"eval/bits_per_token": bits,
-                        **{f"samples/cfg{c:g}": wandb.Image(str(p)) for c, p in zip((1, 3), paths)}}, step=done)
-        cadence.after_step(done, ok)
-        t_aside += time.time() - t_mark
+    def evaluate(done):
+        if not d.main or args.fsdp:
+            return
+        bits = held_out_bits(model, test_ids, test_codes)
+        paths = [sample_grid(pipeline(), prompts, cfg, out / "samples" / f"step-{done:07d}-cfg{cfg:g}.png")
+                 for cfg in (1.0, 3.0)]
+        bar.write(f"step {done}: held-out {bits:.3f} bits/image token -> {paths[-1]}")
+        if wb:
+            import wandb
+
+            wb.log({"eval/bits_per_token": bits,
+                    **{f"samples/cfg{c:g}": wandb.Image(str(p)) for c, p in zip((1, 3), paths)}}, step=done)
+
+    stage = T.Stage(model=model, optimizer=optimizer, batches=batches(), loss=lambda b, step: loss_fn(*b),
+                    save=save, rate_name="tokens_per_s", items=lambda b: b[1].numel(), evaluate=evaluate,
+                    log_stats=lambda stats: {"train/image_acc": stats["image_acc"].item()})
+    bar = progress(args.steps, start, d.main)
+    step_seconds = T.fit(stage, schedule(args, warmup), start=start, d=d, guard=guard, bf16=bf16, wb=wb, bar=bar)
     bar.close()
     if d.main and args.steps > start:  # what this run cost: the full vs LoRA comparison of the README
-        report = {**trainable, "step_ms": round(1000 * (time.time() - t_start - t_aside) / (args.steps - start), 1),
+        report = {**trainable, "step_ms": round(1000 * step_seconds / (args.steps - start), 1),
                   "peak_memory_mb": round(peak_memory_mb(d.device)), "device": d.device.type}
         print("cost: " + json.dumps(report), flush=True)
         if wb:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import gc
 import math
 import os
+import time
 import warnings
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
@@ -259,3 +260,92 @@ def init_wandb(mode: str | None, project: str, name: str, config: dict, out_dir:
 
     os.makedirs(out_dir, exist_ok=True)
     return wandb.init(project=project, name=name, config=config, mode=mode, dir=out_dir, reinit="finish_previous")
+
+
+# --- the training loop -------------------------------------------------------------------------------------
+@dataclass
+class Stage:
+    """What a training stage hands `fit`: its model, loss and evaluation; the loop owns the rest.
+
+    batches: one item per step from `start`, a tensor or a tuple of tensors with the batch first; each is
+    split into `grad_accum` micro-batches. loss(micro, step) -> (loss, stats) runs under autocast.
+    after_update(step, batch, stats): extra work after the optimizer step (a GAN's discriminator).
+    evaluate(done): in-training evaluation every `eval_every` steps (rank 0 decides inside it).
+    log_stats(stats) -> dict: extra numbers for the log. rate_name / items(batch): the throughput figure.
+    """
+
+    model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    batches: object
+    loss: object
+    save: object
+    rate_name: str
+    items: object
+    evaluate: object = None
+    after_update: object = None
+    log_stats: object = None
+
+
+@dataclass
+class Schedule:
+    steps: int
+    lr: float
+    warmup: int
+    grad_accum: int = 1
+    clip: float = 1.0
+    seed: int = 0
+    save_every: int = 500
+    eval_every: int = 500
+    log_every: int = 25
+
+
+def fit(stage: Stage, sched: Schedule, *, start: int, d: Dist, guard: NonFiniteGuard, bf16: bool,
+        wb=None, bar=None) -> float:
+    """Train from step `start` to `sched.steps`; returns the seconds spent in steps (not evaluating or saving).
+
+    Each step: reseed from (seed, step, rank), set the learning rate, accumulate the micro-batches' gradients,
+    clip, let the guard skip a non-finite step, write a due checkpoint once its weights proved finite
+    (`SaveCadence`), update, log, evaluate."""
+    cadence = SaveCadence(stage.save, sched.save_every, sched.steps, stage.model, d)
+    t_last, seen, t_aside, t0 = time.time(), 0, 0.0, time.time()
+    stage.model.train()
+    for step, batch in zip(range(start, sched.steps), stage.batches):
+        seed_step(sched.seed, step, d.rank)
+        lr = lr_at(step, max_lr=sched.lr, warmup=sched.warmup, total=sched.steps)
+        for g in stage.optimizer.param_groups:
+            g["lr"] = lr
+        parts = batch if isinstance(batch, (tuple, list)) else (batch,)
+        stage.optimizer.zero_grad(set_to_none=True)
+        for micro in zip(*(p.chunk(sched.grad_accum) for p in parts)):
+            with autocast(d.device, bf16):
+                loss, stats = stage.loss(micro if len(micro) > 1 else micro[0], step)
+            (loss / sched.grad_accum).backward()
+        grad_norm = torch.nn.utils.clip_grad_norm_(stage.model.parameters(), sched.clip)
+        ok = guard.check(loss.detach(), grad_norm, step, d)
+        t_mark = time.time()
+        cadence.before_update(ok)
+        t_aside += time.time() - t_mark
+        if ok:
+            stage.optimizer.step()
+        if stage.after_update is not None:
+            stage.after_update(step, batch, stats)
+        seen += stage.items(batch) * d.world
+        done = step + 1
+        if bar is not None:
+            bar.update(1)
+        if done % sched.log_every == 0 or done == sched.steps:
+            rate = seen / max(time.time() - t_last, 1e-9)
+            t_last, seen = time.time(), 0
+            loss_v = all_reduce_mean(loss.detach().float(), d).item()
+            extra = stage.log_stats(stats) if stage.log_stats is not None else {}
+            if bar is not None:
+                bar.set_postfix(loss=f"{loss_v:.4f}", lr=f"{lr:.2e}", **{stage.rate_name: f"{rate:.0f}"})
+            if wb:
+                wb.log({"train/loss": loss_v, "lr": lr, stage.rate_name: rate, "skipped_steps": guard.skipped,
+                        **extra}, step=done)
+        t_mark = time.time()
+        if stage.evaluate is not None and (done % sched.eval_every == 0 or done == sched.steps):
+            stage.evaluate(done)
+        cadence.after_step(done, ok)
+        t_aside += time.time() - t_mark
+    return time.time() - t0 - t_aside
