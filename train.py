@@ -49,7 +49,10 @@ def parse_args(argv=None):
 
     def common(sp, stage):
         d = DEMO[stage]
-        sp.add_argument("--data", default=d["data"], help="openmoji | shapes | a folder | a hub dataset name")
+        sp.add_argument("--data", default=d["data"],
+                        help="openmoji | shapes | a folder | tar shards ('dir/{00000..00099}.tar') | parquet files | "
+                             "a hub dataset name")
+        sp.add_argument("--revision", default=None, help="a hub dataset's branch, tag or commit")
         sp.add_argument("--image-column", default="image")
         sp.add_argument("--caption-column", default="text")
         sp.add_argument("--limit", type=int, default=None, help="use at most this many training images")
@@ -339,7 +342,8 @@ def train_tokenizer(args) -> Path:
     model = ImageTokenizer(config).to(d.device)
 
     # Images stay on disk (memory-mapped Arrow); loader workers decode each step's batch (vqgpt/loader.py).
-    kw = dict(image_column=args.image_column, caption_column=args.caption_column, image_size=config.image_size)
+    kw = dict(image_column=args.image_column, caption_column=args.caption_column, image_size=config.image_size,
+              revision=args.revision)
     with T.rank_zero_first(d):  # one rank renders / converts the data, the others then read its cache
         train_set = vdata.load_captioned(args.data, "train", limit=args.limit, **kw)
         test_set = vdata.load_captioned(args.data, "test", **kw)
@@ -458,8 +462,8 @@ def load_gpt_data(args, image_tok, d: T.Dist):
     MAX_HELD_OUT, spread over the split."""
     from vqgpt.encode import encode, split_dir
 
-    kw = dict(image_column=args.image_column, caption_column=args.caption_column, rank=d.rank, world=d.world,
-              progress=d.main)
+    kw = dict(image_column=args.image_column, caption_column=args.caption_column, revision=args.revision,
+              rank=d.rank, world=d.world, progress=d.main)
     filtered = args.include is not None or args.exclude is not None
 
     def where(split):

@@ -162,3 +162,66 @@ def test_the_readme_commands_for_class_folders_through_torchrun(tmp_path):
            "--out", tmp_path / "t2i", *small)
     assert "encode:" not in r.stdout  # the store was there: nothing encoded again
     assert (tmp_path / "t2i" / "model.safetensors").is_file()
+
+
+def test_unfinished_shards_of_other_weights_or_another_layout_are_not_reused(folder, tok_dir, tmp_cache):
+    """A run killed before its manifest, started again with other weights or another --shard-size: the old,
+    whole-looking shards must be encoded again or removed, never taken as this run's."""
+    a = ImageTokenizer.from_pretrained(tok_dir)
+    torch.manual_seed(1)
+    b = ImageTokenizer(tokenizer_config("tiny", image_size=16, fsq_levels=(5, 4, 3)))
+    out = tmp_cache / "s"
+    encode(str(folder), "train", a, out, shard_size=4, progress=False)
+    (out / "manifest.json").unlink()  # killed before the manifest
+    store = encode(str(folder), "train", b, out, shard_size=8, progress=False)
+    images, _ = load_image_tensors(str(folder), "train", 16)
+    with torch.no_grad():
+        want = b.encode(images.float() / 255).flatten(1)
+    assert len(store) == len(images) and torch.equal(store.codes(range(len(store))), want)
+    assert sorted(p.name.split(".")[0] for p in out.glob("shard-*.json")) == \
+        [f"shard-{k:05d}" for k in range(-(-len(images) // 8))]
+
+
+def test_the_readme_commands_for_webdataset_shards(tmp_path):
+    """README: CC3M-style tar shards as img2dataset writes them (KEY.jpg + KEY.txt / KEY.json), one member
+    corrupt: the tokenizer trains on them, vqgpt.encode skips and counts the bad one, train.py gpt reads the store."""
+    import io
+    import tarfile
+
+    shards = tmp_path / "cc"
+    shards.mkdir()
+    for s in range(2):
+        with tarfile.open(shards / f"{s:05d}.tar", "w") as tar:
+            for i in range(24):
+                key = f"{s:04d}{i:05d}"
+                buf = io.BytesIO()
+                im = Image.new("RGB", (20, 16), "white")
+                im.paste((200, 20 * (i % 10), 40), (i % 6, 3, i % 6 + 9, 12))
+                im.save(buf, format="JPEG")
+                data = buf.getvalue()[:60] if (s, i) == (1, 5) else buf.getvalue()  # one truncated JPEG
+                caption = (json.dumps({"caption": f"a red mark number {i % 6}"}) if i % 2 else
+                           f"a red mark number {i % 6}").encode()
+                for name, blob in ((f"{key}.jpg", data), (f"{key}.{'json' if i % 2 else 'txt'}", caption)):
+                    info = tarfile.TarInfo(name)
+                    info.size = len(blob)
+                    tar.addfile(info, io.BytesIO(blob))
+    spec = str(shards / "{00000..00001}.tar")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled", "VQGPT_CACHE": str(tmp_path / "cache")}
+    small = ["--preset", "tiny", "--batch-size", "8", "--steps", "4", "--eval-every", "1000", "--device", "cpu"]
+
+    def ok(*cmd):
+        r = subprocess.run([sys.executable, *map(str, cmd)], cwd=ROOT, capture_output=True, text=True, env=env,
+                           timeout=300)
+        assert r.returncode == 0, r.stderr[-3000:]
+        return r
+
+    r = ok("train.py", "tokenizer", "--data", spec, "--out", tmp_path / "tok", "--image-size", "16", *small)
+    assert "skipped 1" in r.stderr  # the truncated member, in the one warning about bad files
+    ok("-m", "vqgpt.encode", "--data", spec, "--tokenizer", tmp_path / "tok", "--out", tmp_path / "codes")
+    store = CodeStore.open(split_dir(tmp_path / "codes", "train"))
+    test = CodeStore.open(split_dir(tmp_path / "codes", "test"))
+    assert len(store) + len(test) == 47
+    assert set(store.iter_captions()) <= {f"a red mark number {i}" for i in range(6)}
+    ok("train.py", "gpt", "--data", spec, "--codes", tmp_path / "codes", "--tokenizer", tmp_path / "tok", "--out",
+       tmp_path / "t2i", *small)
+    assert (tmp_path / "t2i" / "model.safetensors").is_file()

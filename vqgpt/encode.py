@@ -45,16 +45,12 @@ SHARD_SIZE = 8192  # images per shard: 1 MB of int16 codes at a 8x8 grid, 8 MB a
 
 
 def data_identity(spec: str, split: str, image_size: int, **spec_kwargs) -> dict:
-    """What the codes depend on besides the tokenizer: the source, split, size and loader options; for a
-    folder every file's name, size and mtime, for an embedded set its version."""
-    kind, value = vdata._resolve(spec)
-    identity = {"kind": kind, "spec": value, "split": split, "size": image_size,
-                **{k: v for k, v in sorted(spec_kwargs.items()) if v is not None}}
-    if kind in vdata.EMBEDDED:
-        identity["version"] = vdata._embedded_version(kind)
-    elif kind == "folder":
-        identity["files"] = vdata._folder_signature(value)
-    return identity
+    """What the codes depend on besides the tokenizer: the source (`vqgpt.data.source_identity`: an embedded
+    set's version, local files' names, sizes and mtimes, a hub revision), the split, size and loader options."""
+    options = {"image_column": "image", "caption_column": "text", **spec_kwargs}  # defaults spelled out: one key
+    source = vdata.source_identity(spec, revision=options.get("revision"))
+    return {**source, "split": split, "size": image_size,
+            **{k: v for k, v in sorted(options.items()) if v is not None}}
 
 
 def store_dir(spec: str, split: str, tokenizer, image_size: int | None = None, **spec_kwargs) -> Path:
@@ -71,6 +67,15 @@ def store_dir(spec: str, split: str, tokenizer, image_size: int | None = None, *
 def split_dir(root: str | os.PathLike, split: str) -> Path:
     """Where `python -m vqgpt.encode --out ROOT` (all splits) and `train.py gpt --codes ROOT` keep a split."""
     return Path(root) / split
+
+
+MAX_OPEN_SHARDS = 128  # memory maps kept open per kind (each holds a file descriptor; the limit is often 1024)
+
+
+def _evict(maps: dict) -> None:
+    """Drop the oldest-opened maps once MAX_OPEN_SHARDS are open (dicts keep insertion order)."""
+    while len(maps) >= MAX_OPEN_SHARDS:
+        maps.pop(next(iter(maps)))
 
 
 # --- reading ----------------------------------------------------------------------------------------------
@@ -116,11 +121,13 @@ class CodeStore:
 
     def _shard_codes(self, k: int) -> np.ndarray:
         if k not in self._codes:
+            _evict(self._codes)
             self._codes[k] = np.load(self.path / f"{self.manifest['shards'][k]['file']}.codes.npy", mmap_mode="r")
         return self._codes[k]
 
     def _shard_text(self, k: int) -> tuple[np.memmap, np.ndarray]:
         if k not in self._text:
+            _evict(self._text)
             name = self.manifest["shards"][k]["file"]
             offsets = np.load(self.path / f"{name}.offsets.npy", mmap_mode="r")
             text = np.memmap(self.path / f"{name}.text.bin", dtype=np.uint8, mode="r") if offsets[-1] else \
@@ -170,12 +177,16 @@ def _atomic_npy(path: Path, array: np.ndarray) -> None:
     atomic_write_bytes(path, buf.getvalue())
 
 
-def _shard_done(out: Path, name: str) -> dict | None:
-    """The shard's record if it is finished and its codes file is intact, else None (encode it again)."""
+def _shard_done(out: Path, name: str, key: str, rows: range) -> dict | None:
+    """The shard's record if it is finished, intact, and holds rows `rows` of this data and tokenizer (`key`),
+    else None: encode it again. (A killed run resumed with other weights or another --shard-size leaves shards
+    that are whole but wrong.)"""
     try:
         record = json.loads((out / f"{name}.json").read_text())
         codes = np.load(out / f"{name}.codes.npy", mmap_mode="r")
     except (OSError, ValueError):
+        return None
+    if record.get("key") != key or record.get("rows") != [rows.start, rows.stop]:
         return None
     if len(codes) != record.get("count") or _codes_sha256(codes) != record.get("sha256"):
         return None
@@ -211,13 +222,14 @@ def _encode_shard(ds, rows: range, tokenizer, size: int, batch_size: int, dtype)
     return (np.concatenate(codes) if codes else np.zeros((0, h, w), dtype)), captions, skipped
 
 
-def _write_shard(out: Path, name: str, rows: range, codes: np.ndarray, captions: list[str], skipped: Counter):
+def _write_shard(out: Path, name: str, key: str, rows: range, codes: np.ndarray, captions: list[str],
+                 skipped: Counter):
     blobs = [c.encode("utf-8") for c in captions]
     offsets = np.concatenate([[0], np.cumsum([len(b) for b in blobs], dtype=np.int64)]).astype(np.int64)
     _atomic_npy(out / f"{name}.codes.npy", codes)
     atomic_write_bytes(out / f"{name}.text.bin", b"".join(blobs))
     _atomic_npy(out / f"{name}.offsets.npy", offsets)
-    record = {"count": len(codes), "rows": [rows.start, rows.stop], "skipped": dict(skipped),
+    record = {"count": len(codes), "rows": [rows.start, rows.stop], "key": key, "skipped": dict(skipped),
               "sha256": _codes_sha256(codes)}
     atomic_write_bytes(out / f"{name}.json", json.dumps(record).encode())  # last: the shard is finished
     return record
@@ -257,6 +269,11 @@ def encode(spec: str, split: str, tokenizer, out: str | os.PathLike | None = Non
     n = len(ds)
     dtype = np.int16 if tokenizer.codebook_size <= np.iinfo(np.int16).max else np.int32
     names = [f"shard-{k:05d}" for k in range(max(1, -(-n // shard_size)))]
+    key = hashlib.sha1(json.dumps({"tokenizer": fingerprint, "data": identity}, sort_keys=True).encode()).hexdigest()
+
+    def rows_of(k: int) -> range:
+        return range(k * shard_size, min((k + 1) * shard_size, n))
+
     out.mkdir(parents=True, exist_ok=True)
     was_training = tokenizer.training
     tokenizer.eval()
@@ -264,12 +281,11 @@ def encode(spec: str, split: str, tokenizer, out: str | os.PathLike | None = Non
     encoded = 0
     try:
         for k in mine:
-            if _shard_done(out, names[k]) is not None:
+            if _shard_done(out, names[k], key, rows_of(k)) is not None:
                 continue
-            rows = range(k * shard_size, min((k + 1) * shard_size, n))
-            codes, captions, skipped = _encode_shard(ds, rows, tokenizer, size, batch_size, dtype)
-            _write_shard(out, names[k], rows, codes, captions, skipped)
-            encoded += len(rows)
+            codes, captions, skipped = _encode_shard(ds, rows_of(k), tokenizer, size, batch_size, dtype)
+            _write_shard(out, names[k], key, rows_of(k), codes, captions, skipped)
+            encoded += len(codes)
             if progress:
                 rate = encoded / max(time.time() - t0, 1e-9)
                 print(f"encode: {names[k]} ({len(codes)} images) on rank {rank}, {rate:.0f} images/s", flush=True)
@@ -277,15 +293,20 @@ def encode(spec: str, split: str, tokenizer, out: str | os.PathLike | None = Non
         tokenizer.train(was_training)
     _barrier()
     if rank == 0:
-        _write_manifest(out, names, identity, fingerprint, tokenizer, dtype)
+        _write_manifest(out, names, [rows_of(k) for k in range(len(names))], key, identity, fingerprint, tokenizer,
+                        dtype)
     _barrier()
     return CodeStore.open(out)
 
 
-def _write_manifest(out: Path, names: list[str], identity: dict, fingerprint: str, tokenizer, dtype) -> None:
+def _write_manifest(out: Path, names: list[str], rows: list[range], key: str, identity: dict, fingerprint: str,
+                    tokenizer, dtype) -> None:
+    for stale in out.glob("shard-*"):  # shards of an earlier layout (another --shard-size) beyond this one's
+        if stale.name.split(".")[0] not in names:
+            stale.unlink()
     total, shards, skipped, digest = 0, [], Counter(), hashlib.sha256()
-    for name in names:
-        record = _shard_done(out, name)
+    for name, shard_rows in zip(names, rows):
+        record = _shard_done(out, name, key, shard_rows)
         if record is None:
             raise RuntimeError(f"{out / name} is missing or corrupt after encoding (another process writing "
                                f"into {out}?); run the same command again")
@@ -314,6 +335,7 @@ def main(argv=None) -> None:
     p.add_argument("--out", required=True, help="the store's directory")
     p.add_argument("--split", default="all", choices=[*vdata.SPLITS, "all"],
                    help="all (default): the train and test splits, into OUT/train and OUT/test")
+    p.add_argument("--revision", default=None, help="a hub dataset's branch, tag or commit")
     p.add_argument("--image-column", default="image")
     p.add_argument("--caption-column", default="text")
     p.add_argument("--limit", type=int, default=None)
@@ -336,6 +358,7 @@ def main(argv=None) -> None:
             store = encode(args.data, split, tok, split_dir(args.out, split) if args.split == "all" else args.out,
                            batch_size=args.batch_size, shard_size=args.shard_size, rank=d.rank, world=d.world,
                            progress=d.main, image_column=args.image_column, caption_column=args.caption_column,
+                           revision=args.revision,
                            limit=args.limit if split == "train" else None)
             seconds, m = time.time() - t0, store.manifest
             summary[split] = {"store": str(store.path), "count": m["count"], "codes_sha256": m["codes_sha256"],
