@@ -78,7 +78,8 @@ def parse_args(argv=None):
         sp.add_argument("--resume", default=None, metavar="RUN_DIR", help="continue the run saved in RUN_DIR")
         sp.add_argument("--compile", action="store_true", help="torch.compile the model")
         sp.add_argument("--workers", type=int, default=None,
-                        help="data loader processes (default: one fewer than the cores, at most 8)")
+                        help="data loader processes (default: on a GPU one fewer than the cores, at most 8; "
+                             "on a CPU none up to 4 cores)")
         sp.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp32"],
                         help="autocast; auto: bf16 on CUDA and on CPUs with native bf16 (AVX512-BF16, AMX), else fp32")
 
@@ -425,7 +426,7 @@ def train_tokenizer(args) -> Path:
     # Each step's images, decoded and flipped in loader workers, as floats in [0, 1] on the device.
     step_images = StepImages(train_set, config.image_size, global_batch=args.batch_size, per_rank=per_rank,
                              rank=d.rank, seed=args.seed)
-    workers = default_workers() if args.workers is None else args.workers
+    workers = default_workers(d.device) if args.workers is None else args.workers
     loader = image_batches(step_images, start, args.steps, workers=workers, pin_memory=d.device.type == "cuda")
     batches = (x.to(d.device, non_blocking=True).float().div_(255) for x in loader)
     stage = T.Stage(model=model, optimizer=optimizer, batches=batches, loss=loss, save=save,
