@@ -138,3 +138,24 @@ def test_flags_that_would_train_nothing_are_refused_naming_the_flag(flags, flag,
     assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-2000:]
     assert f"error: {flag} must" in r.stderr, r.stderr[-2000:]
     assert not (tmp_path / "run").exists()
+
+
+def test_eval_and_sample_errors_are_one_line(tmp_path):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "VQGPT_CACHE": str(tmp_path / "cache")}
+    for cmd, says in ((["-m", "vqgpt.eval", "tokenizer", "--ckpt", tmp_path / "nope"], "no tokenizer directory"),
+                      (["-m", "vqgpt.eval", "recall", "--ckpt", tmp_path, "--device", "cuda"], "CUDA"),
+                      (["sample.py", "--ckpt", tmp_path / "nope", "--prompt", "x", "--out", tmp_path / "g.png"],
+                       "not a TextToImage checkpoint")):
+        r = subprocess.run([sys.executable, *map(str, cmd)], cwd=ROOT, capture_output=True, text=True, env=env,
+                           timeout=120)
+        assert r.returncode != 0 and "Traceback" not in r.stderr, r.stderr[-2000:]
+        assert r.stderr.strip().startswith("error:") and says in r.stderr, r.stderr[-2000:]
+
+
+def test_a_corrupt_cache_file_is_rebuilt_not_a_traceback(tmp_path, monkeypatch, caplog):
+    from vqgpt import data
+
+    bad = tmp_path / "x.pt"
+    bad.write_bytes(b"\x80\x04garbage that is not a pickle")
+    assert data._try_torch_load(bad) is None
+    assert "ignoring unreadable cache file" in caplog.text

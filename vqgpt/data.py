@@ -22,6 +22,7 @@ import io
 import json
 import logging
 import os
+import pickle
 import random
 import re
 import shutil
@@ -1279,7 +1280,7 @@ def _try_torch_load(path: Path) -> dict | None:
         return None
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
-    except (OSError, RuntimeError, EOFError, ValueError) as e:
+    except (OSError, RuntimeError, EOFError, ValueError, pickle.UnpicklingError) as e:  # corrupt: rebuild it
         log.warning("ignoring unreadable cache file %s (%s)", path, e)
         return None
 

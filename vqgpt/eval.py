@@ -9,12 +9,18 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import sys
 import time
 
 import torch
 
 
 def _device(name: str) -> str:
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda was asked for but torch sees no CUDA device")
+    if name not in ("auto", "cpu", "cuda"):
+        raise ValueError(f"--device must be auto, cpu or cuda, got {name!r}")
     return ("cuda" if torch.cuda.is_available() else "cpu") if name == "auto" else name
 
 
@@ -221,6 +227,17 @@ def main(argv=None):
     _sampling_args(r)
     args = p.parse_args(argv)
 
+    try:
+        result = run(args)
+    except (ValueError, FileNotFoundError, RuntimeError, OSError) as e:  # the user's input: one line, no traceback
+        if os.environ.get("VQGPT_DEBUG"):
+            raise
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    print(json.dumps(result))
+
+
+def run(args) -> dict:
     device = _device(args.device)
     if args.what == "tokenizer":
         result = eval_tokenizer(args.ckpt, args.data, args.split, args.limit, device,
@@ -232,7 +249,7 @@ def main(argv=None):
         extra = {"cfg_scale": args.cfg} if args.cfg is not None else {}
         result = eval_recall(args.ckpt, args.data, args.n, args.seed, device, args.grid,
                              **_sampling_kwargs(args), **extra)
-    print(json.dumps(result))
+    return result
 
 
 if __name__ == "__main__":
