@@ -42,6 +42,12 @@ def parse_args(argv=None):
 
 def read_prompts(args) -> list[str]:
     prompts = list(args.prompt)
+    for p in prompts:  # bytes that are not UTF-8 reach Python as lone surrogates, which no tokenizer takes
+        try:
+            p.encode("utf-8")
+        except UnicodeEncodeError:
+            shown = p.encode("utf-8", "backslashreplace").decode()
+            raise SystemExit(f"error: --prompt {shown!r} is not UTF-8 text") from None
     if args.prompts:
         path = Path(args.prompts)
         if not path.is_file():

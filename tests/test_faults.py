@@ -159,3 +159,26 @@ def test_a_corrupt_cache_file_is_rebuilt_not_a_traceback(tmp_path, monkeypatch, 
     bad.write_bytes(b"\x80\x04garbage that is not a pickle")
     assert data._try_torch_load(bad) is None
     assert "ignoring unreadable cache file" in caplog.text
+
+
+def test_prompts_that_are_not_text_are_refused(tmp_path):
+    from vqgpt.generate import SamplingConfig
+    from vqgpt.model import GPT, gpt_config
+    from vqgpt.pipeline import TextToImage
+    from vqgpt.text import TextTokenizer
+    from vqgpt.tokenizer import ImageTokenizer, tokenizer_config
+
+    tok = ImageTokenizer(tokenizer_config("tiny", image_size=16, fsq_levels=(4, 4)))
+    text = TextTokenizer.train(["a red square", "a blue circle"] * 5, vocab_size=300)
+    gpt = GPT(gpt_config("tiny", text_vocab_size=text.vocab_size, text_pad_id=text.pad_id, text_len=8,
+                         image_vocab_size=tok.codebook_size, image_grid=(tok.grid_size, tok.grid_size)))
+    pipe = TextToImage(gpt, tok, text, SamplingConfig())
+    with pytest.raises(ValueError, match="not valid text"):
+        pipe(["a \udcff square"])
+    with pytest.raises(ValueError, match="must be strings"):
+        pipe([b"bytes"])
+    pipe.save_pretrained(tmp_path / "m")
+    r = subprocess.run([sys.executable, "sample.py", "--ckpt", str(tmp_path / "m"), "--prompt", "a \udcff square",
+                        "--out", str(tmp_path / "g.png")], cwd=ROOT, capture_output=True, text=True,
+                       env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=120)
+    assert r.returncode != 0 and "not UTF-8" in r.stderr and "Traceback" not in r.stderr, r.stderr[-1500:]

@@ -74,6 +74,14 @@ class TextToImage:
             prompts = [prompts]
         if not prompts:
             raise ValueError("prompts is empty: pass at least one prompt (use '' for an unconditional image)")
+        for p in prompts:
+            if not isinstance(p, str):
+                raise ValueError(f"prompts must be strings, got {type(p).__name__} {p!r:.60}")
+            try:
+                p.encode("utf-8")
+            except UnicodeEncodeError:
+                raise ValueError(f"prompt {p!r:.80} is not valid text (lone surrogates: bytes that were not "
+                                 f"UTF-8)") from None
         if not isinstance(num_images, int) or num_images < 1:
             raise ValueError(f"num_images must be an int >= 1, got {num_images!r}")
         unknown = set(kw) - {f.name for f in fields(SamplingConfig)}
