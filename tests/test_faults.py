@@ -182,3 +182,14 @@ def test_prompts_that_are_not_text_are_refused(tmp_path):
                         "--out", str(tmp_path / "g.png")], cwd=ROOT, capture_output=True, text=True,
                        env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=120)
     assert r.returncode != 0 and "not UTF-8" in r.stderr and "Traceback" not in r.stderr, r.stderr[-1500:]
+
+
+def test_a_catastrophic_caption_regex_is_an_error_not_a_hang():
+    """A model's recorded --include is applied again by `eval recall`: a backtracking pattern must end."""
+    from vqgpt.data import caption_filter
+
+    assert caption_filter(["a cat", "a dog", "two cats"], "cat", "two") == [0]
+    with pytest.raises(ValueError, match="took over"):
+        caption_filter(["a" * 40 + "!"], r"(a|aa)+$x")
+    with pytest.raises(ValueError, match="not a valid regular expression"):
+        caption_filter(["x"], "(")

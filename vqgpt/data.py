@@ -1156,12 +1156,27 @@ def load_image_tensors(
 def caption_filter(captions: list[str], include: str | None = None, exclude: str | None = None) -> list[int]:
     """Indices of the captions that match the regular expression `include` and not `exclude`
     (`train.py gpt --include/--exclude`; the recall evaluation applies a model's own filter the same way)."""
+    # The `regex` engine (a dependency of transformers) takes a time limit: a pattern that backtracks without
+    # end, e.g. one recorded in a model's config, is an error instead of a hang.
+    import regex
+
     try:
-        inc = re.compile(include) if include is not None else None
-        exc = re.compile(exclude) if exclude is not None else None
-    except re.error as e:
+        inc = regex.compile(include) if include is not None else None
+        exc = regex.compile(exclude) if exclude is not None else None
+    except regex.error as e:
         raise ValueError(f"include/exclude is not a valid regular expression: {e}") from e
-    return [i for i, c in enumerate(captions) if (inc is None or inc.search(c)) and not (exc and exc.search(c))]
+
+    def match(pattern, caption: str) -> bool:
+        try:
+            return pattern.search(caption, timeout=REGEX_SECONDS) is not None
+        except TimeoutError:
+            raise ValueError(f"the regular expression {pattern.pattern!r} took over {REGEX_SECONDS:g} s on the "
+                             f"caption {caption[:60]!r} (catastrophic backtracking?); simplify it") from None
+
+    return [i for i, c in enumerate(captions) if (inc is None or match(inc, c)) and not (exc and match(exc, c))]
+
+
+REGEX_SECONDS = 1.0  # the longest one --include/--exclude match may take on one caption
 
 
 def square_tensor(img: Image.Image, image_size: int) -> torch.Tensor:
