@@ -193,3 +193,55 @@ def test_a_catastrophic_caption_regex_is_an_error_not_a_hang():
         caption_filter(["a" * 40 + "!"], r"(a|aa)+$x")
     with pytest.raises(ValueError, match="not a valid regular expression"):
         caption_filter(["x"], "(")
+
+
+def test_one_huge_caption_does_not_set_the_text_context(folder, tmp_path):
+    """Among 24 captions, one of 20,000 characters: the fitted context stays capped and says what it cuts."""
+    import shutil
+
+    data = tmp_path / "data"
+    shutil.copytree(folder, data)
+    lines = (data / "metadata.jsonl").read_text().splitlines()
+    lines[3] = json.dumps({"file_name": "img03.png", "text": "word " * 4000})
+    (data / "metadata.jsonl").write_text("\n".join(lines) + "\n")
+    cache = tmp_path / "cache"
+    train("tokenizer", "--data", data, "--out", tmp_path / "tok", "--steps", "2", *TOK, cache=cache)
+    r = train("gpt", "--data", data, "--tokenizer", tmp_path / "tok", "--out", tmp_path / "t2i", "--steps", "2",
+              *TOK, cache=cache)
+    assert "will be truncated" in r.stdout, r.stdout[-2000:]
+    config = json.loads((tmp_path / "t2i" / "config.json").read_text())
+    assert config["gpt"]["text_len"] <= 256
+
+
+def test_grid_labels_are_cut_and_a_local_looking_path_never_goes_to_the_hub(tmp_path, monkeypatch):
+    from vqgpt.pipeline import MAX_LABEL, image_grid
+    from vqgpt.tokenizer import ImageTokenizer
+
+    grid = image_grid([torch.rand(2, 3, 16, 16)] * 3, labels=["x" * 100_000] * 3)
+    assert grid.width < 16 + 6 * MAX_LABEL + 2 * 18 + 20
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "runs").mkdir()
+    import huggingface_hub
+
+    def no_network(*a, **k):
+        raise AssertionError("the hub was asked for a local path")
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", no_network)
+    with pytest.raises(FileNotFoundError, match="the hub was not asked"):
+        ImageTokenizer.from_pretrained("runs/tokk")
+
+
+def test_a_lora_adapter_naming_itself_as_its_base_is_refused(tmp_path):
+    from vqgpt.pipeline import TextToImage
+
+    (tmp_path / "m" / "image_tokenizer").mkdir(parents=True)
+    (tmp_path / "m" / "text_tokenizer").mkdir()
+    (tmp_path / "m" / "adapter").mkdir()
+    (tmp_path / "m" / "config.json").write_text(json.dumps({
+        "model_type": "vqgpt-text-to-image", "gpt": {}, "base": {"path": ".", "gpt": "0" * 16}}))
+    with pytest.raises((ValueError, FileNotFoundError)):
+        TextToImage.from_pretrained(tmp_path / "m")
+    from vqgpt.finetune import load_base_gpt
+
+    with pytest.raises(ValueError, match="not a plain model"):
+        load_base_gpt(tmp_path / "m", {"base": {"path": ".", "gpt": "0"}}, None, "cpu")
