@@ -35,7 +35,7 @@ import torch
 
 from . import data as vdata
 from .checkpoint import atomic_write_bytes
-from .training import rank_zero_first
+from .training import barrier, rank_zero_first
 
 log = logging.getLogger(__name__)
 
@@ -235,13 +235,6 @@ def _write_shard(out: Path, name: str, key: str, rows: range, codes: np.ndarray,
     return record
 
 
-def _barrier() -> None:
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        dist.barrier()
-
-
 def encode(spec: str, split: str, tokenizer, out: str | os.PathLike | None = None, *, image_size: int | None = None,
            batch_size: int = 256, shard_size: int = SHARD_SIZE, rank: int = 0, world: int = 1, progress: bool = True,
            **spec_kwargs) -> CodeStore:
@@ -291,11 +284,11 @@ def encode(spec: str, split: str, tokenizer, out: str | os.PathLike | None = Non
                 print(f"encode: {names[k]} ({len(codes)} images) on rank {rank}, {rate:.0f} images/s", flush=True)
     finally:
         tokenizer.train(was_training)
-    _barrier()
+    barrier()
     if rank == 0:
         _write_manifest(out, names, [rows_of(k) for k in range(len(names))], key, identity, fingerprint, tokenizer,
                         dtype)
-    _barrier()
+    barrier()
     return CodeStore.open(out)
 
 

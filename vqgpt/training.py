@@ -109,19 +109,28 @@ def cleanup_distributed() -> None:
         dist.destroy_process_group()
 
 
+def _group_size() -> int:
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def barrier() -> None:
+    """Wait for every rank, when there is a process group of more than one (a no-op otherwise)."""
+    if _group_size() > 1:
+        dist.barrier()
+
+
 @contextmanager
 def rank_zero_first(d: Dist | None = None):
     """Rank 0 runs the block first (it fills any cache all ranks share: rendered sets, `datasets` files), the
     other ranks wait at a barrier and then run it on the warm cache, so that no two ranks build one cache."""
-    group = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
-    rank = dist.get_rank() if group else 0
-    if group and rank != 0:
-        dist.barrier()
+    rank = dist.get_rank() if _group_size() > 1 else 0
+    if rank != 0:
+        barrier()
     try:
         yield
     finally:
-        if group and rank == 0:
-            dist.barrier()
+        if rank == 0:
+            barrier()
 
 
 def all_reduce_mean(x: torch.Tensor, d: Dist) -> torch.Tensor:
