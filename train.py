@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from vqgpt import data as vdata
 from vqgpt import training as T
 from vqgpt.checkpoint import CheckpointError, CheckpointManager, claim_run_dir
-from vqgpt.loader import StepImages, decode_rows, default_workers, image_batches
+from vqgpt.loader import StepImages, StreamImages, decode_rows, default_workers, image_batches, stream_rows
 from vqgpt.tokenizer import ImageTokenizer, TokenizerConfig, tokenizer_config
 
 # Defaults of the embedded demo, chosen to fit 2 CPU cores: both stages in <= 20 minutes (README, "Two
@@ -53,6 +53,9 @@ def parse_args(argv=None):
                         help="openmoji | shapes | a folder | tar shards ('dir/{00000..00099}.tar') | parquet files | "
                              "a hub dataset name")
         sp.add_argument("--revision", default=None, help="a hub dataset's branch, tag or commit")
+        sp.add_argument("--streaming", action="store_true",
+                        help="read tar shards, parquet files or a hub set as a stream, file by file, copying "
+                             "nothing to the cache (for sets too large to download)")
         sp.add_argument("--image-column", default="image")
         sp.add_argument("--caption-column", default="text")
         sp.add_argument("--limit", type=int, default=None, help="use at most this many training images")
@@ -104,6 +107,9 @@ def parse_args(argv=None):
     gpt.add_argument("--codes", default=None, metavar="DIR",
                      help="the codes store of the data (`python -m vqgpt.encode --out DIR`; made there when "
                           "missing); default: one under the cache, keyed by the data and the tokenizer")
+    gpt.add_argument("--crops", type=int, default=1, metavar="N",
+                     help="codes of N views of each training image (the centre crop and N-1 random crops, half "
+                          "flipped), made when the store is built (`python -m vqgpt.encode --crops N`)")
     gpt.add_argument("--include", default=None, metavar="REGEX", help="train only on captions matching REGEX")
     gpt.add_argument("--exclude", default=None, metavar="REGEX", help="leave out captions matching REGEX")
     ft = gpt.add_argument_group("fine-tuning (see vqgpt/finetune.py)")
@@ -143,7 +149,7 @@ def check_args(parser, args) -> None:
     import math
 
     positive = ["steps", "batch_size", "grad_accum", "save_every", "eval_every", "log_every", "keep", "image_size",
-                "text_len", "text_vocab"]
+                "text_len", "text_vocab", "crops"]
     for name in positive:
         value = getattr(args, name, None)
         if value is not None and value < 1:
@@ -164,6 +170,9 @@ def check_args(parser, args) -> None:
         parser.error(f"--limit must be >= 1, got {args.limit}")
     if args.workers is not None and args.workers < 0:
         parser.error(f"--workers must be >= 0, got {args.workers}")
+    if args.streaming and args.stage == "tokenizer" and args.limit is not None:
+        parser.error("--limit does not apply to a streamed tokenizer stage (it reads the files in turn, epoch after "
+                     "epoch): pass fewer files")
     if getattr(args, "fsq_levels", None) and min(args.fsq_levels) < 2:
         parser.error(f"--fsq-levels must each be >= 2, got {args.fsq_levels}")
 
@@ -325,6 +334,22 @@ def evaluate_tokenizer(model: ImageTokenizer, images: torch.Tensor, batch_size: 
     return {"psnr": psnr(recon, x), **codebook_stats(codes, model.codebook_size)}, recon
 
 
+def tokenizer_data(args, image_size: int, d: T.Dist):
+    """(the training images: a map-style set on disk, or a StreamShards with --streaming; uint8 held-out images:
+    up to 512 of the test split, spread over it, else the training set's first 64)."""
+    kw = dict(image_column=args.image_column, caption_column=args.caption_column, revision=args.revision)
+    if args.streaming:
+        train_set, test_set = (vdata.stream_shards(args.data, split, **kw) for split in ("train", "test"))
+        held_out = stream_rows(test_set, image_size, 512)
+        return train_set, held_out if len(held_out) else stream_rows(train_set, image_size, 64)
+    with T.rank_zero_first(d):  # one rank renders / converts the data, the others then read its cache
+        train_set = vdata.load_captioned(args.data, "train", limit=args.limit, image_size=image_size, **kw)
+        test_set = vdata.load_captioned(args.data, "test", image_size=image_size, **kw)
+    held_set = test_set if len(test_set) else train_set
+    n_held = min(len(held_set), 512 if len(test_set) else 64)
+    return train_set, decode_rows(held_set, np.linspace(0, len(held_set) - 1, n_held).round().astype(int), image_size)
+
+
 def train_tokenizer(args) -> Path:
     d = T.setup_distributed(args.device)
     out = Path(args.out)
@@ -343,16 +368,7 @@ def train_tokenizer(args) -> Path:
     model = ImageTokenizer(config).to(d.device)
 
     # Images stay on disk (memory-mapped Arrow); loader workers decode each step's batch (vqgpt/loader.py).
-    kw = dict(image_column=args.image_column, caption_column=args.caption_column, image_size=config.image_size,
-              revision=args.revision)
-    with T.rank_zero_first(d):  # one rank renders / converts the data, the others then read its cache
-        train_set = vdata.load_captioned(args.data, "train", limit=args.limit, **kw)
-        test_set = vdata.load_captioned(args.data, "test", **kw)
-    # Held out: up to 512 test images, spread over the split (the training set's first 64 if it has none).
-    held_set = test_set if len(test_set) else train_set
-    n_held = min(len(held_set), 512 if len(test_set) else 64)
-    held_out = decode_rows(held_set, np.linspace(0, len(held_set) - 1, n_held).round().astype(int),
-                           config.image_size)
+    train_set, held_out = tokenizer_data(args, config.image_size, d)
 
     disc = patch_discriminator().to(d.device) if args.gan_weight > 0 else None
     perceptual = None
@@ -377,7 +393,8 @@ def train_tokenizer(args) -> Path:
                   "params": sum(p.numel() for p in model.parameters())}
     wb = T.init_wandb(args.wandb, "vqgpt", f"tok-{out.name}", run_config, str(out), enabled=d.main)
     if d.main:
-        print(f"tokenizer: {run_config['params'] / 1e6:.2f}M params, {len(train_set)} train / {len(held_out)} "
+        n_train = f"{train_set.n} streamed files of" if args.streaming else len(train_set)
+        print(f"tokenizer: {run_config['params'] / 1e6:.2f}M params, {n_train} train / {len(held_out)} "
               f"held-out images, codes {config.grid_size}x{config.grid_size} of {config.codebook_size}, "
               f"{'bf16' if bf16 else 'fp32'} autocast", flush=True)
 
@@ -424,8 +441,12 @@ def train_tokenizer(args) -> Path:
                     "eval/perplexity": metrics["perplexity"], "eval/recon": wandb.Image(str(grid))}, step=done)
 
     # Each step's images, decoded and flipped in loader workers, as floats in [0, 1] on the device.
-    step_images = StepImages(train_set, config.image_size, global_batch=args.batch_size, per_rank=per_rank,
-                             rank=d.rank, seed=args.seed)
+    if args.streaming:
+        step_images = StreamImages(train_set, config.image_size, per_rank=per_rank, rank=d.rank, world=d.world,
+                                   seed=args.seed, start=start, steps=args.steps)
+    else:
+        step_images = StepImages(train_set, config.image_size, global_batch=args.batch_size, per_rank=per_rank,
+                                 rank=d.rank, seed=args.seed)
     workers = default_workers(d.device) if args.workers is None else args.workers
     loader = image_batches(step_images, start, args.steps, workers=workers, pin_memory=d.device.type == "cuda")
     batches = (x.to(d.device, non_blocking=True).float().div_(255) for x in loader)
@@ -464,17 +485,20 @@ def load_gpt_data(args, image_tok, d: T.Dist):
     from vqgpt.encode import encode, split_dir
 
     kw = dict(image_column=args.image_column, caption_column=args.caption_column, revision=args.revision,
-              rank=d.rank, world=d.world, progress=d.main)
+              rank=d.rank, world=d.world, progress=d.main, streaming=args.streaming)
     filtered = args.include is not None or args.exclude is not None
+    limit_later = filtered or args.streaming  # a stream is encoded whole: --limit then takes its first rows
 
     def where(split):
         return split_dir(args.codes, split) if args.codes else None
 
-    train = encode(args.data, "train", image_tok, where("train"), limit=None if filtered else args.limit, **kw)
+    train = encode(args.data, "train", image_tok, where("train"), limit=None if limit_later else args.limit,
+                   crops=args.crops, **kw)
     test = encode(args.data, "test", image_tok, where("test"), **kw)
-    rows, test_rows = np.arange(len(train), dtype=np.int64), np.arange(len(test), dtype=np.int64)
+    cap = None if args.limit is None else args.limit * args.crops  # rows of the first --limit images
+    rows, test_rows = np.arange(len(train), dtype=np.int64)[:cap], np.arange(len(test), dtype=np.int64)
     if filtered:
-        rows = np.asarray(vdata.caption_filter(train.iter_captions(), args.include, args.exclude)[: args.limit],
+        rows = np.asarray(vdata.caption_filter(train.iter_captions(), args.include, args.exclude)[:cap],
                           dtype=np.int64)
         test_rows = np.asarray(vdata.caption_filter(test.iter_captions(), args.include, args.exclude), dtype=np.int64)
         if not len(rows):

@@ -1163,6 +1163,52 @@ def iter_captioned(
         raise ValueError(f"no usable images in {where} (rank {rank} of {world}): all {seen} rows skipped")
 
 
+class StreamShards:
+    """A split read as a stream, shard by shard, nothing copied to the cache: `--streaming`.
+
+    The shards are the source's own files (tar shards, parquet files, a hub set's data files), so rank r of W
+    can read the shards k with k % W == r and no rank reads another's rows. `rows(k)` yields shard k's rows of
+    the split as {"image": undecoded {"bytes", "path"}, "text": str}, in file order; unreadable images are the
+    consumer's to skip (vqgpt.loader.decode_one), rows without a caption are dropped here and counted.
+    """
+
+    def __init__(self, ds, where: str):
+        self._ds, self.where = ds, where
+        self.n = ds.n_shards
+        self.no_caption = 0
+
+    def rows(self, k: int) -> Iterator[dict]:
+        if not 0 <= k < self.n:
+            raise IndexError(f"shard {k} of a stream of {self.n}")
+        for row in self._ds.shard(num_shards=self.n, index=k, contiguous=True):
+            if not (isinstance(row["text"], str) and row["text"].strip()):
+                self.no_caption += 1
+                continue
+            yield {"image": row["image"], "text": row["text"]}
+
+
+def stream_shards(
+    spec: str,
+    split: str = "train",
+    *,
+    image_column: str = "image",
+    caption_column: str = "text",
+    revision: str | None = None,
+) -> StreamShards:
+    """Split `split` of tar shards, parquet files or a hub set as a StreamShards (see there). The embedded sets
+    and folders have nothing to stream: they are read memory-mapped from the cache already."""
+    _check_split(split)
+    kind, value = _resolve(spec)
+    _check_revision(kind, spec, revision)
+    if kind in EMBEDDED or kind == "folder":
+        raise ValueError(
+            f"--streaming reads tar shards, parquet files and hub datasets; {spec!r} is a {kind}, which is read "
+            f"from a memory-mapped cache already (leave --streaming out)"
+        )
+    ds, where = _stream(kind, value, split, image_column, caption_column, revision)
+    return StreamShards(ds, where)
+
+
 def _check_revision(kind: str, spec: str, revision: str | None) -> None:
     if revision is not None and kind != "hub":
         raise ValueError(f"revision {revision!r} applies to hub datasets only; {spec!r} is a {kind} spec")

@@ -15,6 +15,8 @@ its data and tokenizer under the cache when there is none). A store is a directo
 Shard k holds source rows [k * shard_size, (k + 1) * shard_size), whatever the number of ranks, and rank r
 encodes the shards k with k % world == r. So 1 and 8 ranks write the same files, and a killed run, started
 again, encodes only the shards that have no .json yet. Every file goes through a temporary name and a rename.
+With --streaming (tar shards, parquet files, hub sets too large to download) nothing is copied to the cache:
+shard k holds the split's rows of the source's k-th file, read as a stream, and the rest is the same.
 """
 
 from __future__ import annotations
@@ -177,42 +179,65 @@ def _atomic_npy(path: Path, array: np.ndarray) -> None:
     atomic_write_bytes(path, buf.getvalue())
 
 
-def _shard_done(out: Path, name: str, key: str, rows: range) -> dict | None:
-    """The shard's record if it is finished, intact, and holds rows `rows` of this data and tokenizer (`key`),
-    else None: encode it again. (A killed run resumed with other weights or another --shard-size leaves shards
-    that are whole but wrong.)"""
+def _shard_done(out: Path, name: str, key: str, rows: list) -> dict | None:
+    """The shard's record if it is finished, intact, and holds `rows` of this data and tokenizer (`key`), else
+    None: encode it again. (A killed run resumed with other weights or another --shard-size leaves shards
+    that are whole but wrong.) rows: [start, stop) of the source's rows, or ["stream", k]: its k-th file."""
     try:
         record = json.loads((out / f"{name}.json").read_text())
         codes = np.load(out / f"{name}.codes.npy", mmap_mode="r")
     except (OSError, ValueError):
         return None
-    if record.get("key") != key or record.get("rows") != [rows.start, rows.stop]:
+    if record.get("key") != key or record.get("rows") != rows:
         return None
     if len(codes) != record.get("count") or _codes_sha256(codes) != record.get("sha256"):
         return None
     return record
 
 
-@torch.no_grad()
-def _encode_shard(ds, rows: range, tokenizer, size: int, batch_size: int, dtype) -> tuple[np.ndarray, list, Counter]:
-    """Codes and captions of source rows `rows`; rows that fail to decode or encode are skipped and counted."""
+def _batched(rows, batch_size: int):
+    batch = []
+    for row in rows:
+        batch.append(row)
+        if len(batch) == batch_size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
+
+
+def _table_rows(ds, rows: range, batch_size: int):
+    """Rows [start, stop) of a map-style set as {"image": undecoded, "text"} dicts, read a batch at a time."""
     import datasets
 
-    from .loader import decode_one
-
     raw = ds.cast_column("image", datasets.Image(decode=False))
-    device = next(tokenizer.parameters()).device
-    codes, captions, skipped = [], [], Counter()
     for start in range(rows.start, rows.stop, batch_size):
         batch = raw[start:min(start + batch_size, rows.stop)]
+        yield from ({"image": v, "text": t} for v, t in zip(batch["image"], batch["text"]))
+
+
+@torch.no_grad()
+def _encode_rows(rows, tokenizer, size: int, batch_size: int, dtype, crops: int = 1,
+                 seed: int = 0) -> tuple[np.ndarray, list, Counter]:
+    """Codes and captions of undecoded {"image", "text"} rows; rows that fail to decode are skipped and counted.
+    crops > 1: each image is stored as that many rows, its views (`vqgpt.loader.decode_views`), the i-th row's
+    drawn from seed + i."""
+    from .loader import decode_one, decode_views
+
+    device = next(tokenizer.parameters()).device
+    codes, captions, skipped = [], [], Counter()
+    for b, batch in enumerate(_batched(rows, batch_size)):
         images, texts = [], []
-        for value, text in zip(batch["image"], batch["text"]):
-            image = decode_one(value, size)
-            if image is None:
+        for i, row in enumerate(batch):
+            if crops > 1:
+                views = decode_views(row["image"], size, crops, seed + b * batch_size + i)
+            else:
+                views = None if (image := decode_one(row["image"], size)) is None else [image]
+            if views is None:
                 skipped["unreadable"] += 1
                 continue
-            images.append(image)
-            texts.append(text)
+            images += views
+            texts += [row["text"]] * len(views)
         if not images:
             continue
         x = torch.stack(images).to(device).float().div_(255)
@@ -222,31 +247,55 @@ def _encode_shard(ds, rows: range, tokenizer, size: int, batch_size: int, dtype)
     return (np.concatenate(codes) if codes else np.zeros((0, h, w), dtype)), captions, skipped
 
 
-def _write_shard(out: Path, name: str, key: str, rows: range, codes: np.ndarray, captions: list[str],
+def _write_shard(out: Path, name: str, key: str, rows: list, codes: np.ndarray, captions: list[str],
                  skipped: Counter):
     blobs = [c.encode("utf-8") for c in captions]
     offsets = np.concatenate([[0], np.cumsum([len(b) for b in blobs], dtype=np.int64)]).astype(np.int64)
     _atomic_npy(out / f"{name}.codes.npy", codes)
     atomic_write_bytes(out / f"{name}.text.bin", b"".join(blobs))
     _atomic_npy(out / f"{name}.offsets.npy", offsets)
-    record = {"count": len(codes), "rows": [rows.start, rows.stop], "key": key, "skipped": dict(skipped),
+    record = {"count": len(codes), "rows": rows, "key": key, "skipped": dict(skipped),
               "sha256": _codes_sha256(codes)}
     atomic_write_bytes(out / f"{name}.json", json.dumps(record).encode())  # last: the shard is finished
     return record
 
 
+def _source(spec: str, split: str, size: int, shard_size: int, batch_size: int, streaming: bool, spec_kwargs: dict):
+    """(the row ids of each shard, a function k -> shard k's undecoded rows) of the split. Map-style: shard k
+    holds rows [k * shard_size, (k + 1) * shard_size). Streaming: shard k is the source's k-th file."""
+    if streaming:
+        if spec_kwargs.get("limit") is not None:
+            raise ValueError("--limit does not apply to a stream, which is read file by file: pass fewer files")
+        stream = vdata.stream_shards(spec, split, image_column=spec_kwargs.get("image_column", "image"),
+                                     caption_column=spec_kwargs.get("caption_column", "text"),
+                                     revision=spec_kwargs.get("revision"))
+        return [["stream", k] for k in range(stream.n)], stream.rows, stream
+    with rank_zero_first():  # one rank renders / converts the data into the shared cache, then the others read it
+        ds = vdata.load_captioned(spec, split, image_size=size, **spec_kwargs)
+    n = len(ds)
+    spans = [range(k * shard_size, min((k + 1) * shard_size, n)) for k in range(max(1, -(-n // shard_size)))]
+    return [[r.start, r.stop] for r in spans], lambda k: _table_rows(ds, spans[k], batch_size), None
+
+
 def encode(spec: str, split: str, tokenizer, out: str | os.PathLike | None = None, *, image_size: int | None = None,
            batch_size: int = 256, shard_size: int = SHARD_SIZE, rank: int = 0, world: int = 1, progress: bool = True,
-           **spec_kwargs) -> CodeStore:
+           streaming: bool = False, crops: int = 1, **spec_kwargs) -> CodeStore:
     """Encode split `split` of `spec` into the store at `out` (default: `store_dir`) and open it.
 
     A finished store of the same tokenizer and data is opened at once; one of another is an error. Every rank
-    calls this with its own `rank`; rank 0 writes the manifest once all shards exist.
-    spec_kwargs: image_column, caption_column, limit (as `vqgpt.data.load_captioned` takes them).
+    calls this with its own `rank`; rank 0 writes the manifest once all shards exist. streaming: read tar
+    shards, parquet files or a hub set file by file (`vqgpt.data.stream_shards`), one store shard per file.
+    crops: store each image as this many rows, its centre crop and crops-1 random crops (half of them flipped).
+    spec_kwargs: image_column, caption_column, limit, revision (as `vqgpt.data.load_captioned` takes them).
     """
     size = image_size or tokenizer.image_size
+    if crops < 1:
+        raise ValueError(f"--crops must be >= 1, got {crops}")
+    # None: not part of the key (stores made before these options keep theirs)
+    spec_kwargs = {**spec_kwargs, "streaming": streaming or None, "crops": crops if crops > 1 else None}
     out = Path(out) if out is not None else store_dir(spec, split, tokenizer, size, **spec_kwargs)
     identity = data_identity(spec, split, size, **spec_kwargs)
+    spec_kwargs.pop("streaming"), spec_kwargs.pop("crops")
     fingerprint = tokenizer.fingerprint()
     if (out / MANIFEST).is_file():
         store = CodeStore.open(out)
@@ -257,27 +306,25 @@ def encode(spec: str, split: str, tokenizer, out: str | os.PathLike | None = Non
                          f"{theirs.get('split')}, tokenizer {str(store.manifest.get('tokenizer'))[:12]}); "
                          f"use another --out")
     t0 = time.time()
-    with rank_zero_first():  # one rank renders / converts the data into the shared cache, then the others read it
-        ds = vdata.load_captioned(spec, split, image_size=size, **spec_kwargs)
-    n = len(ds)
+    row_ids, shard_rows, stream = _source(spec, split, size, shard_size, batch_size, streaming, spec_kwargs)
     dtype = np.int16 if tokenizer.codebook_size <= np.iinfo(np.int16).max else np.int32
-    names = [f"shard-{k:05d}" for k in range(max(1, -(-n // shard_size)))]
+    names = [f"shard-{k:05d}" for k in range(len(row_ids))]
     key = hashlib.sha1(json.dumps({"tokenizer": fingerprint, "data": identity}, sort_keys=True).encode()).hexdigest()
-
-    def rows_of(k: int) -> range:
-        return range(k * shard_size, min((k + 1) * shard_size, n))
 
     out.mkdir(parents=True, exist_ok=True)
     was_training = tokenizer.training
     tokenizer.eval()
-    mine = [k for k in range(len(names)) if k % world == rank]
     encoded = 0
     try:
-        for k in mine:
-            if _shard_done(out, names[k], key, rows_of(k)) is not None:
+        for k in range(rank, len(names), world):
+            if _shard_done(out, names[k], key, row_ids[k]) is not None:
                 continue
-            codes, captions, skipped = _encode_shard(ds, rows_of(k), tokenizer, size, batch_size, dtype)
-            _write_shard(out, names[k], key, rows_of(k), codes, captions, skipped)
+            dropped = stream.no_caption if stream else 0
+            codes, captions, skipped = _encode_rows(shard_rows(k), tokenizer, size, batch_size, dtype, crops,
+                                                    seed=k << 32)
+            if stream and stream.no_caption > dropped:
+                skipped["no caption"] += stream.no_caption - dropped
+            _write_shard(out, names[k], key, row_ids[k], codes, captions, skipped)
             encoded += len(codes)
             if progress:
                 rate = encoded / max(time.time() - t0, 1e-9)
@@ -286,13 +333,12 @@ def encode(spec: str, split: str, tokenizer, out: str | os.PathLike | None = Non
         tokenizer.train(was_training)
     barrier()
     if rank == 0:
-        _write_manifest(out, names, [rows_of(k) for k in range(len(names))], key, identity, fingerprint, tokenizer,
-                        dtype)
+        _write_manifest(out, names, row_ids, key, identity, fingerprint, tokenizer, dtype)
     barrier()
     return CodeStore.open(out)
 
 
-def _write_manifest(out: Path, names: list[str], rows: list[range], key: str, identity: dict, fingerprint: str,
+def _write_manifest(out: Path, names: list[str], rows: list[list], key: str, identity: dict, fingerprint: str,
                     tokenizer, dtype) -> None:
     for stale in out.glob("shard-*"):  # shards of an earlier layout (another --shard-size) beyond this one's
         if stale.name.split(".")[0] not in names:
@@ -329,6 +375,10 @@ def main(argv=None) -> None:
     p.add_argument("--split", default="all", choices=[*vdata.SPLITS, "all"],
                    help="all (default): the train and test splits, into OUT/train and OUT/test")
     p.add_argument("--revision", default=None, help="a hub dataset's branch, tag or commit")
+    p.add_argument("--streaming", action="store_true",
+                   help="read tar shards, parquet files or a hub set file by file, copying nothing to the cache")
+    p.add_argument("--crops", type=int, default=1, metavar="N",
+                   help="store each training image as N rows: its centre crop and N-1 random crops, half flipped")
     p.add_argument("--image-column", default="image")
     p.add_argument("--caption-column", default="text")
     p.add_argument("--limit", type=int, default=None)
@@ -336,7 +386,7 @@ def main(argv=None) -> None:
     p.add_argument("--shard-size", type=int, default=SHARD_SIZE)
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     args = p.parse_args(argv)
-    for name in ("batch_size", "shard_size", "limit"):
+    for name in ("batch_size", "shard_size", "limit", "crops"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be >= 1")
     from .tokenizer import ImageTokenizer
@@ -351,7 +401,8 @@ def main(argv=None) -> None:
             store = encode(args.data, split, tok, split_dir(args.out, split) if args.split == "all" else args.out,
                            batch_size=args.batch_size, shard_size=args.shard_size, rank=d.rank, world=d.world,
                            progress=d.main, image_column=args.image_column, caption_column=args.caption_column,
-                           revision=args.revision,
+                           revision=args.revision, streaming=args.streaming,
+                           crops=args.crops if split == "train" else 1,
                            limit=args.limit if split == "train" else None)
             seconds, m = time.time() - t0, store.manifest
             summary[split] = {"store": str(store.path), "count": m["count"], "codes_sha256": m["codes_sha256"],

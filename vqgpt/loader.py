@@ -7,6 +7,8 @@ would have read, on any number of ranks, and loader workers need no state of the
 - Images (the tokenizer stage): `image_batches` wraps a map-style `datasets.Dataset` (memory-mapped Arrow,
   images still encoded) in a DataLoader whose item is one step's batch: the workers read the rows, decode,
   resize and centre-crop them, and flip half of them with a generator seeded by the step.
+- Streams (`--streaming`): `StreamImages` reads each rank's own source files through a seeded shuffle buffer;
+  a resumed run replays the rows before its step without decoding them.
 - Codes (the GPT stage): `vqgpt.encode.CodeStore` is memory-mapped; the stage reads a step's rows from it.
 """
 
@@ -71,6 +73,76 @@ class StepImages(torch.utils.data.Dataset):
         return out
 
 
+class StreamImages(torch.utils.data.IterableDataset):
+    """This rank's uint8 images (per_rank, 3, S, S) of steps [start, steps), read from a stream (--streaming).
+
+    A stream has no random access, so its order is a pure function of (seed, rank) in another way: rank r reads
+    the source files k with k % world == r (`vqgpt.data.StreamShards`), each epoch in an order drawn from
+    (seed, epoch, rank), through a shuffle buffer of `buffer` undecoded rows drawn from the same generator.
+    A resumed run replays the rows before `start` without decoding them, so it continues exactly where it
+    stopped; the ranks read disjoint files, so 2 ranks do not see the batches of 1 (the map-style path does).
+    """
+
+    def __init__(self, stream, image_size: int, *, per_rank: int, rank: int, world: int, seed: int, start: int,
+                 steps: int, buffer: int = 1024, flip: bool = True):
+        self.stream, self.image_size, self.flip = stream, image_size, flip
+        self.per_rank, self.rank, self.world, self.seed = per_rank, rank, world, seed
+        self.start, self.steps, self.buffer = start, steps, buffer
+        self.files = list(range(rank, stream.n, world))
+        if not self.files:
+            raise ValueError(f"{stream.where} has {stream.n} files, fewer than the {world} ranks: each rank streams "
+                             "whole files (split the data into more files, or use fewer ranks)")
+
+    def rows(self):
+        """This rank's undecoded rows, epoch after epoch, in their fixed order."""
+        import random
+
+        epoch = 0
+        while True:
+            gen = random.Random(step_seed(self.seed, epoch, self.rank))
+            order, buffer, seen = gen.sample(self.files, len(self.files)), [], 0
+            for k in order:
+                for row in self.stream.rows(k):
+                    seen += 1
+                    if len(buffer) < self.buffer:
+                        buffer.append(row)
+                        continue
+                    i = gen.randrange(len(buffer))
+                    yield buffer[i]
+                    buffer[i] = row
+            if not seen:
+                raise ValueError(f"rank {self.rank}'s files of {self.stream.where} hold no captioned row")
+            gen.shuffle(buffer)
+            yield from buffer
+            epoch += 1
+
+    def __iter__(self):
+        rows = self.rows()
+        for _ in range(self.start * self.per_rank):  # replay up to the resumed step: read, not decoded
+            next(rows)
+        for step in range(self.start, self.steps):
+            values = [next(rows)["image"] for _ in range(self.per_rank)]
+            out = decode(values, self.image_size, where=f"step {step}")
+            if self.flip:
+                gen = torch.Generator().manual_seed(step_seed(self.seed, step, self.rank) + 1)
+                flip = torch.rand(len(out), generator=gen) < 0.5
+                out[flip] = out[flip].flip(-1)
+            yield out
+
+
+def stream_rows(stream, image_size: int, n: int) -> torch.Tensor:
+    """uint8 (<= n, 3, S, S): the first n decodable images of a stream, file by file (held-out images)."""
+    out = []
+    for k in range(stream.n):
+        for row in stream.rows(k):
+            image = decode_one(row["image"], image_size)
+            if image is not None:
+                out.append(image)
+            if len(out) == n:
+                return torch.stack(out)
+    return torch.stack(out) if out else torch.empty((0, 3, image_size, image_size), dtype=torch.uint8)
+
+
 def decode(values: list[dict], image_size: int, where: str = "") -> torch.Tensor:
     """Undecoded `datasets` images ({"bytes", "path"}) -> uint8 (B, 3, S, S): shorter side to S, centre crop.
 
@@ -104,6 +176,27 @@ def decode_one(value: dict, image_size: int) -> torch.Tensor | None:
         return None
 
 
+def decode_views(value: dict, image_size: int, views: int, seed: int) -> list[torch.Tensor] | None:
+    """`views` uint8 (3, S, S) views of one undecoded image, or None when it cannot be decoded: the centre crop,
+    then random crops of 80-100% of the shorter side at random places, every other one flipped, drawn from
+    `seed` (extraction-time augmentation for photos, as LlamaGen's ten-crop codes)."""
+    import random
+
+    from .data import _open_image, square_tensor, to_rgb
+
+    try:
+        image = to_rgb(_open_image(value))
+    except Exception:  # as in decode_one: a corrupt file of any kind is skipped
+        return None
+    out, (w, h), gen = [square_tensor(image, image_size)], image.size, random.Random(seed)
+    for v in range(1, views):
+        side = round(min(w, h) * gen.uniform(0.8, 1.0))
+        left, top = gen.randint(0, w - side), gen.randint(0, h - side)
+        view = square_tensor(image.crop((left, top, left + side, top + side)), image_size)
+        out.append(view.flip(-1) if v % 2 else view)
+    return out
+
+
 def decode_rows(ds, rows, image_size: int) -> torch.Tensor:
     """uint8 (len(rows), 3, S, S) of some rows, in order (a held-out set for evaluation: keep it small)."""
     import datasets
@@ -116,8 +209,14 @@ def _worker_init(_):
     torch.set_num_threads(1)  # decoding is per image; threads would only fight the training process
 
 
-def image_batches(dataset: StepImages, start: int, steps: int, *, workers: int, pin_memory: bool = False):
-    """The batches of steps [start, steps), in order, prefetched by `workers` processes (0: in this one)."""
+def image_batches(dataset: StepImages | StreamImages, start: int, steps: int, *, workers: int,
+                  pin_memory: bool = False):
+    """The batches of steps [start, steps), in order, prefetched by `workers` processes (0: in this one). A
+    stream is read in order by one worker at most (several would each read all of it)."""
+    if isinstance(dataset, StreamImages):
+        return torch.utils.data.DataLoader(dataset, batch_size=None, num_workers=min(workers, 1),
+                                           pin_memory=pin_memory, worker_init_fn=_worker_init if workers else None,
+                                           prefetch_factor=4 if workers else None)
     return torch.utils.data.DataLoader(
         dataset,
         batch_size=None,  # an item is already a batch
