@@ -39,6 +39,10 @@ Sections (`--only memory,loader,encode`; default all of them):
   `ImageTokenizer(tokenizer_config(--train-preset, image_size=px))` on random batches of --batch-size under
   train.py's --precision auto, median of --train-steps after one warm-up step (the default, the CPU demo's
   preset, is smaller than the 256 px presets f8/f16: a heavier tokenizer only makes the loader's lead larger).
+- stream: the folder of each size packed into WebDataset tar shards of --shard-images (KEY.png + KEY.txt, under
+  --root, reused while complete), then `train.py tokenizer --streaming` (--steps, as in memory) and
+  `python -m vqgpt.encode --streaming --split train` over them, each with its process tree's memory tracked as in
+  memory and no cache to fill (a stream copies nothing). `stream_*_growth` in "growth": largest over smallest.
 - encode: `python -m vqgpt.encode --data FOLDER --tokenizer TOK --out STORE` on 1 rank, then through
   `torch.distributed.run --standalone --nproc_per_node 2` on 2 ranks, each into a fresh --out, on the
   --encode-size folder (default the largest) with its warm cache. images/s is the command's own figure
@@ -55,6 +59,7 @@ is better: the loader over the tokenizer's training, 2 ranks over 1).
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import multiprocessing
 import os
@@ -74,7 +79,7 @@ REPO = Path(__file__).resolve().parent.parent
 # Python puts this script's folder first on sys.path; nothing here should import from it (see bench/sample.py).
 sys.path = [p for p in sys.path if Path(p or ".").resolve() != REPO / "bench"]
 PAGE = resource.getpagesize()
-SECTIONS = ("memory", "loader", "encode")
+SECTIONS = ("memory", "loader", "stream", "encode")
 GEN_VERSION = 1  # bump when render() changes: existing folders are then rewritten
 
 # ----------------------------------------------------------------------------------------------------
@@ -515,6 +520,82 @@ def encode_section(args, folders: dict, tok: Path | None, env: dict) -> dict:
     return res
 
 
+def make_shards(root: Path, folder: Path, n: int, per_shard: int) -> tuple[Path, int]:
+    """The folder's images and captions as tar shards root/shards-{n}/{00000..}.tar; reused when complete."""
+    import tarfile
+
+    out = root / f"shards-{n}-{per_shard}"
+    marker = out / ".complete"
+    want = {"images": n, "per_shard": per_shard, "folder": str(folder)}
+    files = -(-n // per_shard)
+    if marker.exists() and json.loads(marker.read_text()) == want:
+        return out, files
+    if out.exists():
+        shutil.rmtree(out)
+    out.mkdir(parents=True)
+    lines = (folder / "metadata.jsonl").read_text().splitlines()
+    t0 = time.perf_counter()
+    for k in range(files):
+        with tarfile.open(out / f"{k:05d}.tar", "w") as tar:
+            for line in lines[k * per_shard:(k + 1) * per_shard]:
+                row = json.loads(line)
+                key = row["file_name"].rsplit(".", 1)[0]
+                tar.add(folder / row["file_name"], arcname=f"{key}.png")
+                caption = row["text"].encode()
+                info = tarfile.TarInfo(f"{key}.txt")
+                info.size = len(caption)
+                tar.addfile(info, io.BytesIO(caption))
+    marker.write_text(json.dumps(want))
+    print(f"stream: packed {n:,} images into {files} shards in {time.perf_counter() - t0:.1f} s", flush=True)
+    return out, files
+
+
+def stream_section(args, folders: dict, tok: Path | None, env: dict) -> dict:
+    out = {}
+    for n, folder in sorted(folders.items()):
+        shards, files = make_shards(args.root, folder, n, args.shard_images)
+        spec = str(shards / f"{{00000..{files - 1:05d}}}.tar")
+        cache = args.root / f"cache-stream-{n}"
+        if cache.exists():
+            shutil.rmtree(cache)
+        run_env = {**env, "VQGPT_CACHE": str(cache), "TQDM_MININTERVAL": "0"}
+        res = {"files": files}
+        tok_cmd = [*train_cmd("tokenizer", shards, args.root / "runs" / f"stream-tok-{n}", args, args.steps),
+                   "--streaming"]
+        tok_cmd[tok_cmd.index(str(shards))] = spec
+        runs = [("tokenizer", tok_cmd)]
+        if tok is not None:
+            store = args.root / "stores" / f"stream-{n}"
+            if store.exists():
+                shutil.rmtree(store)
+            runs.append(("encode", [sys.executable, "-m", "vqgpt.encode", "--data", spec, "--streaming", "--split",
+                                    "train", "--tokenizer", str(tok), "--out", str(store)]))
+        for name, cmd in runs:
+            print(f"stream: {n:,} images, {name} ...", flush=True)
+            r = run_tracked(cmd, run_env, args.root / "logs" / f"stream-{name}-{n}.log", args.poll)
+            if r["rc"]:
+                res[name] = failed(f"streamed {name} on {n:,} images", r)
+                continue
+            res[name] = clean(r)
+            if name == "encode":
+                reported = last_json(r["tail"]) or {}
+                res[name].update({k: reported.get(k) for k in ("count", "images_per_s", "codes_sha256")})
+            print(f"stream: {n:,} {name}: {r['wall_s']:.1f} s, peak anon {r['anon_tree_mb']} MB, ru_maxrss "
+                  f"{r.get('ru_maxrss_mb')} MB", flush=True)
+        res["cache_files"] = sum(1 for _ in cache.rglob("*")) if cache.exists() else 0
+        res["command"] = {name: " ".join(cmd[1:]) for name, cmd in runs}
+        out[str(n)] = res
+    sizes = sorted(int(n) for n in out)
+    if len(sizes) > 1:
+        small, large = out[str(sizes[0])], out[str(sizes[-1])]
+        for name in ("tokenizer", "encode"):
+            for key in ("anon_tree_mb", "ru_maxrss_mb", "wall_s"):
+                a, b = small.get(name, {}).get(key), large.get(name, {}).get(key)
+                if a and b is not None:
+                    out.setdefault("growth", {})[f"stream_{name}_{key.removesuffix('_mb')}_growth"] = round(b / a, 3)
+    return out
+
+
 def encode_splits(reported: dict, store: Path) -> dict:
     """{split: {count, seconds, images_per_s, codes_sha256, ...}} from vqgpt.encode's JSON line (one store, or
     one per split), else from the manifests it wrote."""
@@ -599,7 +680,7 @@ def main():
     p.add_argument("--root", type=Path, default=Path("/tmp/vqgpt-bench-data"), help="generated data, caches, runs")
     p.add_argument("--steps", type=int, default=50, help="training steps of each train.py run")
     p.add_argument("--only", action="append", default=None, metavar="SECTION",
-                   help="memory, loader, encode (repeatable or a comma list; default all)")
+                   help="memory, loader, stream, encode (repeatable or a comma list; default all)")
     p.add_argument("--image-px", type=int, default=32, help="side of the generated images (memory, encode)")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
@@ -617,6 +698,7 @@ def main():
     p.add_argument("--train-preset", default="demo", help="tokenizer preset whose training step the loader feeds")
     p.add_argument("--train-steps", type=int, default=5, help="timed training steps (after one warm-up)")
     p.add_argument("--encode-size", type=int, default=None, help="folder size to encode (default: the largest)")
+    p.add_argument("--shard-images", type=int, default=1000, help="images per tar shard of the stream section")
     p.add_argument("--json", default=None, help="also write the JSON here")
     args = p.parse_args()
     only = parse_only(p, args.only)
@@ -645,7 +727,7 @@ def main():
                         "poll_s": args.poll, "sections": only, "root": str(args.root)}
     report["sizes"] = args.sizes
     folders, gen = {}, {}
-    if "memory" in only or "encode" in only:
+    if "memory" in only or "encode" in only or "stream" in only:
         for n in sorted(set(args.sizes)):
             folders[n], gen[str(n)] = make_folder(args.root, n, args.image_px, args.gen_procs)
     report["generation"] = gen
@@ -666,6 +748,9 @@ def main():
                 if r["images_per_s"]:
                     ratios[f"loader_{px}px_{w}w_over_train"] = round(
                         r["images_per_s"] / report["train"][px]["images_per_s"], 2)
+    if "stream" in only:
+        report["stream"] = stream_section(args, folders, tok, env)
+        report["config"]["shard_images"] = args.shard_images
     if "encode" in only:
         report["encode"] = encode_section(args, folders, tok, env)
         one, two = (report["encode"].get(k, {}).get("images_per_s") for k in ("ranks_1", "ranks_2"))
