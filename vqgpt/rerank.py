@@ -8,9 +8,11 @@ still below a score: the founding documents' "regenerate until it meets the crit
 
     codes, scores, seeds = rerank_codes(pipe, ["a red circle"], 4, seed=0, rerank=8, scorer=scorer)
 
-Seeds: candidate k of round q for output row r (of R rows) is drawn with seed + (q * N + k) * R + r. So
-candidate 0 of round 0 is the plain sample (rerank=1 is plain sampling), every candidate has its own seed, the
-same call gives the same images, and `seeds[r]` alone redraws the chosen image: pipe(prompt, seed=seeds[r]).
+Seeds: output row r has the seed plain sampling gives it, seed + r; its candidate k of round q is drawn with
+seed + r + (q * N + k) * CANDIDATE_STRIDE. So candidate 0 of round 0 is the plain sample (rerank=1 is plain
+sampling), candidates never share a seed with another row's (fewer than 2**40 rows), the images depend neither
+on the batch nor on how the rows are split into calls, and `seeds[r]` alone redraws the chosen image:
+pipe(prompt, seed=seeds[r]).
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ import torch.nn.functional as F
 from .generate import SamplingConfig, generate
 
 SELF = "self"  # scorer="self": the GPT's own evidence for the caption, no second model
+CANDIDATE_STRIDE = 2**40  # seed distance between a row's candidates (seeds stay below 2**62 for 4096 candidates)
 
 
 def sampling_config(pipe, **kw) -> SamplingConfig:
@@ -38,7 +41,7 @@ def sampling_config(pipe, **kw) -> SamplingConfig:
 def candidate_seeds(seed: int, rows: int, rerank: int, round_: int = 0) -> torch.Tensor:
     """LongTensor (rerank, rows): the seed of candidate k of output row r in round `round_` (module doc)."""
     k = torch.arange(rerank, dtype=torch.long)[:, None] + round_ * rerank
-    return int(seed) + k * rows + torch.arange(rows, dtype=torch.long)[None, :]
+    return int(seed) + torch.arange(rows, dtype=torch.long)[None, :] + k * CANDIDATE_STRIDE
 
 
 def sample_rows(pipe, texts: list[str], seeds: torch.Tensor, cfg: SamplingConfig, batch_size: int,
