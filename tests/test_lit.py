@@ -136,7 +136,7 @@ def test_rerank_one_is_plain_sampling_and_seeds_reproduce(setup):
     plain = pipe.generate_codes(PROMPTS, 3, seed=5)
     for which in (scorer, "self"):
         codes, scores, seeds = rerank_codes(pipe, PROMPTS, 3, seed=5, rerank=1, scorer=which)
-        assert torch.equal(codes, plain) and seeds.tolist() == list(range(5, 11))
+        assert torch.equal(codes, plain) and seeds == list(range(5, 11))
     codes, scores, seeds = rerank_codes(pipe, PROMPTS, 3, seed=5, rerank=4, scorer=scorer, batch_size=5)
     again, scores2, _ = rerank_codes(pipe, PROMPTS, 3, seed=5, rerank=4, scorer=scorer)
     assert torch.equal(codes, again) and torch.allclose(scores, scores2, atol=1e-6)  # batch size changes nothing
@@ -159,8 +159,31 @@ def test_a_scorer_of_another_image_tokenizer_is_refused(setup):
     pipe = _pipeline(_tokenizer(7), scorer)
     with pytest.raises(ValueError, match="trained on image tokenizer .* but the pipeline uses"):
         rerank_codes(pipe, PROMPTS, 1, rerank=2, scorer=scorer)
+    with pytest.raises(ValueError, match="trained on image tokenizer"):
+        pipe(PROMPTS, rerank=2, scorer=scorer)
     with pytest.raises(ValueError, match="rerank must be an int >= 1"):
         rerank_codes(pipe, PROMPTS, 1, rerank=0, scorer="self")
+
+
+def test_pipeline_call_reranks_and_carries_its_scorer(setup, tmp_path):
+    root, _, tok = setup
+    scorer = ImageTextScorer.from_pretrained(root / "lit")
+    pipe = _pipeline(tok, scorer)
+    plain = pipe(PROMPTS, num_images=2, seed=3, output_type="pt")
+    same = pipe(PROMPTS, num_images=2, seed=3, output_type="pt", rerank=1, scorer=scorer)
+    assert torch.equal(plain.images, same.images) and same.seeds == plain.seeds and len(same.scores) == 4
+    best = pipe(PROMPTS, num_images=2, seed=3, output_type="pt", rerank=3, scorer=scorer)
+    assert all(b >= s - 1e-6 for b, s in zip(best.scores, same.scores))
+    redraw = pipe(best.prompts[1], seed=best.seeds[1], output_type="pt")  # a chosen image's seed redraws it
+    assert torch.allclose(redraw.images[0], best.images[1], atol=1 / 255)  # the decoder rounds by batch size
+    pipe.scorer = scorer
+    pipe.save_pretrained(tmp_path / "t2i")
+    from vqgpt.pipeline import TextToImage
+
+    loaded = TextToImage.from_pretrained(tmp_path / "t2i")
+    assert loaded.scorer is not None and loaded.scorer.config == scorer.config
+    again = loaded(PROMPTS, num_images=2, seed=3, output_type="pt", rerank=3)  # the saved scorer is the default
+    assert torch.equal(again.images, best.images) and again.scores == pytest.approx(best.scores, abs=1e-6)
 
 
 def test_saved_scorer_checks_its_files(setup, tmp_path):

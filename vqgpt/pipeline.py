@@ -48,6 +48,7 @@ class TextToImageOutput:
     seeds: list[int]  # image k's seed: pipe(prompts[k], seed=seeds[k]) with the same settings draws it again
     prompts: list[str]  # image k's prompt
     negative_prompts: list[str] | None = None  # image k's negative prompt (None: the null caption)
+    scores: list[float] | None = None  # with rerank: image k's score, the best of its candidates (vqgpt/rerank.py)
 
     def __getitem__(self, index):
         raise TypeError("a TextToImage call returns an output object, not a list: use out.images[k] "
@@ -64,6 +65,7 @@ class TextToImage:
         self.sampling = sampling or SamplingConfig()
         self.adapter = adapter  # finetune.Adapter when the GPT carries unmerged LoRA adapters
         self.trained_on = trained_on  # the training data and caption filter, for evaluations (vqgpt/eval.py)
+        self.scorer = None  # an ImageTextScorer (vqgpt/lit.py) saved in DIR/scorer/: the default for rerank=N
 
     def merge_adapter(self) -> TextToImage:
         """Fold LoRA adapters into the GPT's weights (same outputs, plain layers); a no-op without them."""
@@ -122,7 +124,8 @@ class TextToImage:
     def __call__(self, prompt: str | list[str], num_images: int | None = None, *, seed: int | list[int] | None = None,
                  negative_prompt: str | list[str] | None = None, output_type: str = "pil", batch_size: int = 64,
                  guidance_scale: float | None = None, num_images_per_prompt: int | None = None,
-                 generator: torch.Generator | list[torch.Generator] | None = None, **kw) -> TextToImageOutput:
+                 generator: torch.Generator | list[torch.Generator] | None = None, rerank: int = 1, scorer=None,
+                 min_score: float | None = None, max_rounds: int = 1, **kw) -> TextToImageOutput:
         """Sample num_images images per prompt -> TextToImageOutput(images, seeds, prompts), prompt-major.
 
         seed: an int (image k of the call gets seed + k), a list (one seed per image), or None: a fresh seed,
@@ -132,6 +135,9 @@ class TextToImage:
         (= cfg_scale), num_images_per_prompt (= num_images), generator (a torch.Generator, or one per image,
         that the seeds are drawn from); output_type "pil" (a list of PIL images), "pt" (float (N, 3, H, W) in
         [0, 1]) or "np" (float32 (N, H, W, 3) in [0, 1]).
+        rerank=N: each image is the best of N candidates by `scorer` (an ImageTextScorer, its directory, or
+        "self"; default the one saved with the pipeline, else "self"), its score in out.scores; min_score and
+        max_rounds resample the images still below min_score (vqgpt/rerank.py). rerank=1 is plain sampling.
         """
         n = _one_of("num_images", num_images, "num_images_per_prompt", num_images_per_prompt, 1)
         cfg_scale = _one_of("cfg_scale", kw.pop("cfg_scale", None), "guidance_scale", guidance_scale, None)
@@ -141,14 +147,24 @@ class TextToImage:
             raise ValueError(f"unknown output_type {output_type!r}; choose one of {OUTPUT_TYPES}")
         prompts = _text_list(prompt, "prompt")
         seeds = image_seeds(seed, generator, len(prompts) * _check_num_images(n))
-        codes = self.generate_codes(prompts, n, seeds, batch_size=batch_size, negative_prompt=negative_prompt, **kw)
+        scores = None
+        if rerank != 1 or scorer is not None or min_score is not None:
+            from .rerank import rerank_codes
+
+            codes, scores, seeds = rerank_codes(self, prompts, n, seed=seeds, rerank=rerank, scorer=scorer,
+                                                min_score=min_score, max_rounds=max_rounds, batch_size=batch_size,
+                                                negative_prompt=negative_prompt, **kw)
+            scores = scores.tolist()
+        else:
+            codes = self.generate_codes(prompts, n, seeds, batch_size=batch_size, negative_prompt=negative_prompt,
+                                        **kw)
         images = [_pixels_as(self.image_tokenizer.decode(c), output_type) for c in codes.split(batch_size)]
         if output_type == "pil":
             images = [im for chunk in images for im in chunk]
         else:
             images = torch.cat(images) if output_type == "pt" else np.concatenate(images)
         return TextToImageOutput(images=images, seeds=seeds, prompts=[p for p in prompts for _ in range(n)],
-                                 negative_prompts=negative_rows(negative_prompt, len(prompts), n))
+                                 negative_prompts=negative_rows(negative_prompt, len(prompts), n), scores=scores)
 
     # --- persistence ------------------------------------------------------------------------------------
     def config_dict(self) -> dict:
@@ -178,6 +194,9 @@ class TextToImage:
             config["base"] = {"path": base, "gpt": self.adapter.base_fingerprint}
         else:
             save_weights(path / "model.safetensors", gpt_state if gpt_state is not None else self.gpt.state_dict())
+        if self.scorer is not None:
+            self.scorer.check_image_tokenizer(self.image_tokenizer)
+            self.scorer.save_pretrained(path / SCORER_DIR)
         # config.json last: a directory with a config names weights that are already in place.
         atomic_write_bytes(path / "config.json", (json.dumps(config, indent=2) + "\n").encode())
 
@@ -212,7 +231,8 @@ class TextToImage:
         if "base" not in config:
             gpt = GPT(GPTConfig.from_dict(config["gpt"]))
             load_state_strict(gpt, str(path / "model.safetensors"))
-            return cls(gpt.to(device).eval(), image_tok, text_tok, sampling, trained_on=trained_on)
+            return _with_scorer(cls(gpt.to(device).eval(), image_tok, text_tok, sampling, trained_on=trained_on),
+                                path, device)
         from .finetune import ADAPTER_DIR, Adapter, grow_text_vocab, load_adapter, load_base_gpt, weights_fingerprint
 
         gpt, base_path = load_base_gpt(path, config, base, device)
@@ -222,7 +242,19 @@ class TextToImage:
         peft_model = load_adapter(gpt, path / ADAPTER_DIR)
         pipe = cls(gpt.to(device).eval(), image_tok, text_tok, sampling, Adapter(peft_model, base_path, fingerprint),
                    trained_on)
-        return pipe.merge_adapter() if merge else pipe
+        return _with_scorer(pipe.merge_adapter() if merge else pipe, path, device)
+
+
+SCORER_DIR = "scorer"  # a LiT scorer saved inside a pipeline directory is loaded with it
+
+
+def _with_scorer(pipe: TextToImage, path: Path, device) -> TextToImage:
+    if (path / SCORER_DIR).is_dir():
+        from .lit import ImageTextScorer
+
+        pipe.scorer = ImageTextScorer.from_pretrained(path / SCORER_DIR, device=device)
+        pipe.scorer.check_image_tokenizer(pipe.image_tokenizer, f"the pipeline {path}")
+    return pipe
 
 
 def _one_of(name: str, value, alias: str, alias_value, default):

@@ -9,7 +9,7 @@ still below a score: the founding documents' "regenerate until it meets the crit
     codes, scores, seeds = rerank_codes(pipe, ["a red circle"], 4, seed=0, rerank=8, scorer=scorer)
 
 Seeds: output row r has the seed plain sampling gives it, seed + r; its candidate k of round q is drawn with
-seed + r + (q * N + k) * CANDIDATE_STRIDE. So candidate 0 of round 0 is the plain sample (rerank=1 is plain
+seed + r + (q * N + k) * CANDIDATE_STRIDE (mod 2**62). So candidate 0 of round 0 is the plain sample (rerank=1 is plain
 sampling), candidates never share a seed with another row's (fewer than 2**40 rows), the images depend neither
 on the batch nor on how the rows are split into calls, and `seeds[r]` alone redraws the chosen image:
 pipe(prompt, seed=seeds[r]).
@@ -17,41 +17,20 @@ pipe(prompt, seed=seeds[r]).
 
 from __future__ import annotations
 
-from dataclasses import asdict, fields
-
 import torch
 import torch.nn.functional as F
 
-from .generate import SamplingConfig, generate
+from .pipeline import SEED_LIMIT
 
 SELF = "self"  # scorer="self": the GPT's own evidence for the caption, no second model
-CANDIDATE_STRIDE = 2**40  # seed distance between a row's candidates (seeds stay below 2**62 for 4096 candidates)
+CANDIDATE_STRIDE = 2**40  # seed distance between a row's candidates
+MAX_CANDIDATES = 4096  # per image, all rounds: candidate seeds stay apart below SEED_LIMIT = 2**62
 
 
-def sampling_config(pipe, **kw) -> SamplingConfig:
-    """The pipeline's saved sampling defaults overridden by kw, validated."""
-    unknown = set(kw) - {f.name for f in fields(SamplingConfig)}
-    if unknown:
-        raise TypeError(f"unknown sampling arguments {sorted(unknown)}")
-    cfg = SamplingConfig(**{**asdict(pipe.sampling), **kw})
-    cfg.validate(pipe.gpt.config.image_vocab_size)
-    return cfg
-
-
-def candidate_seeds(seed: int, rows: int, rerank: int, round_: int = 0) -> torch.Tensor:
-    """LongTensor (rerank, rows): the seed of candidate k of output row r in round `round_` (module doc)."""
+def candidate_seeds(row_seeds: list[int], rerank: int, round_: int = 0) -> torch.Tensor:
+    """LongTensor (rerank, rows): the seed of candidate k of each output row in round `round_` (module doc)."""
     k = torch.arange(rerank, dtype=torch.long)[:, None] + round_ * rerank
-    return int(seed) + torch.arange(rows, dtype=torch.long)[None, :] + k * CANDIDATE_STRIDE
-
-
-def sample_rows(pipe, texts: list[str], seeds: torch.Tensor, cfg: SamplingConfig, batch_size: int,
-                **generate_kw) -> torch.Tensor:
-    """Codes (len(texts), h, w): row i is texts[i] drawn with seeds[i], batch_size rows at a time."""
-    out = []
-    for i in range(0, len(texts), batch_size):
-        ids = pipe.text_tokenizer(texts[i:i + batch_size], pipe.gpt.config.text_len)
-        out.append(generate(pipe.gpt, ids, cfg, seeds[i:i + batch_size], **generate_kw).cpu())
-    return torch.cat(out)
+    return (torch.tensor(row_seeds, dtype=torch.long)[None, :] + k * CANDIDATE_STRIDE) % SEED_LIMIT
 
 
 @torch.no_grad()
@@ -97,40 +76,49 @@ def score_codes(pipe, scorer, codes: torch.Tensor, texts: list[str]) -> torch.Te
     return scorer.score_codes(codes, texts)
 
 
-def rerank_codes(pipe, prompts: list[str], num_images: int = 1, *, seed: int = 0, rerank: int = 8, scorer=None,
-                 min_score: float | None = None, max_rounds: int = 1, batch_size: int = 64,
-                 generate_kw: dict | None = None, **sampling) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(codes (R, h, w), scores (R,), seeds (R,)) for R = len(prompts) * num_images rows, prompt-major: each row
-    the best of `rerank` candidates drawn in one batch. With min_score, rows whose best is still below it get
-    `rerank` fresh candidates again, up to max_rounds rounds in all; a row keeps its best candidate so far."""
-    if isinstance(prompts, str):
-        prompts = [prompts]
-    if not isinstance(rerank, int) or isinstance(rerank, bool) or rerank < 1:
-        raise ValueError(f"rerank must be an int >= 1 (candidates per image), got {rerank!r}")
-    if not isinstance(max_rounds, int) or isinstance(max_rounds, bool) or max_rounds < 1:
-        raise ValueError(f"max_rounds must be an int >= 1, got {max_rounds!r}")
+def rerank_codes(pipe, prompts: str | list[str], num_images: int = 1, *, seed: int | list[int] = 0,
+                 rerank: int = 8, scorer=None, min_score: float | None = None, max_rounds: int = 1,
+                 batch_size: int = 64, negative_prompt: str | list[str] | None = None,
+                 **kw) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
+    """(codes (R, h, w), scores (R,), seeds) for R = len(prompts) * num_images rows, prompt-major: each row the
+    best of `rerank` candidates, all drawn in one call of `pipe.generate_codes` (batch_size rows at a time).
+    seed: an int (row r's plain seed is seed + r) or one seed per row, as for the pipeline. With min_score,
+    rows whose best is still below it get `rerank` fresh candidates again, up to max_rounds rounds in all; a row
+    keeps its best candidate so far. kw: sampling settings and generate_codes' options (compile, progress)."""
+    from .pipeline import _text_list, image_seeds, negative_rows
+
+    prompts = _text_list(prompts, "prompts")
+    for name, value in (("rerank", rerank), ("max_rounds", max_rounds)):
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise ValueError(f"{name} must be an int >= 1, got {value!r}")
+    if rerank * max_rounds > MAX_CANDIDATES:
+        raise ValueError(f"rerank x max_rounds = {rerank * max_rounds} candidates per image; at most {MAX_CANDIDATES}")
     if max_rounds > 1 and min_score is None:
-        raise ValueError("max_rounds > 1 resamples images below min_score: pass min_score too")
-    cfg = sampling_config(pipe, **sampling)
+        raise ValueError("max_rounds > 1 resamples the images below min_score: pass min_score too")
     scorer = resolve_scorer(pipe, scorer)
     rows = [p for p in prompts for _ in range(num_images)]
+    negatives = negative_rows(negative_prompt, len(prompts), num_images)
     R = len(rows)
-    best_codes, best_scores, best_seeds = None, torch.full((R,), -float("inf")), torch.zeros(R, dtype=torch.long)
+    row_seeds = image_seeds(seed, None, R)
+    best_codes, best_scores, best_seeds = None, torch.full((R,), -float("inf")), list(row_seeds)
     todo = torch.arange(R)  # output rows still to (re)sample
     for q in range(max_rounds):
-        seeds = candidate_seeds(seed, R, rerank, q)[:, todo]  # (N, r)
+        seeds = candidate_seeds(row_seeds, rerank, q)[:, todo]  # (N, r)
         texts = [rows[i] for i in todo.tolist()] * rerank  # candidate-major, as seeds.flatten()
-        codes = sample_rows(pipe, texts, seeds.flatten(), cfg, batch_size, **(generate_kw or {}))  # (N*r, h, w)
+        neg = None if negatives is None else [negatives[i] for i in todo.tolist()] * rerank
+        codes = pipe.generate_codes(texts, 1, seeds.flatten().tolist(), batch_size=batch_size, negative_prompt=neg,
+                                    **kw).cpu()  # (N * r, h, w)
         scores = score_codes(pipe, scorer, codes, texts).float().reshape(rerank, len(todo))  # (N, r)
         top, k = scores.max(0)  # (r,): the first best candidate on ties
-        codes = codes.reshape(rerank, len(todo), *codes.shape[1:])[k, torch.arange(len(todo))]  # (r, h, w)
+        pick = torch.arange(len(todo))
+        codes = codes.reshape(rerank, len(todo), *codes.shape[1:])[k, pick]  # (r, h, w)
         if best_codes is None:
             best_codes = codes.new_zeros((R, *codes.shape[1:]))
         better = top > best_scores[todo]
-        rows_better = todo[better]
-        best_codes[rows_better] = codes[better]
-        best_scores[rows_better] = top[better]
-        best_seeds[rows_better] = seeds[k, torch.arange(len(todo))][better]
+        best_codes[todo[better]] = codes[better]
+        best_scores[todo[better]] = top[better]
+        for row, s in zip(todo[better].tolist(), seeds[k, pick][better].tolist()):
+            best_seeds[row] = s
         if min_score is None:
             break
         todo = torch.nonzero(best_scores < min_score).flatten()
