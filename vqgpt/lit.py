@@ -159,6 +159,21 @@ class ImageTextScorer(nn.Module):
         x = self.readout(codes)
         return x if self.head is None else F.normalize(self.head(x), dim=-1)  # (B, embed_dim)
 
+    def _cosines(self, codes: torch.Tensor, txt: torch.Tensor, paired: bool = False) -> torch.Tensor:
+        """Cosines of code grids (Bi, h, w) with unit text embeddings (Bt, D): (Bi, Bt), or (B,) when paired.
+
+        The locked one-hot readout is never built: its dot product with a text vector is the sum of that
+        vector's entries at (position, code) of each cell, a gather (one-hot products cost h*w*V per pair)."""
+        if self.config.readout != "onehot" or self.head is not None:
+            img = self.embed_codes(codes)
+            return (img * txt).sum(-1) if paired else img @ txt.T
+        codes = codes.reshape(codes.shape[0], -1).to(self.device).long()  # (Bi, cells)
+        cells = codes.shape[1]
+        idx = codes + torch.arange(cells, device=codes.device) * self.config.codebook_size  # (Bi, cells)
+        if paired:
+            return txt.gather(1, idx).sum(-1) / math.sqrt(cells)  # (B,)
+        return txt[:, idx.flatten()].reshape(len(txt), *idx.shape).sum(-1).T / math.sqrt(cells)  # (Bi, Bt)
+
     def text_ids(self, texts: list[str]) -> torch.Tensor:
         if isinstance(texts, str):
             texts = [texts]
@@ -184,9 +199,7 @@ class ImageTextScorer(nn.Module):
         self.eval()
         out = []
         for i in range(0, len(texts), batch_size):
-            img = self.embed_codes(codes[i:i + batch_size])
-            txt = self.embed_texts(texts[i:i + batch_size])
-            out.append((img * txt).sum(-1).cpu())
+            out.append(self._cosines(codes[i:i + batch_size], self.embed_texts(texts[i:i + batch_size]), True).cpu())
         self.train(was)
         return torch.cat(out) if out else torch.zeros(0)
 
@@ -195,10 +208,10 @@ class ImageTextScorer(nn.Module):
         """(N_images, N_texts) cosine similarities: retrieval and zero-shot classification."""
         was = self.training
         self.eval()
-        img = torch.cat([self.embed_codes(c) for c in codes.split(batch_size)])
         txt = torch.cat([self.embed_texts(texts[i:i + batch_size]) for i in range(0, len(texts), batch_size)])
+        sim = torch.cat([self._cosines(c, txt).cpu() for c in codes.split(batch_size)])
         self.train(was)
-        return (img @ txt.T).cpu()
+        return sim
 
     def forward(self, images: torch.Tensor, texts: list[str]) -> torch.Tensor:
         """float images (N, 3, H, W) in [0, 1] and N texts -> (N,) agreement of image i with text i."""
@@ -215,10 +228,9 @@ class ImageTextScorer(nn.Module):
     def loss(self, text_ids: torch.Tensor, codes: torch.Tensor) -> tuple[torch.Tensor, dict]:
         """Symmetric contrastive loss (CLIP/LiT) over the batch. Rows with the same caption are all positives
         of each other (a small captioned set repeats captions within a batch)."""
-        img = self.embed_codes(codes)  # (B, D)
         txt = self.embed_text_ids(text_ids)  # (B, D)
         scale = self.logit_scale.clamp(max=math.log(100)).exp()  # CLIP caps the temperature at 1/100
-        logits = scale * img @ txt.T  # (B, B): image i against text j
+        logits = scale * self._cosines(codes, txt)  # (B, B): image i against text j
         same = (text_ids[:, None, :] == text_ids[None, :, :]).all(-1).float()  # (B, B)
         target = same / same.sum(1, keepdim=True)
         loss = 0.5 * (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target))
