@@ -121,9 +121,9 @@ def main(argv=None):
     for first in range(0, len(prompts), per_call):
         chunk = prompts[first:first + per_call]
         try:  # image j of prompt i has seed + i * n + j, as if all prompts were sampled in one call
-            out = pipe(chunk, num_images=args.n, seed=args.seed + first * args.n, batch_size=args.batch_size,
+            result = pipe(chunk, num_images=args.n, seed=args.seed + first * args.n, batch_size=args.batch_size,
                           progress=True, compile=args.compile, cuda_graph=args.cuda_graph, **sampling, **rerank)
-            images, scores = out.images, out.scores
+            images, scores = result.images, result.scores
         except ValueError as e:  # invalid sampling arguments: say which, without a traceback
             raise SystemExit(f"error: {e}") from None
         for k, prompt in enumerate(chunk):

@@ -226,3 +226,20 @@ def test_entropy_of_unsaid_attributes():
     train_specs = [s for s in vdata.all_specs() if not vdata.is_held_out(s)]
     h = data_entropy({"shape": "circle", "color": "red"}, "size", train_specs)
     assert 0.6 < h <= 0.6932  # two sizes, nearly balanced among the training combinations
+
+
+def test_sample_script_reranks_and_refuses_a_foreign_scorer(setup, tmp_path, capsys):
+    import sample
+
+    root, _, tok = setup
+    scorer = ImageTextScorer.from_pretrained(root / "lit")
+    _pipeline(tok, scorer).save_pretrained(tmp_path / "t2i")
+    sample.main(["--ckpt", str(tmp_path / "t2i"), "--prompt", PROMPTS[0], "--n", "2", "--rerank", "3", "--scorer",
+                 str(root / "lit"), "--out", str(tmp_path / "grid.png"), "--device", "cpu"])
+    printed = capsys.readouterr().out
+    assert printed.count("score ") == 2 and (tmp_path / "grid.png").is_file()
+    other = ImageTextScorer(scorer.config, _tokenizer(7), scorer.text_tokenizer)
+    other.save_pretrained(tmp_path / "other")
+    with pytest.raises(SystemExit, match="error: the scorer was trained on image tokenizer"):
+        sample.main(["--ckpt", str(tmp_path / "t2i"), "--prompt", PROMPTS[0], "--rerank", "2", "--scorer",
+                     str(tmp_path / "other"), "--out", str(tmp_path / "g2.png"), "--device", "cpu"])
