@@ -2,6 +2,7 @@
 
     python sample.py --ckpt runs/t2i --prompt "green apple" --n 4 --cfg 3 --top-k 100 --seed 0 --out apple.png
     python sample.py --ckpt runs/t2i --prompts prompts.txt --n 2 --out samples/grid.png
+    python sample.py --ckpt runs/t2i --prompt "green apple" --rerank 8 --scorer runs/lit   # best of 8 each
 
 Each image is written next to the grid as <out stem>-<prompt index>-<image index>.png. The same seed
 gives the same images, whatever the batch they are drawn in.
@@ -36,6 +37,10 @@ def parse_args(argv=None):
     p.add_argument("--compile", action="store_true",
                    help="torch.compile the decode step (CPU; pays off for many images: docs/BENCHMARKS.md)")
     p.add_argument("--cuda-graph", action="store_true", help="replay the decode step as a CUDA graph (GPU)")
+    p.add_argument("--rerank", type=int, default=1, metavar="N", help="keep the best of N candidates per image")
+    p.add_argument("--scorer", default=None, metavar="DIR|self",
+                   help="with --rerank: a LiT scorer (train.py lit) or 'self' (the GPT's own evidence); default: "
+                        "the checkpoint's saved scorer, else self")
     p.add_argument("--out", default="samples/grid.png", help="the grid's path; single images go beside it")
     return p.parse_args(argv)
 
@@ -71,6 +76,8 @@ def check_args(args, n_prompts: int) -> Path:
         raise SystemExit(f"error: --n must be >= 1, got {args.n}")
     if args.batch_size < 1:
         raise SystemExit(f"error: --batch-size must be >= 1, got {args.batch_size}")
+    if args.rerank < 1:
+        raise SystemExit(f"error: --rerank must be >= 1 (candidates per image), got {args.rerank}")
     if not 0 <= args.seed < 2**62 - n_prompts * args.n:
         raise SystemExit(f"error: --seed must be in [0, 2**62), got {args.seed}")
     out = Path(args.out)
@@ -101,13 +108,22 @@ def main(argv=None):
     sampling = {k: v for k, v in {"cfg_scale": args.cfg, "cfg_schedule": args.cfg_schedule,
                                   "cfg_interval": args.cfg_interval, "top_k": args.top_k, "top_p": args.top_p,
                                   "temperature": args.temperature}.items() if v is not None}
+    rerank = {}
+    if args.rerank != 1 or args.scorer is not None:
+        from vqgpt.rerank import resolve_scorer
+
+        try:  # loaded once, and checked against this model's image tokenizer before any sampling
+            rerank = {"rerank": args.rerank, "scorer": resolve_scorer(pipe, args.scorer, device)}
+        except (ValueError, FileNotFoundError, OSError) as e:
+            raise SystemExit(f"error: {e}") from None
     t0, n_done, grid_rows = time.time(), 0, []
     per_call = max(1, args.batch_size // args.n)  # prompts per call: about --batch-size rows in flight
     for first in range(0, len(prompts), per_call):
         chunk = prompts[first:first + per_call]
         try:  # image j of prompt i has seed + i * n + j, as if all prompts were sampled in one call
-            images = pipe(chunk, num_images=args.n, seed=args.seed + first * args.n, batch_size=args.batch_size,
-                          progress=True, compile=args.compile, cuda_graph=args.cuda_graph, **sampling)
+            result = pipe(chunk, num_images=args.n, seed=args.seed + first * args.n, batch_size=args.batch_size,
+                          progress=True, compile=args.compile, cuda_graph=args.cuda_graph, **sampling, **rerank)
+            images, scores = result.images, result.scores
         except ValueError as e:  # invalid sampling arguments: say which, without a traceback
             raise SystemExit(f"error: {e}") from None
         for k, prompt in enumerate(chunk):
@@ -117,7 +133,7 @@ def main(argv=None):
             for j, image in enumerate(row):
                 path = out.with_name(f"{out.stem}-{i:02d}-{j}-{slug}.png")
                 image.save(path)
-                print(path)
+                print(path if scores is None else f"{path}  score {scores[k * args.n + j]:.4f}")
             if i < GRID_PROMPTS:
                 grid_rows.append(row[:GRID_IMAGES])
         n_done += len(images)

@@ -5,6 +5,7 @@
     python train.py gpt --data openmoji --tokenizer runs/tok --out runs/t2i   # stage 2
     torchrun --nproc_per_node 2 train.py gpt ...                   # data-parallel, same flags
     python train.py gpt ... --resume runs/t2i                      # continue exactly where it stopped
+    python train.py lit --data shapes --tokenizer runs/tok --out runs/lit   # a LiT scorer (vqgpt/lit.py)
 
 --data is `openmoji`, `shapes`, a local imagefolder (metadata.jsonl with file_name/text) or a hub dataset
 name. Every run directory holds the latest model in the public format (ImageTokenizer / TextToImage
@@ -35,12 +36,16 @@ from vqgpt.tokenizer import ImageTokenizer, TokenizerConfig, tokenizer_config
 DEMO = {
     "tokenizer": dict(data="openmoji", preset="demo", steps=1200, batch_size=32, lr=2e-3),
     "gpt": dict(data="openmoji", preset="demo", steps=3200, batch_size=32, lr=3e-3),
+    "lit": dict(data="openmoji", preset="small", steps=1500, batch_size=256, lr=1e-3),  # not part of the demo
 }
 # What the demo adds to its GPT stage (README, "Recall on openmoji"). It leaves out the 1,945 skin-tone
 # variants, recolourings of other drawings, so that the model memorises 1,907 distinct drawings twice as often
 # in its 20 minutes; and it saves sampling defaults near the mode, where a model this small draws the prompted
 # drawing more often (guidance did not help that).
 DEMO_GPT_ARGS = ["--exclude", "skin tone", "--sample-cfg", "1", "--sample-temperature", "0.3"]
+
+
+DEFAULT_OUT = {"tokenizer": "tok", "gpt": "t2i", "lit": "lit"}  # run directories under runs/
 
 
 def parse_args(argv=None):
@@ -60,7 +65,7 @@ def parse_args(argv=None):
         sp.add_argument("--caption-column", default="text")
         sp.add_argument("--limit", type=int, default=None, help="use at most this many training images")
         sp.add_argument("--out", default=None, help=f"run directory (default: --resume's, else runs/"
-                        f"{'tok' if stage == 'tokenizer' else 't2i'})")
+                        f"{DEFAULT_OUT[stage]})")
         sp.add_argument("--overwrite", action="store_true", help="replace the run that --out already holds")
         sp.add_argument("--preset", default=d["preset"])
         sp.add_argument("--steps", type=int, default=d["steps"])
@@ -137,8 +142,9 @@ def parse_args(argv=None):
     gpt.add_argument("--sample-cfg-schedule", default=None, choices=["constant", "linear", "interval"])
     gpt.add_argument("--sample-prompts", nargs="*", default=None, help="prompts of the sample grids")
 
+    lit_parser(sub, common)
     args = p.parse_args(argv)
-    if args.stage in ("tokenizer", "gpt"):
+    if args.stage in ("tokenizer", "gpt", "lit"):
         check_args(p, args)
         resolve_out(p, args)
     return p, args
@@ -179,7 +185,7 @@ def check_args(parser, args) -> None:
 
 def resolve_out(parser, args) -> None:
     """--out defaults to --resume's directory (a run resumes in place), else runs/tok or runs/t2i."""
-    default = "runs/tok" if args.stage == "tokenizer" else "runs/t2i"
+    default = f"runs/{DEFAULT_OUT[args.stage]}"
     if args.resume and args.out and Path(args.resume).resolve() != Path(args.out).resolve():
         parser.error(f"--resume {args.resume} and --out {args.out} differ: a run resumes in its own directory")
     if args.resume and args.overwrite:
@@ -726,6 +732,97 @@ def sample_grid(pipe, prompts: list[str], cfg_scale: float, path: Path, n: int =
 
 
 # ----------------------------------------------------------------------------------------------------
+# Stage 3 (optional): the LiT scorer, a text tower trained against the locked image tokenizer (vqgpt/lit.py)
+
+
+def lit_parser(sub, common) -> None:
+    lit = sub.add_parser("lit", help="train an ImageTextScorer: a text tower against the locked image tokenizer")
+    common(lit, "lit")
+    lit.add_argument("--tokenizer", default="runs/tok", help="the (locked) image tokenizer directory")
+    lit.add_argument("--codes", default=None, metavar="DIR", help="the codes store of the data (as for gpt)")
+    lit.add_argument("--include", default=None, metavar="REGEX", help="train only on captions matching REGEX")
+    lit.add_argument("--exclude", default=None, metavar="REGEX", help="leave out captions matching REGEX")
+    lit.add_argument("--text-tokenizer", default=None, help="a transformers tokenizer; default: a BPE on the captions")
+    lit.add_argument("--text-vocab", type=int, default=1024, help="vocabulary of the trained BPE")
+    lit.add_argument("--text-len", type=int, default=None, help="text context in tokens (default: fit 99%%)")
+    lit.add_argument("--readout", default="onehot", choices=["onehot", "latent"],
+                     help="the locked image vector: codes one-hot per position, or quantized latents")
+    lit.add_argument("--head", default="none", choices=["none", "mlp"],
+                     help="none: the image side is fully locked (LiT); mlp: a small trainable image head")
+    lit.add_argument("--text-dim", type=int, default=128)
+    lit.add_argument("--text-layers", type=int, default=2)
+
+
+def train_lit(args) -> Path:
+    from vqgpt.lit import ImageTextScorer, LiTConfig, lit_config, retrieval_recall
+    from vqgpt.text import TextTokenizer
+
+    d = T.setup_distributed(args.device)
+    if d.enabled:
+        raise ValueError("train.py lit runs on one process (the contrastive batch is not gathered across ranks)")
+    out = Path(args.out)
+    ckpts = CheckpointManager(out, keep=args.keep)
+    resume = ckpts.require_latest() if args.resume else None
+    image_tok = ImageTokenizer.from_pretrained(resume.file("image_tokenizer") if resume else args.tokenizer,
+                                               device=d.device).requires_grad_(False)
+    store, rows, test_store, test_rows = load_gpt_data(args, image_tok, d)
+    if resume is not None:
+        text_tok = TextTokenizer.from_pretrained(resume.file("text_tokenizer"))
+        config = LiTConfig.from_dict(json.loads(resume.file("lit_config.json").read_text()))
+    else:
+        captions = store.captions(spread(rows, MAX_TEXT_SAMPLE))
+        text_tok = (TextTokenizer.from_pretrained(args.text_tokenizer) if args.text_tokenizer
+                    else TextTokenizer.train(captions, vocab_size=args.text_vocab))
+        config = lit_config(image_tok, text_tok, readout=args.readout, head=args.head, text_dim=args.text_dim,
+                            text_layers=args.text_layers,
+                            text_len=args.text_len or fit_text_len(text_tok, captions, verbose=d.main))
+    torch.manual_seed(args.seed)
+    model = ImageTextScorer(config, image_tok, text_tok).to(d.device)
+    optimizer = make_optimizer(model, args.lr, args.weight_decay)
+    guard = T.NonFiniteGuard()
+    start, _ = restore(resume, model, optimizer, guard, d)
+    test_captions = test_store.captions(test_rows)
+    test_codes = test_store.codes(test_rows)  # (N_test, h*w)
+    bf16 = T.use_bf16(d.device, args.precision)
+    n_params = sum(p.numel() for p in model.trainable_parameters())
+    run_config = {"stage": "lit", "lit": config.to_dict(), "args": vars(args), "params": n_params,
+                  "image_tokenizer": image_tok.fingerprint()}
+    wb = T.init_wandb(args.wandb, "vqgpt", f"lit-{out.name}", run_config, str(out), enabled=d.main)
+    print(f"lit: {n_params / 1e6:.2f}M trainable params (text tower{' + image head' if model.head else ''}), image "
+          f"tower locked ({config.readout} readout, {config.image_dim} dims), {len(rows)} train / {len(test_rows)} "
+          f"held-out images", flush=True)
+
+    def save(step):
+        ckpts.save(step, model.state_dict(), trainer_state(step, optimizer, guard),
+                   files={"lit_config.json": json.dumps(config.to_dict())},
+                   writers={"image_tokenizer": image_tok.save_pretrained, "text_tokenizer": text_tok.save_pretrained},
+                   export=model.save_pretrained)
+
+    def batches():
+        for step in range(start, args.steps):
+            idx = rows[T.epoch_batch(len(rows), step, args.batch_size, args.seed).numpy()]
+            yield text_tok(store.captions(idx), config.text_len).to(d.device), store.codes(idx).to(d.device)
+
+    def evaluate(done):
+        recall = retrieval_recall(model.similarity_codes(test_codes, test_captions), test_captions, test_captions)
+        bar.write(f"step {done}: held-out text-to-image R@1 {recall['retrieval_r1']:.3f}, "
+                  f"R@5 {recall['retrieval_r5']:.3f}")
+        if wb:
+            wb.log({f"eval/{k}": v for k, v in recall.items()}, step=done)
+
+    stage = T.Stage(model=model, optimizer=optimizer, batches=batches(), loss=lambda b, step: model.loss(*b),
+                    save=save, rate_name="pairs_per_s", items=lambda b: len(b[0]), evaluate=evaluate,
+                    log_stats=lambda stats: {"train/acc": stats["acc"].item(), "train/scale": stats["scale"].item()})
+    bar = progress(args.steps, start, d.main)
+    T.fit(stage, schedule(args, args.warmup if args.warmup is not None else max(1, args.steps // 20)),
+          start=start, d=d, guard=guard, bf16=bf16, wb=wb, bar=bar)
+    bar.close()
+    if wb:
+        wb.finish()
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------
 
 
 def main(argv=None):
@@ -743,7 +840,7 @@ def main(argv=None):
 
 def run_stage(args) -> Path:
     """One stage, holding its run directory (rank 0 takes the lock; the other ranks write nothing there)."""
-    train = train_tokenizer if args.stage == "tokenizer" else train_gpt
+    train = {"tokenizer": train_tokenizer, "gpt": train_gpt, "lit": train_lit}[args.stage]
     if int(os.environ.get("RANK", "0")) != 0:
         return train(args)
     with claim_run_dir(args.out, resume=bool(args.resume), overwrite=args.overwrite):
@@ -761,12 +858,12 @@ def demo_args(argv: list[str]):
 
 
 def run(parser, args, argv):
-    if args.stage in ("tokenizer", "gpt"):
+    if args.stage in ("tokenizer", "gpt", "lit"):
         run_stage(args)
         T.cleanup_distributed()  # after the stage has returned and its models are gone (see the docstring)
     else:  # the embedded demo: stage 1, stage 2, then a sample grid
         if argv or len(sys.argv) > 1:
-            parser.error("unknown command; use `tokenizer`, `gpt`, or no arguments for the demo")
+            parser.error("unknown command; use `tokenizer`, `gpt`, `lit`, or no arguments for the demo")
         tok_args = demo_args(["tokenizer"])
         run_stage(tok_args)
         gpt_args = demo_args(["gpt", *DEMO_GPT_ARGS])

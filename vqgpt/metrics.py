@@ -325,3 +325,56 @@ def load_judge(image_size: int = 64, device: str | torch.device = "cpu") -> Shap
     save_file(weights, str(tmp), metadata={"image_size": str(image_size), "version": str(JUDGE_VERSION)})
     os.replace(tmp, path)  # atomic: a concurrent reader never sees half a file
     return ShapesJudge(net, image_size, device)
+
+
+# --- LiT scorer readings and diversity on shapes (vqgpt/lit.py, `python -m vqgpt.eval alignment|diversity`) ----
+_VALUES = {"shape": SHAPES, "color": tuple(COLORS), "size": SIZES, "position": POSITIONS,
+           "background": tuple(BACKGROUNDS)}
+
+
+def zero_shot_attributes(scorer, codes: Tensor, specs: Sequence[ShapeSpec]) -> dict[str, float]:
+    """The scorer's zero-shot reading of each attribute: for each image and attribute, rank the captions that
+    differ from the true one in that attribute only (the valid ones) and count the image right when its own
+    caption scores highest. Returns per-attribute accuracy and their "mean"."""
+    from dataclasses import replace
+
+    from .data import shape_caption
+
+    hits = {a: 0 for a in ATTRIBUTES}
+    for attr in ATTRIBUTES:
+        candidates, owners, truth = [], [], []
+        for spec in specs:
+            valid = [v for v in _VALUES[attr] if _valid_change(spec, attr, v)]
+            truth.append(len(candidates) + valid.index(getattr(spec, attr)))
+            candidates += [shape_caption(replace(spec, **{attr: v})) for v in valid]
+            owners.append(len(valid))
+        scores = scorer.score_codes(codes.repeat_interleave(torch.tensor(owners), 0), candidates)
+        start = 0
+        for n, t in zip(owners, truth):
+            hits[attr] += int(start + int(scores[start:start + n].argmax()) == t)
+            start += n
+    out = {a: hits[a] / max(len(specs), 1) for a in ATTRIBUTES}
+    out["mean"] = sum(out.values()) / len(ATTRIBUTES)
+    return out
+
+
+def _valid_change(spec: ShapeSpec, attr: str, value: str) -> bool:
+    """Would spec with attr set to value be a valid combination (the shape's colour is not the background)?"""
+    color = value if attr == "color" else spec.color
+    return color != (value if attr == "background" else spec.background)
+
+
+def entropy(values: Sequence, miller_madow: bool = False) -> float:
+    """Entropy in nats of the empirical distribution of `values`; with miller_madow, plus (K - 1) / 2n for the
+    K values seen (Miller 1955): the plug-in estimate from n samples is biased low by about that much."""
+    if not values:
+        return 0.0
+    counts = np.unique(np.asarray(values, dtype=object).astype(str), return_counts=True)[1]
+    p = counts / counts.sum()
+    h = float(-(p * np.log(p)).sum())
+    return h + (len(counts) - 1) / (2 * len(values)) if miller_madow else h
+
+
+def data_entropy(said: dict[str, str], attr: str, specs: Sequence[ShapeSpec]) -> float:
+    """Entropy of `attr` over the training specs that agree with the said attributes (the data's variety)."""
+    return entropy([getattr(s, attr) for s in specs if all(getattr(s, k) == v for k, v in said.items())])
