@@ -341,6 +341,7 @@ def train_tokenizer(args) -> Path:
         config = tokenizer_config(args.preset, **overrides)
     torch.manual_seed(args.seed)  # the same initial weights on every rank and every run
     model = ImageTokenizer(config).to(d.device)
+    model.trained_on = {"data": args.data, "limit": args.limit}  # its model card names the data and its licence
 
     # Images stay on disk (memory-mapped Arrow); loader workers decode each step's batch (vqgpt/loader.py).
     kw = dict(image_column=args.image_column, caption_column=args.caption_column, image_size=config.image_size,

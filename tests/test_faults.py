@@ -227,6 +227,7 @@ def test_grid_labels_are_cut_and_a_local_looking_path_never_goes_to_the_hub(tmp_
         raise AssertionError("the hub was asked for a local path")
 
     monkeypatch.setattr(huggingface_hub, "hf_hub_download", no_network)
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", no_network)
     with pytest.raises(FileNotFoundError, match="the hub was not asked"):
         ImageTokenizer.from_pretrained("runs/tokk")
 
