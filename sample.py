@@ -3,6 +3,7 @@
     python sample.py --ckpt runs/t2i --prompt "green apple" --n 4 --cfg 3 --top-k 100 --seed 0 --out apple.png
     python sample.py --ckpt runs/t2i --prompts prompts.txt --n 2 --out samples/grid.png
     python sample.py --ckpt runs/t2i --prompt "green apple" --rerank 8 --scorer runs/lit   # best of 8 each
+    python sample.py --ckpt owner/name --prompt "green apple" --cfg-scale 3 --negative-prompt "red"   # a hub repo
 
 Each image is written next to the grid as <out stem>-<prompt index>-<image index>.png. The same seed
 gives the same images, whatever the batch they are drawn in.
@@ -16,24 +17,30 @@ import re
 import time
 from pathlib import Path
 
-import torch
+from vqgpt.cli import DEVICES, HelpFormatter, add_debug_flag, pick_device, run_or_exit
 
 
-def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--ckpt", required=True, help="a TextToImage directory (train.py gpt --out)")
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
+    p.add_argument("--ckpt", required=True, help="a TextToImage directory (train.py gpt --out) or hub repo owner/name")
+    p.add_argument("--revision", default=None, help="with a hub repo: its branch, tag or commit")
     p.add_argument("--prompt", action="append", default=[], help="a prompt (repeatable)")
     p.add_argument("--prompts", default=None, help="a text file with one prompt per line")
+    p.add_argument("--negative-prompt", default=None,
+                   help="the caption guidance pushes away from, instead of the null caption (needs --cfg != 1)")
     p.add_argument("--n", type=int, default=4, help="images per prompt")
-    p.add_argument("--cfg", type=float, default=None, help="guidance scale (default: the checkpoint's)")
-    p.add_argument("--cfg-schedule", choices=["constant", "linear", "interval"], default=None)
+    p.add_argument("--cfg", "--cfg-scale", dest="cfg", type=float, default=None,
+                   help="guidance scale; 1 = no guidance (default: the checkpoint's)")
+    p.add_argument("--cfg-schedule", choices=["constant", "linear", "interval"], default=None,
+                   help="how guidance varies over the image (default: the checkpoint's)")
     p.add_argument("--cfg-interval", type=int, default=None, help="image tokens guided, with --cfg-schedule interval")
-    p.add_argument("--top-k", type=int, default=None)
-    p.add_argument("--top-p", type=float, default=None)
-    p.add_argument("--temperature", type=float, default=None, help="0 = greedy")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--batch-size", type=int, default=64, help="images decoded per batch")
-    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--top-k", type=int, default=None,
+                   help="sample among the k likeliest codes (default: the checkpoint's)")
+    p.add_argument("--top-p", type=float, default=None, help="nucleus mass, 1 = off (default: the checkpoint's)")
+    p.add_argument("--temperature", type=float, default=None, help="0 = greedy (default: the checkpoint's)")
+    p.add_argument("--seed", type=int, default=0, help="image j of prompt i is drawn with seed + i * n + j")
+    p.add_argument("--batch-size", type=int, default=64, help="images sampled and decoded at once (GPU memory)")
+    p.add_argument("--device", default="auto", choices=DEVICES, help="auto: cuda when torch sees one, else cpu")
     p.add_argument("--compile", action="store_true",
                    help="torch.compile the decode step (CPU; pays off for many images: docs/BENCHMARKS.md)")
     p.add_argument("--cuda-graph", action="store_true", help="replay the decode step as a CUDA graph (GPU)")
@@ -42,7 +49,12 @@ def parse_args(argv=None):
                    help="with --rerank: a LiT scorer (train.py lit) or 'self' (the GPT's own evidence); default: "
                         "the checkpoint's saved scorer, else self")
     p.add_argument("--out", default="samples/grid.png", help="the grid's path; single images go beside it")
-    return p.parse_args(argv)
+    add_debug_flag(p)
+    return p
+
+
+def parse_args(argv=None):
+    return build_parser().parse_args(argv)
 
 
 def read_prompts(args) -> list[str]:
@@ -52,18 +64,18 @@ def read_prompts(args) -> list[str]:
             p.encode("utf-8")
         except UnicodeEncodeError:
             shown = p.encode("utf-8", "backslashreplace").decode()
-            raise SystemExit(f"error: --prompt {shown!r} is not UTF-8 text") from None
+            raise ValueError(f"--prompt {shown!r} is not UTF-8 text") from None
     if args.prompts:
         path = Path(args.prompts)
         if not path.is_file():
-            raise SystemExit(f"--prompts {path}: no such file")
+            raise FileNotFoundError(f"--prompts {path}: no such file")
         try:
             text = path.read_text(encoding="utf-8")
         except UnicodeDecodeError as e:
-            raise SystemExit(f"error: --prompts {path} is not UTF-8 text ({e.reason} at byte {e.start})") from None
+            raise ValueError(f"--prompts {path} is not UTF-8 text ({e.reason} at byte {e.start})") from None
         prompts += [line.strip() for line in text.splitlines() if line.strip()]
     if not prompts:
-        raise SystemExit("give at least one --prompt or a --prompts file")
+        raise ValueError("give at least one --prompt or a --prompts file")
     return prompts
 
 
@@ -73,38 +85,38 @@ GRID_PROMPTS, GRID_IMAGES = 32, 16  # the grid shows at most this many prompts (
 def check_args(args, n_prompts: int) -> Path:
     """Everything that can be checked before sampling is, so that no sampling time is lost to a typo."""
     if args.n < 1:
-        raise SystemExit(f"error: --n must be >= 1, got {args.n}")
+        raise ValueError(f"--n must be >= 1, got {args.n}")
     if args.batch_size < 1:
-        raise SystemExit(f"error: --batch-size must be >= 1, got {args.batch_size}")
+        raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
     if args.rerank < 1:
-        raise SystemExit(f"error: --rerank must be >= 1 (candidates per image), got {args.rerank}")
+        raise ValueError(f"--rerank must be >= 1 (candidates per image), got {args.rerank}")
     if not 0 <= args.seed < 2**62 - n_prompts * args.n:
-        raise SystemExit(f"error: --seed must be in [0, 2**62), got {args.seed}")
+        raise ValueError(f"--seed must be in [0, 2**62), got {args.seed}")
     out = Path(args.out)
     if out.is_dir():
-        raise SystemExit(f"error: --out {out} is a directory; give the grid's file name, e.g. {out / 'grid.png'}")
+        raise ValueError(f"--out {out} is a directory; give the grid's file name, e.g. {out / 'grid.png'}")
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
     except OSError as e:
-        raise SystemExit(f"error: cannot create {out.parent}: {e.strerror}") from None
+        raise OSError(f"cannot create {out.parent}: {e.strerror}") from None
     if not os.access(out.parent, os.W_OK):
-        raise SystemExit(f"error: --out {out}: {out.parent} is not writable")
+        raise OSError(f"--out {out}: {out.parent} is not writable")
     return out
 
 
 def main(argv=None):
     args = parse_args(argv)
+    run_or_exit(lambda: sample(args), debug=args.debug,
+                oom_hint=f"lower --batch-size (now {args.batch_size}): it bounds the images sampled at once")
+
+
+def sample(args) -> None:
     prompts = read_prompts(args)
     out = check_args(args, len(prompts))
     from vqgpt.pipeline import TextToImage, image_grid
 
-    device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
-    if device == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("error: --device cuda was asked for but torch sees no CUDA device")
-    try:
-        pipe = TextToImage.from_pretrained(args.ckpt, device=device)
-    except (ValueError, FileNotFoundError, OSError, RuntimeError) as e:
-        raise SystemExit(f"error: {e}") from None
+    device = pick_device(args.device)
+    pipe = TextToImage.from_pretrained(args.ckpt, device=device, revision=args.revision)
     sampling = {k: v for k, v in {"cfg_scale": args.cfg, "cfg_schedule": args.cfg_schedule,
                                   "cfg_interval": args.cfg_interval, "top_k": args.top_k, "top_p": args.top_p,
                                   "temperature": args.temperature}.items() if v is not None}
@@ -112,20 +124,17 @@ def main(argv=None):
     if args.rerank != 1 or args.scorer is not None:
         from vqgpt.rerank import resolve_scorer
 
-        try:  # loaded once, and checked against this model's image tokenizer before any sampling
-            rerank = {"rerank": args.rerank, "scorer": resolve_scorer(pipe, args.scorer, device)}
-        except (ValueError, FileNotFoundError, OSError) as e:
-            raise SystemExit(f"error: {e}") from None
+        # loaded once, and checked against this model's image tokenizer before any sampling
+        rerank = {"rerank": args.rerank, "scorer": resolve_scorer(pipe, args.scorer, device)}
     t0, n_done, grid_rows = time.time(), 0, []
     per_call = max(1, args.batch_size // args.n)  # prompts per call: about --batch-size rows in flight
     for first in range(0, len(prompts), per_call):
         chunk = prompts[first:first + per_call]
-        try:  # image j of prompt i has seed + i * n + j, as if all prompts were sampled in one call
-            result = pipe(chunk, num_images=args.n, seed=args.seed + first * args.n, batch_size=args.batch_size,
-                          progress=True, compile=args.compile, cuda_graph=args.cuda_graph, **sampling, **rerank)
-            images, scores = result.images, result.scores
-        except ValueError as e:  # invalid sampling arguments: say which, without a traceback
-            raise SystemExit(f"error: {e}") from None
+        # image j of prompt i has seed + i * n + j, as if all prompts were sampled in one call
+        result = pipe(chunk, num_images=args.n, seed=args.seed + first * args.n, batch_size=args.batch_size,
+                      negative_prompt=args.negative_prompt, progress=True, compile=args.compile,
+                      cuda_graph=args.cuda_graph, **sampling, **rerank)
+        images, scores = result.images, result.scores
         for k, prompt in enumerate(chunk):
             i = first + k
             slug = re.sub(r"[^a-z0-9]+", "-", prompt.lower()).strip("-")[:40] or "unconditional"

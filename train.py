@@ -28,7 +28,10 @@ import torch.nn.functional as F
 from vqgpt import data as vdata
 from vqgpt import training as T
 from vqgpt.checkpoint import CheckpointError, CheckpointManager, claim_run_dir
+from vqgpt.cli import DEVICES, HelpFormatter, add_debug_flag, run_or_exit
 from vqgpt.loader import StepImages, StreamImages, decode_rows, default_workers, image_batches, stream_rows
+from vqgpt.model import PRESETS as GPT_PRESETS
+from vqgpt.tokenizer import PRESETS as TOK_PRESETS
 from vqgpt.tokenizer import ImageTokenizer, TokenizerConfig, tokenizer_config
 
 # Defaults of the embedded demo, chosen to fit 2 CPU cores: both stages in <= 20 minutes (README, "Two
@@ -49,7 +52,7 @@ DEFAULT_OUT = {"tokenizer": "tok", "gpt": "t2i", "lit": "lit"}  # run directorie
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     sub = p.add_subparsers(dest="stage")
 
     def common(sp, stage):
@@ -61,26 +64,29 @@ def parse_args(argv=None):
         sp.add_argument("--streaming", action="store_true",
                         help="read tar shards, parquet files or a hub set as a stream, file by file, copying "
                              "nothing to the cache (for sets too large to download)")
-        sp.add_argument("--image-column", default="image")
-        sp.add_argument("--caption-column", default="text")
-        sp.add_argument("--limit", type=int, default=None, help="use at most this many training images")
+        sp.add_argument("--image-column", default="image", help="a hub dataset's or parquet file's image column")
+        sp.add_argument("--caption-column", default="text", help="a hub dataset's or parquet file's caption column")
+        sp.add_argument("--limit", type=int, default=None, help="use at most this many training images (default: all)")
         sp.add_argument("--out", default=None, help=f"run directory (default: --resume's, else runs/"
                         f"{DEFAULT_OUT[stage]})")
         sp.add_argument("--overwrite", action="store_true", help="replace the run that --out already holds")
-        sp.add_argument("--preset", default=d["preset"])
-        sp.add_argument("--steps", type=int, default=d["steps"])
+        presets = TOK_PRESETS if stage == "tokenizer" else GPT_PRESETS
+        sp.add_argument("--preset", default=d["preset"], choices=sorted(presets),
+                        help="model size (PRESETS in vqgpt/tokenizer.py, vqgpt/model.py)")
+        sp.add_argument("--steps", type=int, default=d["steps"], help="optimizer steps in all")
         sp.add_argument("--batch-size", type=int, default=d["batch_size"], help="global batch (all ranks)")
         sp.add_argument("--grad-accum", type=int, default=1, help="micro-batches per step (per rank)")
-        sp.add_argument("--lr", type=float, default=d["lr"])
+        sp.add_argument("--lr", type=float, default=d["lr"], help="peak learning rate (cosine decay after warm-up)")
         sp.add_argument("--warmup", type=int, default=None, help="warm-up steps (default 5%% of --steps)")
-        sp.add_argument("--weight-decay", type=float, default=0.0)
+        sp.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay")
         sp.add_argument("--clip", type=float, default=1.0, help="gradient norm clip")
-        sp.add_argument("--seed", type=int, default=0)
-        sp.add_argument("--save-every", type=int, default=500)
-        sp.add_argument("--eval-every", type=int, default=500)
-        sp.add_argument("--log-every", type=int, default=25)
+        sp.add_argument("--seed", type=int, default=0, help="initial weights and data order")
+        sp.add_argument("--save-every", type=int, default=500, help="steps between checkpoints")
+        sp.add_argument("--eval-every", type=int, default=500,
+                        help="steps between held-out evaluations and sample grids")
+        sp.add_argument("--log-every", type=int, default=25, help="steps between logged losses")
         sp.add_argument("--keep", type=int, default=3, help="checkpoints to keep")
-        sp.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+        sp.add_argument("--device", default="auto", choices=DEVICES, help="auto: cuda when torch sees one, else cpu")
         sp.add_argument("--wandb", default=None, choices=["online", "offline", "disabled"],
                         help="default: online with an account configured, else offline")
         sp.add_argument("--resume", default=None, metavar="RUN_DIR", help="continue the run saved in RUN_DIR")
@@ -90,8 +96,9 @@ def parse_args(argv=None):
                              "on a CPU none up to 4 cores)")
         sp.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp32"],
                         help="autocast; auto: bf16 on CUDA and on CPUs with native bf16 (AVX512-BF16, AMX), else fp32")
+        add_debug_flag(sp)
 
-    tok = sub.add_parser("tokenizer", help="train the image tokenizer (VQ-VAE)")
+    tok = sub.add_parser("tokenizer", help="train the image tokenizer (VQ-VAE)", formatter_class=HelpFormatter)
     common(tok, "tokenizer")
     tok.add_argument("--image-size", type=int, default=None, help="override the preset's image size")
     tok.add_argument("--quantizer", choices=["fsq", "vq"], default=None, help="override the preset's")
@@ -103,9 +110,10 @@ def parse_args(argv=None):
     tok.add_argument("--gan-start", type=int, default=None, help="step the GAN loss starts (default half)")
     tok.add_argument("--perceptual-weights", default=None, metavar="VGG16.safetensors",
                      help="local VGG16 features weights; enables the perceptual loss (see vqgpt/perceptual.py)")
-    tok.add_argument("--perceptual-weight", type=float, default=0.1)
+    tok.add_argument("--perceptual-weight", type=float, default=0.1, help="weight of the perceptual loss")
 
-    gpt = sub.add_parser("gpt", help="train the text-to-image GPT on a trained tokenizer's codes")
+    gpt = sub.add_parser("gpt", help="train the text-to-image GPT on a trained tokenizer's codes",
+                         formatter_class=HelpFormatter)
     common(gpt, "gpt")
     gpt.add_argument("--tokenizer", default=None, help="image tokenizer directory (stage 1 output; default "
                      "runs/tok, or the --init model's own)")
@@ -129,18 +137,23 @@ def parse_args(argv=None):
                      help="a transformers tokenizer name or path; default: a BPE trained on the captions")
     gpt.add_argument("--text-vocab", type=int, default=1024, help="vocabulary of the trained BPE")
     gpt.add_argument("--text-len", type=int, default=None, help="text context in tokens (default: fit 99%%)")
-    gpt.add_argument("--cfg-dropout", type=float, default=None, help="caption dropout prob (CFG training)")
-    gpt.add_argument("--text-loss-weight", type=float, default=None)
+    gpt.add_argument("--cfg-dropout", type=float, default=None,
+                     help="caption dropout prob, for CFG (default: the preset's)")
+    gpt.add_argument("--text-loss-weight", type=float, default=None,
+                     help="weight of the next-token loss on the caption (default: the preset's)")
     gpt.add_argument("--fsdp", action="store_true",
                      help="shard parameters, gradients and optimizer state over the ranks (FSDP2) instead of DDP; "
                           "in-training evaluation is then skipped (evaluate the exported model)")
     # Sampling defaults saved with the model; unset ones come from the --init model, else SAMPLING_DEFAULTS.
-    gpt.add_argument("--sample-cfg", type=float, default=None, help="default guidance scale (3)")
-    gpt.add_argument("--sample-top-k", type=int, default=None, help="default top-k (none)")
-    gpt.add_argument("--sample-top-p", type=float, default=None, help="default top-p (1)")
-    gpt.add_argument("--sample-temperature", type=float, default=None, help="default temperature (1)")
-    gpt.add_argument("--sample-cfg-schedule", default=None, choices=["constant", "linear", "interval"])
-    gpt.add_argument("--sample-prompts", nargs="*", default=None, help="prompts of the sample grids")
+    gpt.add_argument("--sample-cfg", "--sample-cfg-scale", dest="sample_cfg", type=float, default=None,
+                     help="the saved guidance scale (default: 3)")
+    gpt.add_argument("--sample-top-k", type=int, default=None, help="the saved top-k (default: none)")
+    gpt.add_argument("--sample-top-p", type=float, default=None, help="the saved top-p (default: 1)")
+    gpt.add_argument("--sample-temperature", type=float, default=None, help="the saved temperature (default: 1)")
+    gpt.add_argument("--sample-cfg-schedule", default=None, choices=["constant", "linear", "interval"],
+                     help="the saved guidance schedule (default: constant)")
+    gpt.add_argument("--sample-prompts", nargs="*", default=None,
+                     help="prompts of the sample grids (default: captions spread over the data)")
 
     lit_parser(sub, common)
     args = p.parse_args(argv)
@@ -372,6 +385,7 @@ def train_tokenizer(args) -> Path:
         config = tokenizer_config(args.preset, **overrides)
     torch.manual_seed(args.seed)  # the same initial weights on every rank and every run
     model = ImageTokenizer(config).to(d.device)
+    model.trained_on = {"data": args.data, "limit": args.limit}  # its model card names the data and its licence
 
     # Images stay on disk (memory-mapped Arrow); loader workers decode each step's batch (vqgpt/loader.py).
     train_set, held_out = tokenizer_data(args, config.image_size, d)
@@ -740,6 +754,7 @@ def lit_parser(sub, common) -> None:
     common(lit, "lit")
     lit.add_argument("--tokenizer", default="runs/tok", help="the (locked) image tokenizer directory")
     lit.add_argument("--codes", default=None, metavar="DIR", help="the codes store of the data (as for gpt)")
+    lit.add_argument("--crops", type=int, default=1, metavar="N", help="the codes store's views per image (as for gpt)")
     lit.add_argument("--include", default=None, metavar="REGEX", help="train only on captions matching REGEX")
     lit.add_argument("--exclude", default=None, metavar="REGEX", help="leave out captions matching REGEX")
     lit.add_argument("--text-tokenizer", default=None, help="a transformers tokenizer; default: a BPE on the captions")
@@ -827,15 +842,11 @@ def train_lit(args) -> Path:
 
 def main(argv=None):
     parser, args = parse_args(argv)
-    try:
-        run(parser, args, argv)
-    except (ValueError, FileNotFoundError, CheckpointError, FloatingPointError, RuntimeError) as e:
-        # Problems with the user's input or run (bad data, checkpoints, diverged training) end with one
-        # readable line rather than a traceback; VQGPT_DEBUG=1 shows the traceback too.
-        if os.environ.get("VQGPT_DEBUG"):
-            raise
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    # Problems with the user's input or run (bad data, checkpoints, diverged training) end with one readable
+    # line rather than a traceback; --debug (or VQGPT_DEBUG=1) shows the traceback too.
+    run_or_exit(lambda: run(parser, args, argv), debug=getattr(args, "debug", False),
+                oom_hint="lower --batch-size (and raise --grad-accum to keep the batch), or pick a smaller --preset",
+                errors=(ValueError, FileNotFoundError, CheckpointError, FloatingPointError, RuntimeError))
 
 
 def run_stage(args) -> Path:

@@ -145,7 +145,7 @@ def test_eval_and_sample_errors_are_one_line(tmp_path):
     for cmd, says in ((["-m", "vqgpt.eval", "tokenizer", "--ckpt", tmp_path / "nope"], "no tokenizer directory"),
                       (["-m", "vqgpt.eval", "recall", "--ckpt", tmp_path, "--device", "cuda"], "CUDA"),
                       (["sample.py", "--ckpt", tmp_path / "nope", "--prompt", "x", "--out", tmp_path / "g.png"],
-                       "not a TextToImage checkpoint")):
+                       "no text-to-image model directory")):
         r = subprocess.run([sys.executable, *map(str, cmd)], cwd=ROOT, capture_output=True, text=True, env=env,
                            timeout=120)
         assert r.returncode != 0 and "Traceback" not in r.stderr, r.stderr[-2000:]
@@ -227,6 +227,7 @@ def test_grid_labels_are_cut_and_a_local_looking_path_never_goes_to_the_hub(tmp_
         raise AssertionError("the hub was asked for a local path")
 
     monkeypatch.setattr(huggingface_hub, "hf_hub_download", no_network)
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", no_network)
     with pytest.raises(FileNotFoundError, match="the hub was not asked"):
         ImageTokenizer.from_pretrained("runs/tokk")
 

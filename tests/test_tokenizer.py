@@ -43,7 +43,7 @@ def test_encode_is_deterministic_and_batch_independent(tok):
 def test_save_load_gives_identical_codes(tok, tmp_path):
     x = torch.rand(4, 3, 32, 32)
     tok.save_pretrained(tmp_path / "tok")
-    assert sorted(p.name for p in (tmp_path / "tok").iterdir()) == ["config.json", "model.safetensors"]
+    assert sorted(p.name for p in (tmp_path / "tok").iterdir()) == ["README.md", "config.json", "model.safetensors"]
     loaded = ImageTokenizer.from_pretrained(tmp_path / "tok")
     assert torch.equal(tok.encode(x), loaded.encode(x))
     assert torch.equal(tok.decode(tok.encode(x)), loaded.decode(loaded.encode(x)))

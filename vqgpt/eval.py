@@ -6,6 +6,9 @@
     python -m vqgpt.eval alignment --ckpt runs/t2i --scorer runs/lit        # LiT agreement, retrieval R@1/R@5
     python -m vqgpt.eval diversity --ckpt runs/shapes-t2i --scorer runs/lit  # variety of unsaid attributes
     python -m vqgpt.eval adherence --ckpt runs/shapes-t2i --cfg 1.5 --rerank 8 --scorer runs/lit  # best of 8
+    python -m vqgpt.eval recall --ckpt runs/t2i --record                   # and keep the figures in its model card
+
+Errors in the input are one line on stderr with exit code 2 (--debug or VQGPT_DEBUG=1: the traceback).
 """
 
 from __future__ import annotations
@@ -13,18 +16,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import sys
 import time
 
 import torch
 
-
-def _device(name: str) -> str:
-    if name == "cuda" and not torch.cuda.is_available():
-        raise ValueError("--device cuda was asked for but torch sees no CUDA device")
-    if name not in ("auto", "cpu", "cuda"):
-        raise ValueError(f"--device must be auto, cpu or cuda, got {name!r}")
-    return ("cuda" if torch.cuda.is_available() else "cpu") if name == "auto" else name
+from .cli import DEVICES, HelpFormatter, add_debug_flag, pick_device, run_or_exit
+from .hub import record_evaluation
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -92,7 +91,7 @@ def _scorer(pipe, scorer, rerank: int = 1, required: bool = False):
 
 def eval_adherence(ckpt: str, cfg_scales: list[float], seed: int = 0, device: str = "cpu",
                    grid: str | None = None, include: str | None = None, exclude: str | None = None,
-                   repeat: int = 1, rerank: int = 1, scorer=None, **sampling) -> dict:
+                   repeat: int = 1, rerank: int = 1, scorer=None, batch_size: int = 128, **sampling) -> dict:
     """Per-attribute accuracy of samples on `shapes` prompts, judged by ShapesJudge.
 
     "cfg": on the held-out attribute combinations (never seen in training), `repeat` images per combination;
@@ -129,7 +128,8 @@ def eval_adherence(ckpt: str, cfg_scales: list[float], seed: int = 0, device: st
         for name, specs in (("cfg", held), ("seen", seen)):
             prompts = [vdata.shape_caption(s) for s in specs]
             t0 = time.perf_counter()
-            images = _pipeline_images(pipe, prompts, seed, rerank=rerank, scorer=scorer, cfg_scale=scale, **sampling)
+            images = _pipeline_images(pipe, prompts, seed, batch_size, rerank=rerank, scorer=scorer, cfg_scale=scale,
+                                      **sampling)
             if name == "cfg":
                 result["seconds_per_image"][f"{scale:g}"] = round((time.perf_counter() - t0) / len(specs), 4)
             result[name][f"{scale:g}"] = {k: round(v, 4) for k, v in judge.score(images, specs).items()}
@@ -142,7 +142,7 @@ def eval_adherence(ckpt: str, cfg_scales: list[float], seed: int = 0, device: st
     true, captions = vdata.load_image_tensors("shapes", "test", pipe.image_tokenizer.image_size)
     x = true.float().div(255)
     recon = torch.cat([pipe.image_tokenizer.decode(pipe.image_tokenizer.encode(b.to(device))).cpu()
-                       for b in x.split(128)])
+                       for b in x.split(batch_size)])
     specs = [vdata.parse_shape_caption(c) for c in captions]
     ceiling = judge.score(recon, specs)
     result["ceiling"] = round(ceiling["mean"], 4)
@@ -168,7 +168,7 @@ def recall_prompts(captions: list[str], n: int = 16) -> list[str]:
 
 
 def eval_recall(ckpt: str, data: str | None = None, n: int = 16, seed: int = 0, device: str = "cpu",
-                grid: str | None = None, rerank: int = 1, scorer=None, **sampling) -> dict:
+                grid: str | None = None, rerank: int = 1, scorer=None, batch_size: int = 128, **sampling) -> dict:
     """Do samples show their prompt? For n fixed training captions, sample one image each (the
     checkpoint's default settings) and find the nearest training image in pixel space (MSE): a hit when
     that image carries the prompted caption.
@@ -192,7 +192,7 @@ def eval_recall(ckpt: str, data: str | None = None, n: int = 16, seed: int = 0, 
         keep = vdata.caption_filter(captions, include, exclude)[:limit]
         images, captions = images[keep], [captions[i] for i in keep]
     prompts = recall_prompts(captions, n)
-    samples = _pipeline_images(pipe, prompts, seed, rerank=rerank, scorer=scorer, **sampling)  # (n, 3, H, W)
+    samples = _pipeline_images(pipe, prompts, seed, batch_size, rerank=rerank, scorer=scorer, **sampling)  # (n, 3, H, W)
     train = images.float().div(255).flatten(1)  # (N, 3*H*W)
     dist = torch.cdist(samples.flatten(1), train)  # (n, N)
     nearest = dist.argmin(1).tolist()
@@ -388,11 +388,12 @@ def eval_diversity(ckpt: str, scorer: str | None = None, cfg_scales: list[float]
 
 
 def _sampling_args(p):
-    p.add_argument("--top-k", type=int, default=None)
-    p.add_argument("--top-p", type=float, default=None)
-    p.add_argument("--temperature", type=float, default=None)
-    p.add_argument("--cfg-schedule", default=None, choices=["constant", "linear", "interval"])
-    p.add_argument("--cfg-interval", type=int, default=None)
+    p.add_argument("--top-k", type=int, default=None, help="sample among the k likeliest codes (default: the model's)")
+    p.add_argument("--top-p", type=float, default=None, help="nucleus mass, 1 = off (default: the model's)")
+    p.add_argument("--temperature", type=float, default=None, help="0 = greedy (default: the model's)")
+    p.add_argument("--cfg-schedule", default=None, choices=["constant", "linear", "interval"],
+                   help="how guidance varies over the image (default: the model's)")
+    p.add_argument("--cfg-interval", type=int, default=None, help="image tokens guided, with --cfg-schedule interval")
 
 
 def _rerank_args(p):
@@ -407,80 +408,105 @@ def _sampling_kwargs(args) -> dict:
     return {k: getattr(args, k) for k in keys if getattr(args, k) is not None}
 
 
-# ----------------------------------------------------------------------------------------------------
-def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def _common_args(p, what: str):
+    p.add_argument("--ckpt", required=True, help=f"the {what} directory, or a hub repo owner/name")
+    p.add_argument("--device", default="auto", choices=DEVICES, help="auto: cuda when torch sees one, else cpu")
+    p.add_argument("--batch-size", type=int, default=128, help="images encoded, sampled or decoded at once")
+    p.add_argument("--record", action="store_true",
+                   help="also keep the figures in --ckpt's config.json and model card (README.md)")
+    add_debug_flag(p)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     sub = p.add_subparsers(dest="what", required=True)
-    t = sub.add_parser("tokenizer", help="PSNR, SSIM, code usage and perplexity on held-out images")
-    t.add_argument("--ckpt", required=True)
-    t.add_argument("--data", default="openmoji")
-    t.add_argument("--split", default="test", choices=["train", "test"])
-    t.add_argument("--limit", type=int, default=None)
-    t.add_argument("--image-column", default="image")
-    t.add_argument("--caption-column", default="text")
-    t.add_argument("--device", default="auto")
-    a = sub.add_parser("adherence", help="per-attribute accuracy on held-out and seen shapes combinations")
-    a.add_argument("--ckpt", required=True)
-    a.add_argument("--cfg", type=float, nargs="+", default=[1.0, 3.0])
-    a.add_argument("--seed", type=int, default=0)
-    a.add_argument("--grid", default=None, help="write a PNG of samples per CFG scale here")
-    a.add_argument("--device", default="auto")
-    a.add_argument("--include", default=None, metavar="REGEX", help="score only captions matching REGEX")
-    a.add_argument("--exclude", default=None, metavar="REGEX", help="leave out captions matching REGEX")
+    t = sub.add_parser("tokenizer", help="PSNR, SSIM, code usage and perplexity on held-out images",
+                       formatter_class=HelpFormatter)
+    _common_args(t, "ImageTokenizer")
+    t.add_argument("--data", default="openmoji", help="the images: a --data spec as in train.py")
+    t.add_argument("--split", default="test", choices=["train", "test"], help="the split to reconstruct")
+    t.add_argument("--limit", type=int, default=None, help="at most this many images (default: all)")
+    t.add_argument("--image-column", default="image", help="a hub dataset's image column")
+    t.add_argument("--caption-column", default="text", help="a hub dataset's caption column")
+    a = sub.add_parser("adherence", help="per-attribute accuracy on held-out and seen shapes combinations",
+                       formatter_class=HelpFormatter)
+    _common_args(a, "TextToImage (trained on shapes)")
+    a.add_argument("--cfg", "--cfg-scale", dest="cfg", type=float, nargs="+", default=[1.0, 3.0],
+                   help="guidance scales to score")
+    a.add_argument("--seed", type=int, default=0, help="image i is drawn with seed + i")
+    a.add_argument("--grid", default=None, help="write a PNG of samples per CFG scale here (default: none)")
+    a.add_argument("--include", default=None, metavar="REGEX", help="score only captions matching REGEX (default: all)")
+    a.add_argument("--exclude", default=None, metavar="REGEX", help="leave out captions matching REGEX (default: none)")
     a.add_argument("--repeat", type=int, default=1, help="images per combination")
     _rerank_args(a)
     _sampling_args(a)
-    r = sub.add_parser("recall", help="fraction of fixed training captions whose sample's nearest image is theirs")
-    r.add_argument("--ckpt", required=True)
+    r = sub.add_parser("recall", help="fraction of fixed training captions whose sample's nearest image is theirs",
+                       formatter_class=HelpFormatter)
+    _common_args(r, "TextToImage")
     r.add_argument("--data", default=None, help="default: the data the model was trained on (else openmoji)")
-    r.add_argument("--n", type=int, default=16)
-    r.add_argument("--seed", type=int, default=0)
-    r.add_argument("--grid", default=None, help="write a PNG of samples and their nearest images here")
-    r.add_argument("--device", default="auto")
-    r.add_argument("--cfg", type=float, default=None)
+    r.add_argument("--n", type=int, default=16, help="training captions sampled")
+    r.add_argument("--seed", type=int, default=0, help="image i is drawn with seed + i")
+    r.add_argument("--grid", default=None, help="write a PNG of samples and their nearest images here (default: none)")
+    r.add_argument("--cfg", "--cfg-scale", dest="cfg", type=float, default=None,
+                   help="guidance scale (default: the model's)")
     _rerank_args(r)
     _sampling_args(r)
-    al = sub.add_parser("alignment", help="LiT scorer agreement of samples and true held-out images, retrieval")
-    al.add_argument("--ckpt", required=True)
+    al = sub.add_parser("alignment", help="LiT scorer agreement of samples and true held-out images, retrieval",
+                        formatter_class=HelpFormatter)
+    _common_args(al, "TextToImage")
     al.add_argument("--scorer", required=True, metavar="DIR", help="an ImageTextScorer (`train.py lit --out DIR`)")
     al.add_argument("--data", default=None, help="default: the data the model was trained on (else openmoji)")
     al.add_argument("--n", type=int, default=512, help="held-out images (spread over the test split)")
-    al.add_argument("--seed", type=int, default=0)
-    al.add_argument("--device", default="auto")
-    al.add_argument("--cfg", type=float, default=None)
+    al.add_argument("--seed", type=int, default=0, help="image i is drawn with seed + i")
+    al.add_argument("--cfg", "--cfg-scale", dest="cfg", type=float, default=None,
+                    help="guidance scale (default: the model's)")
     al.add_argument("--rerank", type=int, default=1, help="score the best of N samples per caption")
     _sampling_args(al)
-    dv = sub.add_parser("diversity", help="variety of the unsaid attributes of partial shapes prompts")
-    dv.add_argument("--ckpt", required=True)
+    dv = sub.add_parser("diversity", help="variety of the unsaid attributes of partial shapes prompts",
+                        formatter_class=HelpFormatter)
+    _common_args(dv, "TextToImage (trained on shapes)")
     dv.add_argument("--scorer", default=None, metavar="DIR",
-                    help="a LiT scorer: pairwise distances in its space, and the reranking scorer")
-    dv.add_argument("--cfg", type=float, nargs="+", default=None, help="default: the checkpoint's")
+                    help="a LiT scorer: pairwise distances in its space, and the reranking scorer (default: none)")
+    dv.add_argument("--cfg", "--cfg-scale", dest="cfg", type=float, nargs="+", default=None,
+                    help="guidance scales (default: the checkpoint's)")
     dv.add_argument("--temperatures", type=float, nargs="+", default=None, help="default: the checkpoint's")
     dv.add_argument("--rerank", type=int, nargs="+", default=[1], help="candidates per image, e.g. 1 8")
     dv.add_argument("--per-prompt", type=int, default=32, help="samples of each prompt")
-    dv.add_argument("--seed", type=int, default=0)
-    dv.add_argument("--device", default="auto")
+    dv.add_argument("--seed", type=int, default=0, help="image i is drawn with seed + i")
     _sampling_args(dv)
-    args = p.parse_args(argv)
+    return p
 
-    try:
+
+def parse_args(argv=None):
+    return build_parser().parse_args(argv)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+
+    def evaluate():
+        if args.batch_size < 1:
+            raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
+        if args.record and not os.path.isfile(os.path.join(args.ckpt, "config.json")):
+            raise ValueError(f"--record writes into a local model directory; {args.ckpt} is not one")
         result = run(args)
-    except (ValueError, FileNotFoundError, RuntimeError, OSError) as e:  # the user's input: one line, no traceback
-        if os.environ.get("VQGPT_DEBUG"):
-            raise
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+        if args.record:
+            shown = [a for a in (sys.argv[1:] if argv is None else list(map(str, argv))) if a != "--record"]
+            record_evaluation(args.ckpt, args.what, result, shlex.join(["python", "-m", "vqgpt.eval", *shown]))
+        return result
+
+    result = run_or_exit(evaluate, debug=args.debug, oom_hint=f"lower --batch-size (now {args.batch_size})")
     print(json.dumps(result))
 
 
 def run(args) -> dict:
-    device = _device(args.device)
+    device = pick_device(args.device)
     if args.what == "tokenizer":
-        result = eval_tokenizer(args.ckpt, args.data, args.split, args.limit, device,
+        result = eval_tokenizer(args.ckpt, args.data, args.split, args.limit, device, args.batch_size,
                                 image_column=args.image_column, caption_column=args.caption_column)
     elif args.what == "adherence":
         result = eval_adherence(args.ckpt, args.cfg, args.seed, device, args.grid, args.include, args.exclude,
-                                args.repeat, args.rerank, args.scorer, **_sampling_kwargs(args))
+                                args.repeat, args.rerank, args.scorer, args.batch_size, **_sampling_kwargs(args))
     elif args.what == "alignment":
         extra = {"cfg_scale": args.cfg} if args.cfg is not None else {}
         result = eval_alignment(args.ckpt, args.scorer, args.data, args.n, args.seed, device, args.rerank,
@@ -493,6 +519,7 @@ def run(args) -> dict:
     else:
         extra = {"cfg_scale": args.cfg} if args.cfg is not None else {}
         result = eval_recall(args.ckpt, args.data, args.n, args.seed, device, args.grid, args.rerank, args.scorer,
+                             args.batch_size,
                              **_sampling_kwargs(args), **extra)
     return result
 

@@ -8,7 +8,10 @@ Layout of a saved pipeline (what `train.py gpt --out DIR` writes):
 
     DIR/config.json          {"model_type": "vqgpt-text-to-image", "gpt": GPTConfig, "sampling": defaults,
                               "image_tokenizer": fingerprint, "text_tokenizer": fingerprint,
-                              "trained_on": {"data", "include", "exclude", "limit"} (train.py writes it)}
+                              "trained_on": {"data", "include", "exclude", "limit"} (train.py writes it),
+                              "versions": {"vqgpt", "vector-quantize-pytorch", "torch"} (what wrote it),
+                              "evaluation": {name: {"figures", "command"}} (`vqgpt.eval --record`)}
+    DIR/README.md            the model card: licence of the training data, figures, sampling defaults, usage
     DIR/model.safetensors    GPT weights
     DIR/image_tokenizer/     ImageTokenizer.save_pretrained
     DIR/text_tokenizer/      TextTokenizer.save_pretrained
@@ -36,6 +39,9 @@ from .tokenizer import ImageTokenizer, load_state_strict
 
 MODEL_TYPE = "vqgpt-text-to-image"
 OUTPUT_TYPES = ("pil", "pt", "np")
+# What a hub snapshot of a pipeline fetches: the public format, never a pushed run's checkpoints/ or samples/.
+HUB_FILES = ["config.json", "model.safetensors", "README.md", "image_tokenizer/*", "text_tokenizer/*", "adapter/*",
+             "scorer/*"]
 SEED_LIMIT = 2**62  # every image's seed is an int in [0, SEED_LIMIT): int64 arithmetic never overflows
 FRESH_SEEDS = 2**31  # seed=None draws from [0, FRESH_SEEDS): short enough to read back and type
 
@@ -66,6 +72,7 @@ class TextToImage:
         self.adapter = adapter  # finetune.Adapter when the GPT carries unmerged LoRA adapters
         self.trained_on = trained_on  # the training data and caption filter, for evaluations (vqgpt/eval.py)
         self.scorer = None  # an ImageTextScorer (vqgpt/lit.py) saved in DIR/scorer/: the default for rerank=N
+        self.evaluation: dict | None = None  # recorded evaluation figures (`python -m vqgpt.eval ... --record`)
 
     def merge_adapter(self) -> TextToImage:
         """Fold LoRA adapters into the GPT's weights (same outputs, plain layers); a no-op without them."""
@@ -168,22 +175,30 @@ class TextToImage:
 
     # --- persistence ------------------------------------------------------------------------------------
     def config_dict(self) -> dict:
+        from .hub import versions
+
         return {
             "model_type": MODEL_TYPE,
             "gpt": self.gpt.config.to_dict(),
             "sampling": asdict(self.sampling),
             "image_tokenizer": self.image_tokenizer.fingerprint(),
             "text_tokenizer": self.text_tokenizer.fingerprint(),
+            "versions": versions(),  # what wrote it; never needed to read it
             **({"trained_on": self.trained_on} if self.trained_on is not None else {}),
+            **({"evaluation": self.evaluation} if self.evaluation else {}),
         }
 
-    def save_pretrained(self, path: str | os.PathLike, gpt_state: dict | None = None) -> None:
-        """Write the pipeline directory; `gpt_state` overrides the GPT's own state_dict (e.g. gathered shards).
+    def save_pretrained(self, path: str | os.PathLike, gpt_state: dict | None = None, *,
+                        repo_id: str | None = None) -> None:
+        """Write the pipeline directory and its model card (README.md); `gpt_state` overrides the GPT's own
+        state_dict (e.g. gathered shards); repo_id: the hub repo the card's usage snippet names.
 
         With unmerged LoRA adapters only the adapters are written, with a reference to their base.
         """
+        from .hub import CARD_NAME, model_card
+
         path = Path(path)
-        self.image_tokenizer.save_pretrained(path / "image_tokenizer")
+        self.image_tokenizer.save_pretrained(path / "image_tokenizer", model_card=False)
         self.text_tokenizer.save_pretrained(path / "text_tokenizer")
         config = self.config_dict()
         if self.adapter is not None:
@@ -197,18 +212,41 @@ class TextToImage:
         if self.scorer is not None:
             self.scorer.check_image_tokenizer(self.image_tokenizer)
             self.scorer.save_pretrained(path / SCORER_DIR)
+        card = model_card(config, kind="text-to-image", repo_id=repo_id, where=str(path),
+                          n_params=self.gpt.num_params())
+        atomic_write_bytes(path / CARD_NAME, card.encode())
         # config.json last: a directory with a config names weights that are already in place.
         atomic_write_bytes(path / "config.json", (json.dumps(config, indent=2) + "\n").encode())
 
+    def push_to_hub(self, repo_id: str, *, token: str | bool | None = None, private: bool | None = None,
+                    revision: str | None = None, commit_message: str | None = None) -> str:
+        """save_pretrained into a fresh directory (the model, its tokenizers and card; no training state) and
+        upload it to the hub repo `repo_id`, created if need be -> the commit's URL."""
+        import tempfile
+
+        from .hub import push_folder
+
+        if self.adapter is not None:
+            raise ValueError("this pipeline holds LoRA adapters over a local base model: merge_adapter() first, "
+                             "so that the hub repo holds a model that loads on its own")
+        with tempfile.TemporaryDirectory() as tmp:
+            self.save_pretrained(tmp, repo_id=repo_id)
+            return push_folder(tmp, repo_id, token=token, private=private, revision=revision,
+                               commit_message=commit_message or "Upload vqgpt text-to-image model")
+
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike, *, device: str | torch.device = "cpu",
-                        base: str | os.PathLike | None = None, merge: bool = True) -> TextToImage:
-        """Load a pipeline directory. For a LoRA fine-tune, its base is loaded from the path recorded at
-        training time (or `base`), checked, and the adapter attached: merged into the weights unless
-        `merge=False`."""
+                        base: str | os.PathLike | None = None, merge: bool = True, revision: str | None = None,
+                        token: str | bool | None = None, cache_dir: str | os.PathLike | None = None) -> TextToImage:
+        """Load a pipeline directory, or a hub repo "owner/name" (huggingface_hub's snapshot_download: revision
+        a branch, tag or commit; token for private repos; cache_dir instead of the hub cache). For a LoRA
+        fine-tune, its base is loaded from the path recorded at training time (or `base`), checked, and the
+        adapter attached: merged into the weights unless `merge=False`."""
+        from .hub import snapshot
         from .text import TextTokenizer
 
-        path = Path(path)
+        path = snapshot(path, what="text-to-image model", revision=revision, token=token, cache_dir=cache_dir,
+                        allow_patterns=HUB_FILES)
         config = read_config(path)
         image_tok = ImageTokenizer.from_pretrained(path / "image_tokenizer", device=device)
         text_tok = TextTokenizer.from_pretrained(path / "text_tokenizer")
@@ -231,8 +269,9 @@ class TextToImage:
         if "base" not in config:
             gpt = GPT(GPTConfig.from_dict(config["gpt"]))
             load_state_strict(gpt, str(path / "model.safetensors"))
-            return _with_scorer(cls(gpt.to(device).eval(), image_tok, text_tok, sampling, trained_on=trained_on),
-                                path, device)
+            pipe = cls(gpt.to(device).eval(), image_tok, text_tok, sampling, trained_on=trained_on)
+            pipe.evaluation = config.get("evaluation")
+            return _with_scorer(pipe, path, device)
         from .finetune import ADAPTER_DIR, Adapter, grow_text_vocab, load_adapter, load_base_gpt, weights_fingerprint
 
         gpt, base_path = load_base_gpt(path, config, base, device)
@@ -242,6 +281,7 @@ class TextToImage:
         peft_model = load_adapter(gpt, path / ADAPTER_DIR)
         pipe = cls(gpt.to(device).eval(), image_tok, text_tok, sampling, Adapter(peft_model, base_path, fingerprint),
                    trained_on)
+        pipe.evaluation = config.get("evaluation")
         return _with_scorer(pipe.merge_adapter() if merge else pipe, path, device)
 
 

@@ -28,6 +28,10 @@ import torch.nn.functional as F
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
+MODEL_TYPE = "vqgpt-image-tokenizer"
+# config.json entries that describe the weights rather than the architecture (absent in older files):
+# the package versions that wrote them, the training data, recorded evaluation figures.
+METADATA = ("versions", "trained_on", "evaluation")
 
 
 NORMS = ("group", "channel")
@@ -237,6 +241,8 @@ class ImageTokenizer(nn.Module):
         elif kwargs:
             raise TypeError("pass either a TokenizerConfig or keyword fields, not both")
         self.config = config
+        self.trained_on: dict | None = None  # the training data (train.py records it; the model card's licence)
+        self.evaluation: dict | None = None  # recorded evaluations (`python -m vqgpt.eval tokenizer --record`)
         self.encoder = Encoder(config)
         self.quantizer = _build_quantizer(config)
         self.decoder = Decoder(config)
@@ -342,60 +348,67 @@ class ImageTokenizer(nn.Module):
             h.update(t.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
         return h.hexdigest()[:16]
 
-    def save_pretrained(self, path: str | os.PathLike) -> None:
-        """Write config.json + model.safetensors into the directory `path` (atomically, file by file)."""
+    def save_pretrained(self, path: str | os.PathLike, *, model_card: bool = True, repo_id: str | None = None) -> None:
+        """Write config.json + model.safetensors (+ README.md, a model card) into the directory `path`
+        (atomically, file by file). repo_id: the hub repo the card's usage snippet names."""
         from .checkpoint import atomic_write_bytes, save_weights
+        from .hub import CARD_NAME, versions
+        from .hub import model_card as card
 
         path = Path(path)
-        config = {"model_type": "vqgpt-image-tokenizer", **self.config.to_dict()}
+        config = {"model_type": MODEL_TYPE, **self.config.to_dict(), "versions": versions(),
+                  **{k: v for k, v in (("trained_on", self.trained_on), ("evaluation", self.evaluation)) if v}}
         save_weights(path / WEIGHTS_NAME, self.state_dict())
+        if model_card:
+            n_params = sum(p.numel() for p in self.parameters())
+            atomic_write_bytes(path / CARD_NAME, card(config, kind="image-tokenizer", repo_id=repo_id,
+                                                      where=str(path), n_params=n_params).encode())
         # config.json last: a directory with a config names weights that are already in place.
         atomic_write_bytes(path / CONFIG_NAME, (json.dumps(config, indent=2, default=list) + "\n").encode())
 
+    def push_to_hub(self, repo_id: str, *, token: str | bool | None = None, private: bool | None = None,
+                    revision: str | None = None, commit_message: str | None = None) -> str:
+        """save_pretrained into a fresh directory and upload it to the hub repo `repo_id` -> the commit URL."""
+        import tempfile
+
+        from .hub import push_folder
+
+        with tempfile.TemporaryDirectory() as tmp:
+            self.save_pretrained(tmp, repo_id=repo_id)
+            return push_folder(tmp, repo_id, token=token, private=private, revision=revision,
+                               commit_message=commit_message or "Upload vqgpt image tokenizer")
+
     @classmethod
-    def from_pretrained(cls, path: str | os.PathLike, *, device: str | torch.device = "cpu") -> ImageTokenizer:
-        """Load from a local directory, or from a hub repo id (downloaded with huggingface_hub)."""
-        config_file, weights_file = _resolve_files(str(path))
+    def from_pretrained(cls, path: str | os.PathLike, *, device: str | torch.device = "cpu",
+                        revision: str | None = None, token: str | bool | None = None,
+                        cache_dir: str | os.PathLike | None = None) -> ImageTokenizer:
+        """Load from a local directory, or from a hub repo id "owner/name" (huggingface_hub's snapshot_download:
+        revision a branch, tag or commit; token for private repos; cache_dir instead of the hub cache)."""
+        config_file, weights_file = _resolve_files(path, revision=revision, token=token, cache_dir=cache_dir)
         from .checkpoint import read_json_file
 
         raw = read_json_file(config_file, "tokenizer config")
-        if raw.get("model_type", "vqgpt-image-tokenizer") != "vqgpt-image-tokenizer":
+        if raw.get("model_type", MODEL_TYPE) != MODEL_TYPE:
             raise ValueError(f"{config_file} describes a {raw['model_type']!r}, not an image tokenizer")
+        meta = {k: raw.pop(k, None) for k in METADATA}  # what the weights were trained and written with
         model = cls(TokenizerConfig.from_dict(raw))
         load_state_strict(model, weights_file)
+        model.trained_on, model.evaluation = meta["trained_on"], meta["evaluation"]
         return model.to(device).eval()
 
 
-def looks_local(path: str) -> bool:
-    """Is `path` meant as a local path rather than a hub repo id 'owner/name'? A mistyped `runs/tokk` must
-    not become a network request (slow, and it sends the path away): any path whose first part exists here
-    (`runs/`), or that is absolute, relative (./, ../, ~) or not of the form owner/name, is local."""
-    if path.startswith((".", "/", "~")) or path.count("/") != 1 or Path(path).exists():
-        return True
-    return Path(path.split("/")[0]).exists()
+def _resolve_files(path, **hub) -> tuple[str, str]:
+    """(config.json, model.safetensors) of a local directory or of a hub repo's snapshot."""
+    from .hub import CARD_NAME, snapshot
 
-
-def _resolve_files(path: str) -> tuple[str, str]:
-    local = Path(path)
-    if local.is_dir():
-        missing = [n for n in (CONFIG_NAME, WEIGHTS_NAME) if not (local / n).is_file()]
-        if missing:
-            raise FileNotFoundError(
-                f"{path} is not an ImageTokenizer checkpoint: missing {', '.join(missing)} "
-                f"(expected {CONFIG_NAME} and {WEIGHTS_NAME}, as written by save_pretrained)"
-            )
-        return str(local / CONFIG_NAME), str(local / WEIGHTS_NAME)
-    if looks_local(path):
-        raise FileNotFoundError(f"no tokenizer directory at {path!r} (a local path: the hub was not asked)")
-    try:
-        from huggingface_hub import hf_hub_download
-
-        return hf_hub_download(path, CONFIG_NAME), hf_hub_download(path, WEIGHTS_NAME)
-    except Exception as e:  # network, auth, missing repo: all surface as one actionable message
+    local = snapshot(path, what="tokenizer", allow_patterns=[CONFIG_NAME, WEIGHTS_NAME, CARD_NAME], **hub)
+    missing = [n for n in (CONFIG_NAME, WEIGHTS_NAME) if not (local / n).is_file()]
+    if missing:
         raise FileNotFoundError(
-            f"could not fetch tokenizer {path!r} from the hub ({type(e).__name__}: {e}); "
-            f"pass a local directory written by save_pretrained instead"
-        ) from e
+            f"{path} is not an ImageTokenizer checkpoint: missing {', '.join(missing)} "
+            f"(expected {CONFIG_NAME} and {WEIGHTS_NAME}, as written by save_pretrained)"
+        )
+    return str(local / CONFIG_NAME), str(local / WEIGHTS_NAME)
 
 
 def load_state_strict(model: nn.Module, weights_file: str) -> None:

@@ -82,9 +82,13 @@ def setup_distributed(device: str) -> Dist:
         device = "cuda" if torch.cuda.is_available() else "cpu"
     if device == "cuda" and not torch.cuda.is_available():
         raise RuntimeError("--device cuda was asked for but torch sees no CUDA device")
+    if device == "mps" and not torch.backends.mps.is_available():
+        raise RuntimeError("--device mps was asked for but torch sees no MPS device (Apple silicon, a macOS build)")
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world <= 1:
         return Dist(device=torch.device(device))
+    if device == "mps":
+        raise RuntimeError("--device mps trains in one process: run train.py without torchrun")
     rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
     if device == "cuda":
         torch.cuda.set_device(local_rank)
