@@ -192,7 +192,7 @@ def eval_recall(ckpt: str, data: str | None = None, n: int = 16, seed: int = 0, 
         keep = vdata.caption_filter(captions, include, exclude)[:limit]
         images, captions = images[keep], [captions[i] for i in keep]
     prompts = recall_prompts(captions, n)
-    samples = _pipeline_images(pipe, prompts, seed, batch_size, rerank=rerank, scorer=scorer, **sampling)  # (n, 3, H, W)
+    samples = _pipeline_images(pipe, prompts, seed, batch_size, rerank=rerank, scorer=scorer, **sampling)
     train = images.float().div(255).flatten(1)  # (N, 3*H*W)
     dist = torch.cdist(samples.flatten(1), train)  # (n, N)
     nearest = dist.argmin(1).tolist()
