@@ -13,8 +13,11 @@ from __future__ import annotations
 
 import math
 import os
+from functools import partial
 
 import torch
+
+from .selfcheck import CHECK_TOLS, assert_matches, passes, small_randn
 
 try:
     import triton
@@ -283,4 +286,19 @@ def attention(
         return attention_reference(q, k, v, causal=causal, sm_scale=scale)
     if k.shape[2] == 0 and q.shape[2] > 0:
         raise ValueError("attention over an empty key sequence (S == 0) is undefined")
+    shape_class = (q.shape[-1], q.shape[1] // k.shape[1], causal)  # head dim, GQA group, causal
+    if not passes("attention", q.device, q.dtype, shape_class, partial(_self_check, q.device, q.dtype, *shape_class),
+                  strict=backend == "triton"):
+        return attention_reference(q, k, v, causal=causal, sm_scale=scale)
     return _attention_triton(q, k, v, causal, scale)
+
+
+def _self_check(device: torch.device, dtype: torch.dtype, head_dim: int, group: int, causal: bool) -> None:
+    """The kernel against the reference on a small input of one shape class (see kernels/selfcheck.py):
+    37 keys cross several tiles and the diagonal."""
+    T, S = (37, 37) if causal else (5, 37)
+    q = small_randn(1, group, T, head_dim, dtype=dtype, device=device, seed=0)
+    k = small_randn(1, 1, S, head_dim, dtype=dtype, device=device, seed=1)
+    v = small_randn(1, 1, S, head_dim, dtype=dtype, device=device, seed=2)
+    out = _attention_triton(q, k, v, causal, head_dim**-0.5)
+    assert_matches(out, attention_reference(q, k, v, causal=causal), *CHECK_TOLS[dtype])

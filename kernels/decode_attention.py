@@ -20,6 +20,7 @@ import math
 import torch
 
 from .attention import RCP_LN2, interpreting, use_triton
+from .selfcheck import CHECK_TOLS, assert_matches, passes, small_randn
 
 try:
     import triton
@@ -273,4 +274,21 @@ def decode_attention(
     scale = 1.0 / math.sqrt(q.shape[-1]) if sm_scale is None else float(sm_scale)
     if not use_triton(backend, q, k_cache, v_cache, cache_len):
         return decode_attention_reference(q, k_cache, v_cache, cache_len, sm_scale=scale)
+    shape_class = (q.shape[-1], q.shape[1] // k_cache.shape[1])  # head dim, GQA group
+    check = functools.partial(_self_check, q.device, q.dtype, *shape_class)
+    if not passes("decode_attention", q.device, q.dtype, shape_class, check, strict=backend == "triton"):
+        return decode_attention_reference(q, k_cache, v_cache, cache_len, sm_scale=scale)
     return _decode_triton(q, k_cache, v_cache, cache_len, scale, num_splits)
+
+
+def _self_check(device: torch.device, dtype: torch.dtype, head_dim: int, group: int) -> None:
+    """The kernel against the reference on two rows of 70 and 9 live positions, unsplit and in 3 splits (see
+    kernels/selfcheck.py)."""
+    q = small_randn(2, group, head_dim, dtype=dtype, device=device, seed=3)
+    k_cache = small_randn(2, 1, 70, head_dim, dtype=dtype, device=device, seed=4)
+    v_cache = small_randn(2, 1, 70, head_dim, dtype=dtype, device=device, seed=5)
+    cache_len = torch.tensor([70, 9], device=device)
+    ref = decode_attention_reference(q, k_cache, v_cache, cache_len)
+    for num_splits in (1, 3):
+        assert_matches(_decode_triton(q, k_cache, v_cache, cache_len, head_dim**-0.5, num_splits), ref,
+                       *CHECK_TOLS[dtype])

@@ -24,9 +24,12 @@ from L2 in every pass.
 
 from __future__ import annotations
 
+from functools import partial
+
 import torch
 
 from .attention import RCP_LN2, use_triton
+from .selfcheck import passes, small_randn
 
 try:
     import triton
@@ -341,6 +344,21 @@ def cfg_sample_reference(
     return score.argmax(dim=-1)
 
 
+def _self_check(device, dtype, V: int, cfg_scale: float, temperature: float, top_k: int, top_p: float,
+                step_on_device: bool) -> None:
+    """The kernel draws the reference's tokens for 8 rows of fixed logits (see kernels/selfcheck.py)."""
+    B, mix = 8, cfg_scale != 1.0
+    logits = small_randn(2 * B if mix else B, V, dtype=torch.float32, device=device, seed=6).mul(3).to(dtype)
+    seeds = torch.arange(B, device=device, dtype=torch.int64) * 1_000_003
+    step = torch.tensor(5, device=device) if step_on_device else 5
+    out = _cfg_sample_triton(logits, seeds, step, B, mix, cfg_scale, temperature, top_k, top_p)
+    ref = cfg_sample_reference(logits, cfg_scale=cfg_scale, temperature=temperature, top_k=top_k, top_p=top_p,
+                               seeds=seeds, step=step)
+    if not torch.equal(out, ref):
+        raise AssertionError(f"rows {torch.nonzero(out != ref).flatten().tolist()} of {B} drew other tokens "
+                             f"({out.tolist()}) than the reference ({ref.tolist()})")
+
+
 def _sample_launch_config(V: int) -> tuple:
     """(kernel, meta-parameters) for a row of V tokens: resident rows hold 32 values a thread per live array
     (up to 16 warps), longer rows stream TILE_V tiles with 4 warps."""
@@ -372,6 +390,15 @@ def cfg_sample(
     """
     B, mix = _check_sample_args(logits, seeds, step, cfg_scale, temperature, top_k, top_p)
     if not use_triton(backend, logits, seeds):
+        return cfg_sample_reference(logits, cfg_scale=cfg_scale, temperature=temperature, top_k=top_k,
+                                    top_p=top_p, seeds=seeds, step=step)
+    V = logits.shape[1]
+    # the row block (from V) and the code paths: CFG mix, greedy, top-k, top-p, step on the device
+    shape_class = (V if V <= MAX_RESIDENT_V else "tiled", mix, temperature == 0, 0 < top_k < V, top_p < 1.0,
+                   isinstance(step, torch.Tensor))
+    check = partial(_self_check, logits.device, logits.dtype, V, cfg_scale, temperature, top_k, top_p,
+                    isinstance(step, torch.Tensor))
+    if not passes("cfg_sample", logits.device, logits.dtype, shape_class, check, strict=backend == "triton"):
         return cfg_sample_reference(logits, cfg_scale=cfg_scale, temperature=temperature, top_k=top_k,
                                     top_p=top_p, seeds=seeds, step=step)
     return _cfg_sample_triton(logits, seeds, step, B, mix, cfg_scale, temperature, top_k, top_p)
