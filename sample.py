@@ -33,6 +33,8 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch-size", type=int, default=64, help="images decoded per batch")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
+                   help="the GPT's dtype (auto: bf16 on CUDA, fp32 on a CPU); the image decoder runs in fp32")
     p.add_argument("--compile", action="store_true",
                    help="torch.compile the decode step (CPU; pays off for many images: docs/BENCHMARKS.md)")
     p.add_argument("--cuda-graph", action="store_true", help="replay the decode step as a CUDA graph (GPU)")
@@ -95,7 +97,7 @@ def main(argv=None):
     if device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("error: --device cuda was asked for but torch sees no CUDA device")
     try:
-        pipe = TextToImage.from_pretrained(args.ckpt, device=device)
+        pipe = TextToImage.from_pretrained(args.ckpt, device=device, torch_dtype=args.dtype)
     except (ValueError, FileNotFoundError, OSError, RuntimeError) as e:
         raise SystemExit(f"error: {e}") from None
     sampling = {k: v for k, v in {"cfg_scale": args.cfg, "cfg_schedule": args.cfg_schedule,

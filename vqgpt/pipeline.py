@@ -55,9 +55,18 @@ class TextToImage:
     def device(self) -> torch.device:
         return self.gpt.head.weight.device
 
-    def to(self, device) -> TextToImage:
-        self.gpt.to(device)
-        self.image_tokenizer.to(device)
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.gpt.head.weight.dtype
+
+    def to(self, device=None, dtype: torch.dtype | str | None = None) -> TextToImage:
+        """Move both models to `device`; `dtype` ("auto", a torch dtype or its name) casts the GPT only: the
+        image tokenizer decodes in float32 (see resolve_dtype)."""
+        if device is not None:
+            self.gpt.to(device)
+            self.image_tokenizer.to(device)
+        if dtype is not None:
+            self.gpt.to(resolve_dtype(dtype, self.device))
         return self
 
     # --- sampling ---------------------------------------------------------------------------------------
@@ -146,12 +155,15 @@ class TextToImage:
 
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike, *, device: str | torch.device = "cpu",
-                        base: str | os.PathLike | None = None, merge: bool = True) -> TextToImage:
+                        torch_dtype: torch.dtype | str = "auto", base: str | os.PathLike | None = None,
+                        merge: bool = True) -> TextToImage:
         """Load a pipeline directory. For a LoRA fine-tune, its base is loaded from the path recorded at
         training time (or `base`), checked, and the adapter attached: merged into the weights unless
-        `merge=False`."""
+        `merge=False`. torch_dtype: the GPT's dtype, "auto" (bfloat16 on CUDA, float32 elsewhere), a torch
+        dtype or one of its names ("fp32", "bf16", "fp16", ...); the image tokenizer stays in float32."""
         from .text import TextTokenizer
 
+        dtype = resolve_dtype(torch_dtype, device)  # a bad name fails before anything is loaded
         path = Path(path)
         config = read_config(path)
         image_tok = ImageTokenizer.from_pretrained(path / "image_tokenizer", device=device)
@@ -175,7 +187,7 @@ class TextToImage:
         if "base" not in config:
             gpt = GPT(GPTConfig.from_dict(config["gpt"]))
             load_state_strict(gpt, str(path / "model.safetensors"))
-            return cls(gpt.to(device).eval(), image_tok, text_tok, sampling, trained_on=trained_on)
+            return cls(gpt.to(device, dtype).eval(), image_tok, text_tok, sampling, trained_on=trained_on)
         from .finetune import ADAPTER_DIR, Adapter, grow_text_vocab, load_adapter, load_base_gpt, weights_fingerprint
 
         gpt, base_path = load_base_gpt(path, config, base, device)
@@ -185,7 +197,29 @@ class TextToImage:
         peft_model = load_adapter(gpt, path / ADAPTER_DIR)
         pipe = cls(gpt.to(device).eval(), image_tok, text_tok, sampling, Adapter(peft_model, base_path, fingerprint),
                    trained_on)
-        return pipe.merge_adapter() if merge else pipe
+        return (pipe.merge_adapter() if merge else pipe).to(dtype=dtype)
+
+
+DTYPE_NAMES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
+               "fp16": torch.float16, "float16": torch.float16}
+
+
+def resolve_dtype(torch_dtype: torch.dtype | str, device: str | torch.device) -> torch.dtype:
+    """The GPT's inference dtype: "auto" is bfloat16 on a CUDA device that has it (tensor-core kernels, half the
+    KV-cache traffic) and float32 elsewhere; or a torch dtype, or one of DTYPE_NAMES."""
+    if isinstance(torch_dtype, torch.dtype):
+        dtype = torch_dtype
+    elif torch_dtype == "auto":
+        on_cuda = torch.device(device).type == "cuda"
+        return torch.bfloat16 if on_cuda and torch.cuda.is_bf16_supported() else torch.float32
+    elif torch_dtype in DTYPE_NAMES:
+        dtype = DTYPE_NAMES[torch_dtype]
+    else:
+        raise ValueError(f"unknown torch_dtype {torch_dtype!r}; choose 'auto', a torch dtype or one of "
+                         f"{sorted(DTYPE_NAMES)}")
+    if dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        raise ValueError(f"torch_dtype must be float32, bfloat16 or float16, got {dtype}")
+    return dtype
 
 
 MAX_LABEL = 60  # characters of a grid row's label
