@@ -18,8 +18,8 @@ One program owns one sample row and never sorts the vocabulary:
    to rounding of the transcendentals in near ties.
 temperature == 0 is greedy decoding (argmax of the mixed logits, lowest index on ties).
 
-Rows of V <= MAX_RESIDENT_V keep the whole row in registers across all passes; longer rows stream tiles
-from L2 in every pass.
+Rows of V <= MAX_RESIDENT_V keep their keys in registers through both searches and draw in DRAW_TILE chunks
+(Philox's four words a token would not fit for the whole row); longer rows stream tiles from L2 in every pass.
 """
 
 from __future__ import annotations
