@@ -34,7 +34,7 @@ ROOT = Path(__file__).resolve().parents[1]
 STEPS = ("versions", "tests", "kernels", "sample", "decoder", "train")
 # Dense bf16 tensor-core peaks (NVIDIA datasheets, SXM parts, no sparsity) for the MFU.
 PEAK_BF16_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12}
-GPU_TESTS = ["tests/test_kernels.py", "tests/test_inference_dtype.py", "tests/test_generate.py", "tests/test_model.py"]
+GPU_TESTS = ["tests/test_kernels.py", "tests/test_inference_dtype.py"]  # the tests with GPU-only cases
 
 parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
 parser.add_argument("--dry-run", action="store_true", help="toy sizes on a CPU: checks the script, measures nothing")
