@@ -41,6 +41,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="image j of prompt i is drawn with seed + i * n + j")
     p.add_argument("--batch-size", type=int, default=64, help="images sampled and decoded at once (GPU memory)")
     p.add_argument("--device", default="auto", choices=DEVICES, help="auto: cuda when torch sees one, else cpu")
+    p.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
+                   help="the GPT's dtype (auto: bf16 on CUDA, fp32 elsewhere); the image decoder runs in fp32")
     p.add_argument("--compile", action="store_true",
                    help="torch.compile the decode step (CPU; pays off for many images: docs/BENCHMARKS.md)")
     p.add_argument("--cuda-graph", action="store_true", help="replay the decode step as a CUDA graph (GPU)")
@@ -116,7 +118,7 @@ def sample(args) -> None:
     from vqgpt.pipeline import TextToImage, image_grid
 
     device = pick_device(args.device)
-    pipe = TextToImage.from_pretrained(args.ckpt, device=device, revision=args.revision)
+    pipe = TextToImage.from_pretrained(args.ckpt, device=device, revision=args.revision, torch_dtype=args.dtype)
     sampling = {k: v for k, v in {"cfg_scale": args.cfg, "cfg_schedule": args.cfg_schedule,
                                   "cfg_interval": args.cfg_interval, "top_k": args.top_k, "top_p": args.top_p,
                                   "temperature": args.temperature}.items() if v is not None}

@@ -13,8 +13,11 @@ from __future__ import annotations
 
 import math
 import os
+from functools import partial
 
 import torch
+
+from .selfcheck import CHECK_TOLS, assert_matches, passes, small_randn
 
 try:
     import triton
@@ -49,7 +52,50 @@ def use_triton(backend: str, *tensors: torch.Tensor) -> bool:
     return False
 
 
+# Prefill tile configs, autotuned per (T, head dim, dtype) as in Triton's fused-attention tutorial, but a short
+# list per class so that a first call compiles a handful, not dozens (tests/test_aot.py compiles every one
+# for sm_80 and sm_90 and bounds their shared memory and spills): (BLOCK_M, BLOCK_N, num_warps, num_stages).
+PREFILL_CONFIGS = {
+    "half_d64": [(128, 64, 4, 3), (128, 64, 8, 3), (64, 64, 4, 3), (128, 32, 4, 4)],
+    "half_d128": [(128, 64, 8, 3), (128, 32, 8, 3), (64, 64, 4, 3)],  # (128, 128, 8, 2): 112 B spills on sm_80
+    "fp32_or_wide": [(64, 32, 4, 2), (64, 32, 8, 2), (32, 32, 4, 2)],
+}
+INTERPRETER_CONFIG = (32, 16, 4, 1)  # small tiles: fast on the interpreter, still several tiles and a diagonal
+
+
+def prefill_config_class(dtype: torch.dtype, head_dim: int) -> str:
+    """Which PREFILL_CONFIGS list a (dtype, head dim) autotunes over."""
+    block_d = max(16, 1 << (head_dim - 1).bit_length())
+    if dtype == torch.float32 or block_d > 128:
+        return "fp32_or_wide"
+    return "half_d64" if block_d <= 64 else "half_d128"
+
+
+def prefill_configs(dtype: torch.dtype, head_dim: int, T: int) -> list[tuple[int, int, int, int]]:
+    """The configs a prefill of T queries autotunes over, with the query block shrunk for short prompts (fewer
+    masked rows, more programs) and BLOCK_N <= BLOCK_M (the causal split at start_m * BLOCK_M must fall on a
+    K/V tile edge); duplicates after shrinking are dropped."""
+    cap = max(16, 1 << max(T - 1, 0).bit_length())
+    out = []
+    for bm, bn, warps, stages in PREFILL_CONFIGS[prefill_config_class(dtype, head_dim)]:
+        bm = min(bm, cap)
+        cfg = (bm, min(bn, bm), warps, stages)
+        if cfg not in out:
+            out.append(cfg)
+    return out
+
+
 if triton is not None:
+
+    def _prune_prefill_configs(configs, named_args, **kwargs):
+        """early_config_prune: keep the configs of this call's class (dtype, head dim, T)."""
+        wanted = prefill_configs(named_args["q_ptr"].dtype, kwargs["HEAD_DIM"], named_args["T"])
+        return [triton.Config(dict(BLOCK_M=bm, BLOCK_N=bn), num_warps=w, num_stages=st) for bm, bn, w, st in wanted]
+
+    _ALL_PREFILL_CONFIGS = [
+        triton.Config(dict(BLOCK_M=bm, BLOCK_N=bn), num_warps=w, num_stages=st)
+        for configs in PREFILL_CONFIGS.values() for bm, bn, w, st in configs
+    ]
 
     @triton.jit
     def _attn_fwd_inner(
@@ -93,18 +139,19 @@ if triton is not None:
         return acc, l_i, m_i
 
     @triton.jit
-    def _attn_fwd_kernel(
+    def _attn_fwd_kernel_impl(
         q_ptr, k_ptr, v_ptr, o_ptr,
         stride_qb, stride_qh, stride_qt, stride_qd,
         stride_kb, stride_kh, stride_kn, stride_kd,
         stride_vb, stride_vh, stride_vn, stride_vd,
         stride_ob, stride_oh, stride_ot, stride_od,
-        H_Q, GROUP, T, S, N_M_BLOCKS, qk_scale,
+        H_Q, GROUP, T, S, qk_scale,
         CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
         HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, INPUT_PRECISION: tl.constexpr,
     ):
         # One flat grid axis (no 65535 limit on B * Hq): the query blocks of one head are neighbours, so
         # its K/V stay in L2 between them, and the longest causal blocks (the last ones) start first.
+        N_M_BLOCKS = tl.cdiv(T, BLOCK_M)
         pid = tl.program_id(0)
         start_m = N_M_BLOCKS - 1 - pid % N_M_BLOCKS
         off_bh = pid // N_M_BLOCKS
@@ -147,6 +194,13 @@ if triton is not None:
         tl.store(o_base + offs_m[:, None] * stride_ot + offs_d[None, :] * stride_od,
                  o.to(o_ptr.dtype.element_ty), mask=q_mask)
 
+    # Autotuned on the first call of each (T, HEAD_DIM, BLOCK_D, CAUSAL, dtypes); the timings are kept in
+    # Triton's cache directory, so later processes on the same machine and Triton reuse the choice.
+    _attn_fwd_kernel = triton.autotune(
+        configs=_ALL_PREFILL_CONFIGS, key=["T", "HEAD_DIM", "BLOCK_D", "CAUSAL"],
+        prune_configs_by={"early_config_prune": _prune_prefill_configs}, cache_results=True,
+    )(_attn_fwd_kernel_impl)
+
 
 def _check_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool) -> None:
     if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
@@ -174,27 +228,21 @@ def _attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal:
     if o.numel() == 0:
         return o
     block_d = max(16, triton.next_power_of_2(D))
-    if interpreting():
-        # Small tiles keep the interpreter fast and still cross several tiles and the diagonal in the tests.
-        block_m, block_n, num_warps, num_stages = 32, 16, 4, 1
-    elif q.dtype == torch.float32 or block_d > 128:
-        block_m, block_n, num_warps, num_stages = 64, 32, 4 if block_d <= 64 else 8, 2
+    args = (q, k, v, o, *q.stride(), *k.stride(), *v.stride(), *o.stride(), Hq, Hq // Hkv, T, S, sm_scale * RCP_LN2)
+    meta = dict(CAUSAL=causal, HEAD_DIM=D, BLOCK_D=block_d,
+                # fp32 inputs ask for fp32 accuracy, so no silent TF32 on the tensor cores
+                INPUT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32", enable_fp_fusion=True)
+
+    def grid(meta):
+        return (triton.cdiv(T, meta["BLOCK_M"]) * B * Hq,)
+
+    if interpreting():  # no autotuning on the interpreter: one small config
+        block_m, block_n, num_warps, num_stages = INTERPRETER_CONFIG
+        block_m = max(16, min(block_m, triton.next_power_of_2(T)))
+        _attn_fwd_kernel_impl[grid](*args, BLOCK_M=block_m, BLOCK_N=min(block_n, block_m), num_warps=num_warps,
+                                    num_stages=num_stages, **meta)
     else:
-        block_m, block_n = 128, 64
-        num_warps, num_stages = (4, 3) if block_d <= 64 else (8, 3)
-    # Short prompts: smaller query blocks waste fewer masked rows and give more programs.
-    block_m = max(16, min(block_m, triton.next_power_of_2(T)))
-    block_n = min(block_n, block_m)  # the causal split at start_m * BLOCK_M must fall on a K/V tile edge
-    n_m_blocks = triton.cdiv(T, block_m)
-    _attn_fwd_kernel[(n_m_blocks * B * Hq,)](
-        q, k, v, o,
-        *q.stride(), *k.stride(), *v.stride(), *o.stride(),
-        Hq, Hq // Hkv, T, S, n_m_blocks, sm_scale * RCP_LN2,
-        CAUSAL=causal, BLOCK_M=block_m, BLOCK_N=block_n, HEAD_DIM=D, BLOCK_D=block_d,
-        # fp32 inputs ask for fp32 accuracy, so no silent TF32 on the tensor cores
-        INPUT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
-        num_warps=num_warps, num_stages=num_stages, enable_fp_fusion=True,
-    )
+        _attn_fwd_kernel[grid](*args, **meta)
     return o
 
 
@@ -238,4 +286,19 @@ def attention(
         return attention_reference(q, k, v, causal=causal, sm_scale=scale)
     if k.shape[2] == 0 and q.shape[2] > 0:
         raise ValueError("attention over an empty key sequence (S == 0) is undefined")
+    shape_class = (q.shape[-1], q.shape[1] // k.shape[1], causal)  # head dim, GQA group, causal
+    if not passes("attention", q.device, q.dtype, shape_class, partial(_self_check, q.device, q.dtype, *shape_class),
+                  strict=backend == "triton"):
+        return attention_reference(q, k, v, causal=causal, sm_scale=scale)
     return _attention_triton(q, k, v, causal, scale)
+
+
+def _self_check(device: torch.device, dtype: torch.dtype, head_dim: int, group: int, causal: bool) -> None:
+    """The kernel against the reference on a small input of one shape class (see kernels/selfcheck.py):
+    37 keys cross several tiles and the diagonal."""
+    T, S = (37, 37) if causal else (5, 37)
+    q = small_randn(1, group, T, head_dim, dtype=dtype, device=device, seed=0)
+    k = small_randn(1, 1, S, head_dim, dtype=dtype, device=device, seed=1)
+    v = small_randn(1, 1, S, head_dim, dtype=dtype, device=device, seed=2)
+    out = _attention_triton(q, k, v, causal, head_dim**-0.5)
+    assert_matches(out, attention_reference(q, k, v, causal=causal), *CHECK_TOLS[dtype])

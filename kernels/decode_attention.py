@@ -20,6 +20,7 @@ import math
 import torch
 
 from .attention import RCP_LN2, interpreting, use_triton
+from .selfcheck import CHECK_TOLS, assert_matches, passes, small_randn
 
 try:
     import triton
@@ -130,18 +131,38 @@ if triton is not None:
 
 @functools.cache
 def _sm_count(device_index: int) -> int:
-    return torch.cuda.get_device_properties(device_index).multi_processor_count
+    """Streaming multiprocessors of a device, from Triton's driver (the GPU's, or tests/test_aot.py's stand-in)."""
+    return triton.runtime.driver.active.utils.get_device_properties(device_index)["multiprocessor_count"]
+
+
+def num_splits_heuristic(programs: int, num_sms: int, num_n_blocks: int, max_splits: int = 128) -> int:
+    """Split-KV count after FlashAttention's num_splits_heuristic (flash_api.cpp): no split when the
+    programs already fill 80% of the SMs; otherwise the smallest split count whose wave efficiency
+    (programs * splits / SMs over its ceiling) is within 85% of the best, skipping counts that give the same
+    tiles per split as one fewer (they only add empty splits)."""
+    if programs >= 0.8 * num_sms:
+        return 1
+    max_splits = min(max_splits, num_sms, num_n_blocks)
+
+    def eligible(n: int) -> bool:
+        return n == 1 or math.ceil(num_n_blocks / n) != math.ceil(num_n_blocks / (n - 1))
+
+    def efficiency(n: int) -> float:
+        waves = programs * n / num_sms
+        return waves / math.ceil(waves)
+
+    candidates = [n for n in range(1, max_splits + 1) if eligible(n)]
+    best = max(efficiency(n) for n in candidates)
+    return next(n for n in candidates if efficiency(n) >= 0.85 * best)
 
 
 def _pick_num_splits(q: torch.Tensor, programs: int, s_max: int, block_n: int) -> int:
-    """Enough splits for about two programs per SM, never more than the S_max tiles (decided on the host
-    from shapes only: cache_len is never read here)."""
-    tiles = triton.cdiv(s_max, block_n)
-    if q.is_cuda:
-        want = triton.cdiv(2 * _sm_count(q.device.index if q.device.index is not None else 0), programs)
-    else:
-        want = 4  # the interpreter: exercise the split path and the merge
-    return max(1, min(want, tiles, 128))
+    """The split count from shapes only (cache_len is never read on the host): the heuristic over the S_max
+    tiles, or 4 on the interpreter (to exercise the split path and the merge)."""
+    if interpreting():
+        return max(1, min(4, triton.cdiv(s_max, block_n)))
+    device = q.device.index if q.is_cuda else triton.runtime.driver.active.get_current_device()
+    return num_splits_heuristic(programs, _sm_count(device), triton.cdiv(s_max, block_n))
 
 
 def _check_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, cache_len: torch.Tensor):
@@ -253,4 +274,21 @@ def decode_attention(
     scale = 1.0 / math.sqrt(q.shape[-1]) if sm_scale is None else float(sm_scale)
     if not use_triton(backend, q, k_cache, v_cache, cache_len):
         return decode_attention_reference(q, k_cache, v_cache, cache_len, sm_scale=scale)
+    shape_class = (q.shape[-1], q.shape[1] // k_cache.shape[1])  # head dim, GQA group
+    check = functools.partial(_self_check, q.device, q.dtype, *shape_class)
+    if not passes("decode_attention", q.device, q.dtype, shape_class, check, strict=backend == "triton"):
+        return decode_attention_reference(q, k_cache, v_cache, cache_len, sm_scale=scale)
     return _decode_triton(q, k_cache, v_cache, cache_len, scale, num_splits)
+
+
+def _self_check(device: torch.device, dtype: torch.dtype, head_dim: int, group: int) -> None:
+    """The kernel against the reference on two rows of 70 and 9 live positions, unsplit and in 3 splits (see
+    kernels/selfcheck.py)."""
+    q = small_randn(2, group, head_dim, dtype=dtype, device=device, seed=3)
+    k_cache = small_randn(2, 1, 70, head_dim, dtype=dtype, device=device, seed=4)
+    v_cache = small_randn(2, 1, 70, head_dim, dtype=dtype, device=device, seed=5)
+    cache_len = torch.tensor([70, 9], device=device)
+    ref = decode_attention_reference(q, k_cache, v_cache, cache_len)
+    for num_splits in (1, 3):
+        assert_matches(_decode_triton(q, k_cache, v_cache, cache_len, head_dim**-0.5, num_splits), ref,
+                       *CHECK_TOLS[dtype])

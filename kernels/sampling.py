@@ -18,15 +18,18 @@ One program owns one sample row and never sorts the vocabulary:
    to rounding of the transcendentals in near ties.
 temperature == 0 is greedy decoding (argmax of the mixed logits, lowest index on ties).
 
-Rows of V <= MAX_RESIDENT_V keep the whole row in registers across all passes; longer rows stream tiles
-from L2 in every pass.
+Rows of V <= MAX_RESIDENT_V keep their keys in registers through both searches and draw in DRAW_TILE chunks
+(Philox's four words a token would not fit for the whole row); longer rows stream tiles from L2 in every pass.
 """
 
 from __future__ import annotations
 
+from functools import partial
+
 import torch
 
 from .attention import RCP_LN2, use_triton
+from .selfcheck import passes, small_randn
 
 try:
     import triton
@@ -36,6 +39,7 @@ except ImportError:
 
 MAX_RESIDENT_V = 16384  # largest row kept in registers (16 warps: 32 fp32 per thread per live array)
 TILE_V = 4096  # tile of the streaming path for longer rows
+DRAW_TILE = 2048  # tokens a resident row draws its Philox noise for at a time (4 words a token in registers)
 # 2^-23: a 23-bit integer + 0.5 is exact in float32 and, times this, lies strictly inside (0, 1). (With 24
 # bits, (2^24 - 1) + 0.5 would round up to 2^24: u == 1, zero exponential noise, an infinite Gumbel.)
 TWO_POW_M23 = 1.1920928955078125e-07
@@ -75,6 +79,13 @@ if triton is not None:
         return (bits ^ flip).to(tl.uint32, bitcast=True)
 
     @triton.jit
+    def _key_value(key):
+        """The float whose _ordered_key is `key`, bit-exactly (its inverse)."""
+        bits = key.to(tl.int32, bitcast=True)
+        bits = tl.where(bits < 0, bits & 0x7FFFFFFF, ~bits)  # sign bit set: a non-negative float
+        return bits.to(tl.float32, bitcast=True)
+
+    @triton.jit
     def _gumbel(seed, step, offs):
         """Gumbel(0, 1) noise of tokens `offs` for (seed, step): -log(-log(u)), u from Philox."""
         c0 = offs.to(tl.uint32)
@@ -84,23 +95,43 @@ if triton is not None:
         u = ((bits >> 9).to(tl.float32) + 0.5) * _TWO_POW_M23
         return -tl.log(-tl.log(u))
 
+    @triton.jit
+    def _draw_tiled(logits_ptr, row_c, row_u, V, stride_v, cfg_scale, inv_temp, thr, seed, step,
+                    MIX: tl.constexpr, BLOCK_V: tl.constexpr):
+        """The Gumbel-max draw over the tokens whose key is >= thr, BLOCK_V tokens at a time: Philox holds
+        4 words a token, so a whole resident row of noise at once would not fit in registers."""
+        best_score = tl.full([], float("-inf"), tl.float32)
+        best = tl.zeros([], tl.int64)
+        for start in range(0, V, BLOCK_V):
+            offs = start + tl.arange(0, BLOCK_V)
+            z = _mixed_logits(logits_ptr, row_c, row_u, offs, V, stride_v, cfg_scale, inv_temp, MIX)
+            keys = tl.where(offs < V, _ordered_key(z), 0)
+            score = tl.where(keys >= thr, z + _gumbel(seed, step, offs), float("-inf"))
+            tile_best = tl.max(score, 0)
+            best = tl.where(tile_best > best_score, start + tl.argmax(score, 0).to(tl.int64), best)
+            best_score = tl.maximum(best_score, tile_best)
+        return best
+
     @triton.jit(do_not_specialize=["step"])
     def _sample_resident_kernel(
         logits_ptr, seeds_ptr, step_ptr, out_ptr,
         stride_row, stride_v, B, V, step, cfg_scale, inv_temp, top_k, top_p,
         MIX: tl.constexpr, GREEDY: tl.constexpr, TOP_K: tl.constexpr, TOP_P: tl.constexpr,
-        STEP_FROM_PTR: tl.constexpr, BLOCK_V: tl.constexpr,
+        STEP_FROM_PTR: tl.constexpr, BLOCK_V: tl.constexpr, DRAW_V: tl.constexpr,
     ):
         row = tl.program_id(0).to(tl.int64)
+        row_c = row * stride_row
+        row_u = (row + B) * stride_row
         offs = tl.arange(0, BLOCK_V)
-        z = _mixed_logits(logits_ptr, row * stride_row, (row + B) * stride_row, offs, V, stride_v,
-                          cfg_scale, inv_temp, MIX)  # (BLOCK_V,)
+        z = _mixed_logits(logits_ptr, row_c, row_u, offs, V, stride_v, cfg_scale, inv_temp, MIX)  # (BLOCK_V,)
         if GREEDY:
             tl.store(out_ptr + row, tl.argmax(z, 0).to(tl.int64))
         else:
-            in_vocab = offs < V
-            keys = tl.where(in_vocab, _ordered_key(z), 0)  # 0 is below every real float's key
-            keep = in_vocab
+            # Only the keys stay live through the searches (z is recovered from them bit-exactly) and
+            # "kept" is always keys >= thr, so 32 values a thread fit the register budget of 16 warps at
+            # V = 16384 (tests/test_aot.py checks the spills on sm_80 and sm_90).
+            keys = tl.where(offs < V, _ordered_key(z), 0)  # 0 is below every real float's key
+            thr = tl.full([], 1, tl.uint32)  # keys of real logits are >= 1, the padding's are 0
             if TOP_K:
                 thr = tl.full([], 0, tl.uint32)
                 bit = tl.full([], _SIGN_BIT, tl.uint32)
@@ -109,9 +140,9 @@ if triton is not None:
                     n_ge = tl.sum((keys >= cand).to(tl.int32), 0)
                     thr = tl.where(n_ge >= top_k, cand, thr)
                     bit = bit >> 1
-                keep = keep & (keys >= thr)
             if TOP_P:
-                w = tl.where(keep, tl.exp2((z - tl.max(z, 0)) * _RCP_LN2), 0.0)  # unnormalized probabilities
+                zmax = _key_value(tl.max(keys, 0))
+                w = tl.where(keys >= thr, tl.exp2((_key_value(keys) - zmax) * _RCP_LN2), 0.0)  # unnormalized
                 target = top_p * tl.sum(w, 0)
                 thr_p = tl.full([], 0, tl.uint32)
                 bit = tl.full([], _SIGN_BIT, tl.uint32)
@@ -120,12 +151,14 @@ if triton is not None:
                     mass = tl.sum(tl.where(keys >= cand, w, 0.0), 0)
                     thr_p = tl.where(mass >= target, cand, thr_p)
                     bit = bit >> 1
-                keep = keep & (keys >= thr_p)
+                thr = thr_p  # >= the top-k threshold: all the mass lies at or above that one
             if STEP_FROM_PTR:
                 step = tl.load(step_ptr)
             seed = tl.load(seeds_ptr + row)
-            score = tl.where(keep, z + _gumbel(seed, step, offs), float("-inf"))
-            tl.store(out_ptr + row, tl.argmax(score, 0).to(tl.int64))
+            # the row is in L2 now: one more pass over it, DRAW_V tokens at a time
+            best = _draw_tiled(logits_ptr, row_c, row_u, V, stride_v, cfg_scale, inv_temp, thr, seed, step,
+                               MIX, DRAW_V)
+            tl.store(out_ptr + row, best)
 
     @triton.jit
     def _count_ge_tiled(logits_ptr, row_c, row_u, V, stride_v, cfg_scale, inv_temp, cand, zmax, thr,
@@ -191,16 +224,8 @@ if triton is not None:
             if STEP_FROM_PTR:
                 step = tl.load(step_ptr)
             seed = tl.load(seeds_ptr + row)
-            best_score = tl.full([], float("-inf"), tl.float32)
-            best = tl.zeros([], tl.int64)
-            for start in range(0, V, BLOCK_V):
-                offs = start + tl.arange(0, BLOCK_V)
-                z = _mixed_logits(logits_ptr, row_c, row_u, offs, V, stride_v, cfg_scale, inv_temp, MIX)
-                keys = tl.where(offs < V, _ordered_key(z), 0)
-                score = tl.where(keys >= thr, z + _gumbel(seed, step, offs), float("-inf"))
-                tile_best = tl.max(score, 0)
-                best = tl.where(tile_best > best_score, start + tl.argmax(score, 0).to(tl.int64), best)
-                best_score = tl.maximum(best_score, tile_best)
+            best = _draw_tiled(logits_ptr, row_c, row_u, V, stride_v, cfg_scale, inv_temp, thr, seed, step,
+                               MIX, BLOCK_V)
             tl.store(out_ptr + row, best)
 
 
@@ -319,6 +344,31 @@ def cfg_sample_reference(
     return score.argmax(dim=-1)
 
 
+def _self_check(device, dtype, V: int, cfg_scale: float, temperature: float, top_k: int, top_p: float,
+                step_on_device: bool) -> None:
+    """The kernel draws the reference's tokens for 8 rows of fixed logits (see kernels/selfcheck.py)."""
+    B, mix = 8, cfg_scale != 1.0
+    logits = small_randn(2 * B if mix else B, V, dtype=torch.float32, device=device, seed=6).mul(3).to(dtype)
+    seeds = torch.arange(B, device=device, dtype=torch.int64) * 1_000_003
+    step = torch.tensor(5, device=device) if step_on_device else 5
+    out = _cfg_sample_triton(logits, seeds, step, B, mix, cfg_scale, temperature, top_k, top_p)
+    ref = cfg_sample_reference(logits, cfg_scale=cfg_scale, temperature=temperature, top_k=top_k, top_p=top_p,
+                               seeds=seeds, step=step)
+    if not torch.equal(out, ref):
+        raise AssertionError(f"rows {torch.nonzero(out != ref).flatten().tolist()} of {B} drew other tokens "
+                             f"({out.tolist()}) than the reference ({ref.tolist()})")
+
+
+def _sample_launch_config(V: int) -> tuple:
+    """(kernel, meta-parameters) for a row of V tokens: resident rows hold 32 values a thread per live array
+    (up to 16 warps), longer rows stream TILE_V tiles with 4 warps."""
+    if V > MAX_RESIDENT_V:
+        return _sample_tiled_kernel, dict(BLOCK_V=TILE_V, num_warps=max(1, min(16, TILE_V // 1024)))
+    block_v = triton.next_power_of_2(V)
+    return _sample_resident_kernel, dict(BLOCK_V=block_v, DRAW_V=min(block_v, DRAW_TILE),
+                                         num_warps=max(1, min(16, block_v // 1024)))
+
+
 def cfg_sample(
     logits: torch.Tensor,
     *,
@@ -343,20 +393,32 @@ def cfg_sample(
         return cfg_sample_reference(logits, cfg_scale=cfg_scale, temperature=temperature, top_k=top_k,
                                     top_p=top_p, seeds=seeds, step=step)
     V = logits.shape[1]
+    # the row block (from V) and the code paths: CFG mix, greedy, top-k, top-p, step on the device
+    shape_class = (V if V <= MAX_RESIDENT_V else "tiled", mix, temperature == 0, 0 < top_k < V, top_p < 1.0,
+                   isinstance(step, torch.Tensor))
+    check = partial(_self_check, logits.device, logits.dtype, V, cfg_scale, temperature, top_k, top_p,
+                    isinstance(step, torch.Tensor))
+    if not passes("cfg_sample", logits.device, logits.dtype, shape_class, check, strict=backend == "triton"):
+        return cfg_sample_reference(logits, cfg_scale=cfg_scale, temperature=temperature, top_k=top_k,
+                                    top_p=top_p, seeds=seeds, step=step)
+    return _cfg_sample_triton(logits, seeds, step, B, mix, cfg_scale, temperature, top_k, top_p)
+
+
+def _cfg_sample_triton(logits, seeds, step, B: int, mix: bool, cfg_scale: float, temperature: float, top_k: int,
+                       top_p: float) -> torch.Tensor:
+    """The launcher (arguments already checked)."""
+    V = logits.shape[1]
     out = torch.empty(B, dtype=torch.int64, device=logits.device)
     if B == 0:
         return out
     step_from_ptr = isinstance(step, torch.Tensor)
-    resident = V <= MAX_RESIDENT_V
-    block_v = triton.next_power_of_2(V) if resident else TILE_V
-    kernel = _sample_resident_kernel if resident else _sample_tiled_kernel
-    num_warps = max(1, min(16, block_v // 1024))  # about 32 values per thread per live array
+    kernel, meta = _sample_launch_config(V)
     kernel[(B,)](
         logits, seeds, step if step_from_ptr else seeds, out,
         logits.stride(0), logits.stride(1), B, V, 0 if step_from_ptr else step,
         float(cfg_scale), 1.0 if temperature == 0 else 1.0 / temperature, top_k, float(top_p),
         MIX=mix, GREEDY=temperature == 0, TOP_K=0 < top_k < V, TOP_P=top_p < 1.0,
-        STEP_FROM_PTR=step_from_ptr, BLOCK_V=block_v, num_warps=num_warps,
+        STEP_FROM_PTR=step_from_ptr, **meta,
         # no fused multiply-adds: the CFG mix then rounds exactly like the reference's separate torch ops
         enable_fp_fusion=False,
     )

@@ -491,3 +491,106 @@ def test_kernels_never_sync_and_capture_in_a_cuda_graph():
     graph.replay()
     t_next = K.cfg_sample_reference(logits, cfg_scale=3.0, temperature=1.0, top_k=1000, top_p=0.95, seeds=seeds, step=4)
     assert torch.equal(t_graph, t_next), f"replay at step 4 drew {t_graph.tolist()}, expected {t_next.tolist()}"
+
+
+# ---------------------------------------------------------------------------------------------------------
+# first-use self-check and fallback (kernels/selfcheck.py), tuning heuristics
+
+selfcheck = importlib.import_module(f"{K.__name__}.selfcheck")
+attention_module = importlib.import_module(f"{K.__name__}.attention")
+decode_module = importlib.import_module(f"{K.__name__}.decode_attention")
+
+
+@pytest.fixture
+def fresh_checks():
+    selfcheck.reset()
+    yield
+    selfcheck.reset()
+
+
+@needs_triton
+def test_self_check_falls_back_once_on_a_wrong_kernel(fresh_checks, monkeypatch):
+    """A prefill kernel made wrong (its exp2 scale off) fails its first-use check: "auto" warns once, naming
+    the kernel, device, driver and Triton version, then serves the reference for that class; "triton" raises."""
+    q, k, v, causal = _attn_inputs((1, 2, 1, 20, 20, 32, True), torch.float32)
+    ref = K.attention_reference(q, k, v, causal=causal)
+    assert_close(K.attention(q, k, v, backend="auto"), ref, 2e-5, 2e-5, "the kernel before it is broken")
+    selfcheck.reset()
+    monkeypatch.setattr(attention_module, "RCP_LN2", 1.0)  # softmax in the wrong base: a wrong kernel
+    with pytest.warns(RuntimeWarning, match=r"attention failed its first-use self-check on cpu.*driver.*Triton \d"):
+        out = K.attention(q, k, v, backend="auto")
+    assert torch.equal(out, ref), "after a failed check, auto must return the reference's output"
+    launches = []
+    monkeypatch.setattr(attention_module, "_attention_triton", lambda *a: launches.append(a))
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # warned once: no second warning
+        assert torch.equal(K.attention(q, k, v, backend="auto"), ref)
+    assert not launches, "the failed kernel ran again"
+    with pytest.raises(K.KernelSelfCheckError, match="attention failed its first-use self-check"):
+        K.attention(q, k, v, backend="triton")
+    other = _attn_inputs((1, 2, 1, 20, 20, 16, True), torch.float32)[:3]  # another head dim: its own check
+    with pytest.raises(K.KernelSelfCheckError):
+        K.attention(*other, backend="triton")
+
+
+@needs_triton
+def test_self_check_catches_a_kernel_that_raises(fresh_checks, monkeypatch):
+    """A decode kernel that cannot even launch (here: a Triton kernel of the wrong signature)."""
+    import triton
+
+    @triton.jit
+    def _wrong_kernel(x_ptr):
+        pass
+
+    monkeypatch.setattr(decode_module, "_decode_split_kernel", _wrong_kernel)
+    q = _randn(2, 4, 16, dtype=torch.float32, seed=1)
+    cache = _randn(2, 2, 24, 16, dtype=torch.float32, seed=2)
+    cache_len = torch.tensor([24, 3])
+    with pytest.warns(RuntimeWarning, match="decode_attention failed its first-use self-check"):
+        out = K.decode_attention(q, cache, cache, cache_len)
+    assert torch.equal(out, K.decode_attention_reference(q, cache, cache, cache_len))
+    with pytest.raises(K.KernelSelfCheckError, match="TypeError"):
+        K.decode_attention(q, cache, cache, cache_len, backend="triton")
+
+
+@needs_triton
+def test_self_check_passes_a_correct_kernel_per_class(fresh_checks):
+    B, V = 2, 64
+    logits = _logits(B, V, seed=3)
+    kw = dict(cfg_scale=2.0, temperature=1.0, top_k=5, seeds=_seeds(B), step=1)
+    assert torch.equal(K.cfg_sample(logits, backend="triton", **kw), K.cfg_sample_reference(logits, **kw))
+    assert torch.equal(K.cfg_sample(logits, backend="triton", **dict(kw, temperature=0.0)),
+                       K.cfg_sample_reference(logits, **dict(kw, temperature=0.0)))
+    classes = [key for key, failure in selfcheck._RESULTS.items() if key[0] == "cfg_sample"]
+    assert len(classes) == 2 and all(selfcheck._RESULTS[key] is None for key in classes), selfcheck._RESULTS
+
+
+def test_num_splits_heuristic():
+    """FlashAttention's rule: no split once the programs fill 80% of the SMs; else good wave efficiency with
+    as few splits as possible, never more than the K/V tiles."""
+    h = decode_module.num_splits_heuristic
+    assert h(programs=1024, num_sms=132, num_n_blocks=6) == 1
+    assert h(programs=106, num_sms=132, num_n_blocks=6) == 1  # 106 >= 0.8 * 132
+    assert h(programs=32, num_sms=132, num_n_blocks=6) == 3  # 96 of 132 SMs busy; 4 and 5 splits: 2 waves
+    assert h(programs=1, num_sms=132, num_n_blocks=6) == 6  # capped by the tiles
+    assert h(programs=2, num_sms=108, num_n_blocks=500) == 46  # the fewest splits within 85% of one full wave
+    for programs in (1, 7, 33, 64, 100):
+        for tiles in (1, 5, 11, 40):
+            n = h(programs=programs, num_sms=132, num_n_blocks=tiles)
+            assert 1 <= n <= tiles, (programs, tiles, n)
+
+
+def test_prefill_configs_fit_short_prompts():
+    for dtype in (torch.float16, torch.bfloat16, torch.float32):
+        for d in (32, 64, 80, 128, 256):
+            for T in (1, 7, 65, 320, 4096):
+                configs = attention_module.prefill_configs(dtype, d, T)
+                assert configs and len(set(configs)) == len(configs), (dtype, d, T, configs)
+                for bm, bn, *_ in configs:
+                    assert 16 <= bm <= max(16, triton_next_pow2(T)) and bn <= bm and bm % bn == 0, (T, bm, bn)
+
+
+def triton_next_pow2(n: int) -> int:
+    return 1 << max(n - 1, 0).bit_length()

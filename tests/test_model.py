@@ -304,11 +304,11 @@ def _fake_kernels(calls: list):
     def expand(k, hq):
         return k.repeat_interleave(hq // k.shape[1], dim=1)
 
-    def attention(q, k, v, causal=True):
+    def attention(q, k, v, causal=True, backend="auto"):
         calls.append(("attention", q.shape, k.shape, causal))
         return F.scaled_dot_product_attention(q, expand(k, q.shape[1]), expand(v, q.shape[1]), is_causal=causal)
 
-    def decode_attention(q, k_cache, v_cache, cache_len):
+    def decode_attention(q, k_cache, v_cache, cache_len, backend="auto"):
         calls.append(("decode", q.shape, k_cache.shape, cache_len.clone()))
         live = torch.arange(k_cache.shape[2]) < cache_len[:, None]
         k, v = expand(k_cache, q.shape[1]), expand(v_cache, q.shape[1])

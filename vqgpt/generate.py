@@ -26,7 +26,7 @@ from dataclasses import dataclass, replace
 import torch
 from torch import Tensor
 
-from .model import import_kernels, use_triton_kernels
+from .model import import_kernels, kernel_backend, use_triton_kernels
 
 CFG_SCHEDULES = ("constant", "linear", "interval")
 
@@ -280,11 +280,13 @@ def sample_step(
     fused=None,
     scale: float | None = None,
     noise_table: Tensor | None = None,
+    fused_backend: str = "auto",
 ) -> Tensor:
     """Draw image code `step` (0-d LongTensor) for each prompt from the step's logits (2B or B rows) -> (B,).
 
     Guidance: scale_per_step[step] on the PyTorch path (a device tensor; None: no guidance), the python float
-    `scale` in the fused kernel (`fused`: vqgpt.kernels, or None for PyTorch). Both draw the same tokens.
+    `scale` in the fused kernel (`fused`: vqgpt.kernels, or None for PyTorch; `fused_backend`: its backend,
+    "triton" to raise rather than fall back after a failed self-check). Both draw the same tokens.
     noise_table: the PyTorch path's noise of every step, drawn up front (`exponential_noise_table`), or None
     to draw this step's now.
     """
@@ -297,6 +299,7 @@ def sample_step(
             top_p=cfg.top_p,
             seeds=seeds,
             step=step,
+            backend=fused_backend,
         )
     if scale_per_step is not None:  # index_select: indexing by a 0-d tensor would read it on the host
         logits = apply_cfg(logits, scale_per_step.index_select(0, step.view(1)))
@@ -316,11 +319,13 @@ def decode_step(
     fused=None,
     scale: float | None = None,
     noise_table: Tensor | None = None,
+    fused_backend: str = "auto",
 ) -> tuple[Tensor, Tensor]:
     """One step of the loop: draw code `step` from logits and feed it (twice under guidance: both rows of a
     pair) at input_pos -> (codes (B,), logits for the next code). What compile=True compiles."""
     token = sample_step(
-        logits, cfg, seeds, step, scale_per_step=scale_per_step, fused=fused, scale=scale, noise_table=noise_table
+        logits, cfg, seeds, step, scale_per_step=scale_per_step, fused=fused, scale=scale, noise_table=noise_table,
+        fused_backend=fused_backend,
     )
     fed = token.repeat(2) if scale_per_step is not None else token  # guided: conditional rows, then null
     return token, decode_one_token(model, fed, input_pos)
@@ -328,7 +333,8 @@ def decode_step(
 
 def capture_cuda_graph(fn, warmup: int = 2) -> torch.cuda.CUDAGraph:
     """Record fn() (all in-place on static tensors) as a CUDA graph, after warm-up runs on a side stream
-    (Triton JIT compiles, allocator pools settle); replay() then launches the whole step at once."""
+    (Triton JIT compiles every specialisation the step meets, the kernels' first-use self-checks run, allocator
+    pools settle); replay() then launches the whole step at once."""
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(stream):
@@ -447,6 +453,7 @@ def generate(
                     fused=fused,
                     scale=scales[k] if fused is not None else None,
                     noise_table=noise_table,
+                    fused_backend=kernel_backend(mc.attn_backend, seeds),
                 )
                 codes.index_copy_(1, step.view(1), token[:, None])
                 logits.copy_(next_logits)
@@ -466,7 +473,7 @@ def generate(
                 if k + 1 == N:  # the last code feeds nothing
                     codes[:, k] = sample_step(
                         logits, cfg, seeds, step, scale_per_step=scale_per_step, fused=fused, scale=scales[k],
-                        noise_table=noise_table,
+                        noise_table=noise_table, fused_backend=kernel_backend(mc.attn_backend, seeds),
                     )  # fmt: skip
                 elif graph is not None:
                     graph.replay()

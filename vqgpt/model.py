@@ -227,10 +227,17 @@ def _sdpa(q: Tensor, k: Tensor, v: Tensor, **kwargs) -> Tensor:
     return F.scaled_dot_product_attention(q, k, v, **kwargs)
 
 
+def kernel_backend(backend: str, x: Tensor) -> str:
+    """The vqgpt.kernels backend for an attn_backend that chose the kernels, for tensor x. On CUDA "triton"
+    stays strict: a kernel failing its first-use self-check raises, where "auto" falls back to the PyTorch
+    reference (kernels/selfcheck.py). Off CUDA both are "auto": the references (or the Triton interpreter)."""
+    return "triton" if backend == "triton" and x.is_cuda else "auto"
+
+
 def attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool, backend: str, dropout_p: float = 0.0) -> Tensor:
     """q (B, Hq, T, D), k/v (B, Hkv, T, D) -> (B, Hq, T, D). `causal` assumes q and k start at position 0."""
     if use_triton_kernels(backend, q, dropout_p):
-        return import_kernels().attention(q, k, v, causal=causal)
+        return import_kernels().attention(q, k, v, causal=causal, backend=kernel_backend(backend, q))
     return _sdpa(q, k, v, is_causal=causal, dropout_p=dropout_p)
 
 
@@ -244,7 +251,9 @@ def decode_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, cache_len: Ten
     if use_triton_kernels(backend, q):
         if isinstance(cache_len, int):
             cache_len = torch.full((q.shape[0],), cache_len, device=q.device)
-        return import_kernels().decode_attention(q, k_cache, v_cache, cache_len)
+        return import_kernels().decode_attention(
+            q, k_cache, v_cache, cache_len, backend=kernel_backend(backend, q)
+        )
     if isinstance(cache_len, int):
         # One query per row: two batched matmuls over the live prefix, which beat SDPA's flash kernel from a
         # few dozen rows on (142 against 173 us a layer at 32 rows here). Under GQA the query heads of one K/V

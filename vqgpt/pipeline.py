@@ -85,9 +85,18 @@ class TextToImage:
     def device(self) -> torch.device:
         return self.gpt.head.weight.device
 
-    def to(self, device) -> TextToImage:
-        self.gpt.to(device)
-        self.image_tokenizer.to(device)
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.gpt.head.weight.dtype
+
+    def to(self, device=None, dtype: torch.dtype | str | None = None) -> TextToImage:
+        """Move both models to `device`; `dtype` ("auto", a torch dtype or its name) casts the GPT only: the
+        image tokenizer decodes in float32 (see resolve_dtype)."""
+        if device is not None:
+            self.gpt.to(device)
+            self.image_tokenizer.to(device)
+        if dtype is not None:
+            self.gpt.to(resolve_dtype(dtype, self.device))
         return self
 
     # --- sampling ---------------------------------------------------------------------------------------
@@ -236,15 +245,19 @@ class TextToImage:
 
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike, *, device: str | torch.device = "cpu",
-                        base: str | os.PathLike | None = None, merge: bool = True, revision: str | None = None,
-                        token: str | bool | None = None, cache_dir: str | os.PathLike | None = None) -> TextToImage:
+                        torch_dtype: torch.dtype | str = "auto", base: str | os.PathLike | None = None,
+                        merge: bool = True, revision: str | None = None, token: str | bool | None = None,
+                        cache_dir: str | os.PathLike | None = None) -> TextToImage:
         """Load a pipeline directory, or a hub repo "owner/name" (huggingface_hub's snapshot_download: revision
         a branch, tag or commit; token for private repos; cache_dir instead of the hub cache). For a LoRA
         fine-tune, its base is loaded from the path recorded at training time (or `base`), checked, and the
-        adapter attached: merged into the weights unless `merge=False`."""
+        adapter attached: merged into the weights unless `merge=False`. torch_dtype: the GPT's dtype, "auto"
+        (bfloat16 on CUDA, float32 elsewhere), a torch dtype or one of its names ("fp32", "bf16", "fp16", ...);
+        the image tokenizer stays in float32."""
         from .hub import snapshot
         from .text import TextTokenizer
 
+        dtype = resolve_dtype(torch_dtype, device)  # a bad name fails before anything is loaded
         path = snapshot(path, what="text-to-image model", revision=revision, token=token, cache_dir=cache_dir,
                         allow_patterns=HUB_FILES)
         config = read_config(path)
@@ -269,7 +282,7 @@ class TextToImage:
         if "base" not in config:
             gpt = GPT(GPTConfig.from_dict(config["gpt"]))
             load_state_strict(gpt, str(path / "model.safetensors"))
-            pipe = cls(gpt.to(device).eval(), image_tok, text_tok, sampling, trained_on=trained_on)
+            pipe = cls(gpt.to(device, dtype).eval(), image_tok, text_tok, sampling, trained_on=trained_on)
             pipe.evaluation = config.get("evaluation")
             return _with_scorer(pipe, path, device)
         from .finetune import ADAPTER_DIR, Adapter, grow_text_vocab, load_adapter, load_base_gpt, weights_fingerprint
@@ -282,7 +295,7 @@ class TextToImage:
         pipe = cls(gpt.to(device).eval(), image_tok, text_tok, sampling, Adapter(peft_model, base_path, fingerprint),
                    trained_on)
         pipe.evaluation = config.get("evaluation")
-        return _with_scorer(pipe.merge_adapter() if merge else pipe, path, device)
+        return _with_scorer((pipe.merge_adapter() if merge else pipe).to(dtype=dtype), path, device)
 
 
 SCORER_DIR = "scorer"  # a LiT scorer saved inside a pipeline directory is loaded with it
@@ -382,6 +395,28 @@ def _pixels_as(pixels: torch.Tensor, output_type: str):
     if output_type == "np":
         return pixels.permute(0, 2, 3, 1).float().cpu().numpy()
     return _to_pil_list(pixels)
+
+
+DTYPE_NAMES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
+               "fp16": torch.float16, "float16": torch.float16}
+
+
+def resolve_dtype(torch_dtype: torch.dtype | str, device: str | torch.device) -> torch.dtype:
+    """The GPT's inference dtype: "auto" is bfloat16 on a CUDA device that has it (tensor-core kernels, half the
+    KV-cache traffic) and float32 elsewhere; or a torch dtype, or one of DTYPE_NAMES."""
+    if isinstance(torch_dtype, torch.dtype):
+        dtype = torch_dtype
+    elif torch_dtype == "auto":
+        on_cuda = torch.device(device).type == "cuda"
+        return torch.bfloat16 if on_cuda and torch.cuda.is_bf16_supported() else torch.float32
+    elif torch_dtype in DTYPE_NAMES:
+        dtype = DTYPE_NAMES[torch_dtype]
+    else:
+        raise ValueError(f"unknown torch_dtype {torch_dtype!r}; choose 'auto', a torch dtype or one of "
+                         f"{sorted(DTYPE_NAMES)}")
+    if dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        raise ValueError(f"torch_dtype must be float32, bfloat16 or float16, got {dtype}")
+    return dtype
 
 
 MAX_LABEL = 60  # characters of a grid row's label
