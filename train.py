@@ -750,7 +750,8 @@ def sample_grid(pipe, prompts: list[str], cfg_scale: float, path: Path, n: int =
 
 
 def lit_parser(sub, common) -> None:
-    lit = sub.add_parser("lit", help="train an ImageTextScorer: a text tower against the locked image tokenizer")
+    lit = sub.add_parser("lit", help="train an ImageTextScorer: a text tower against the locked image tokenizer",
+                         formatter_class=HelpFormatter)
     common(lit, "lit")
     lit.add_argument("--tokenizer", default="runs/tok", help="the (locked) image tokenizer directory")
     lit.add_argument("--codes", default=None, metavar="DIR", help="the codes store of the data (as for gpt)")
@@ -764,8 +765,8 @@ def lit_parser(sub, common) -> None:
                      help="the locked image vector: codes one-hot per position, or quantized latents")
     lit.add_argument("--head", default="none", choices=["none", "mlp"],
                      help="none: the image side is fully locked (LiT); mlp: a small trainable image head")
-    lit.add_argument("--text-dim", type=int, default=128)
-    lit.add_argument("--text-layers", type=int, default=2)
+    lit.add_argument("--text-dim", type=int, default=128, help="width of the text tower")
+    lit.add_argument("--text-layers", type=int, default=2, help="transformer blocks of the text tower")
 
 
 def train_lit(args) -> Path:
