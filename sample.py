@@ -107,7 +107,7 @@ def main(argv=None):
         chunk = prompts[first:first + per_call]
         try:  # image j of prompt i has seed + i * n + j, as if all prompts were sampled in one call
             images = pipe(chunk, num_images=args.n, seed=args.seed + first * args.n, batch_size=args.batch_size,
-                          progress=True, compile=args.compile, cuda_graph=args.cuda_graph, **sampling)
+                          progress=True, compile=args.compile, cuda_graph=args.cuda_graph, **sampling).images
         except ValueError as e:  # invalid sampling arguments: say which, without a traceback
             raise SystemExit(f"error: {e}") from None
         for k, prompt in enumerate(chunk):

@@ -3,8 +3,9 @@
     codes = generate(model, text_ids, SamplingConfig(cfg_scale=3.0, top_k=100), seeds)   # (B, h, w)
 
 - Classifier-free guidance (Ho & Salimans 2022): each prompt row is paired with an unconditional row
-  (the null caption, all PAD) in one batch of 2B rows; the sampler sees u + s * (c - u) and both rows of a
-  pair receive the same token. cfg_scale == 1 runs the B conditional rows only.
+  (the null caption, all PAD, or a negative prompt's ids: `uncond_ids`) in one batch of 2B rows; the
+  sampler sees u + s * (c - u) and both rows of a pair receive the same token. cfg_scale == 1 runs the B
+  conditional rows only.
 - Randomness is counter based: the noise for (row seed, step, vocab index) is Philox4x32-10 keyed by the
   seed with counter (vocab index, step, 0, 0) (`counter_uniform`), computed with torch integer ops on the
   logits' device. A seed gives the same image in any batch, at any position, on any device; a step needs
@@ -350,8 +351,12 @@ def generate(
     progress: bool = False,
     cuda_graph: bool = False,
     compile: bool = False,
+    uncond_ids: Tensor | None = None,
 ) -> Tensor:
     """Sample image codes (B, h, w) for text_ids (B, T_text), one seed per row (LongTensor (B,)).
+
+    uncond_ids: (B, T_text) text of the guidance rows (a negative prompt: u is then the logits given it,
+    and guidance pushes away from it); None = the null caption (all PAD), what training dropped captions to.
 
     The model runs in eval mode (restored afterwards) with a KV cache of 2B rows under guidance, B without.
     Two ways to take the per-step launch overhead away, both paying a one-time cost first:
@@ -372,14 +377,17 @@ def generate(
     B, N = text_ids.shape[0], mc.n_image
     if seeds.shape != (B,) or seeds.dtype.is_floating_point or seeds.dtype == torch.bool:
         raise ValueError(f"seeds must be an integer tensor of shape ({B},), got {seeds.dtype} {tuple(seeds.shape)}")
+    if uncond_ids is not None and uncond_ids.shape != text_ids.shape:
+        raise ValueError(f"uncond_ids must have text_ids' shape {tuple(text_ids.shape)}, got {tuple(uncond_ids.shape)}")
     cfg.validate(mc.image_vocab_size)
 
     device = model.head.weight.device
     text_ids, seeds = text_ids.to(device), seeds.to(device, torch.long)
     scales = cfg.scales(N)
     guided = any(s != 1.0 for s in scales)
-    if guided:  # rows [0, B) conditional, [B, 2B) their null-caption twins
-        text_ids = torch.cat([text_ids, torch.full_like(text_ids, mc.text_pad_id)])
+    if guided:  # rows [0, B) conditional, [B, 2B) their null-caption (or negative-prompt) twins
+        uncond = torch.full_like(text_ids, mc.text_pad_id) if uncond_ids is None else uncond_ids.to(device)
+        text_ids = torch.cat([text_ids, uncond])
     scale_per_step = torch.tensor(scales, device=device) if guided else None  # (N,)
     # The fused CFG + top-k/top-p + draw kernel, on the same switch as attention; same Philox noise.
     fused = import_kernels() if use_triton_kernels(mc.attn_backend, seeds) else None

@@ -1,7 +1,8 @@
 """TextToImage: the image tokenizer, the text tokenizer and the GPT, saved and loaded as one directory.
 
     pipe = TextToImage.from_pretrained("runs/t2i")
-    images = pipe(["a green apple"], num_images=4, cfg_scale=3.0, top_k=100, seed=0)   # list of PIL images
+    out = pipe(["a green apple"], num_images=4, cfg_scale=3.0, top_k=100, seed=0)
+    out.images[0].save("apple.png"); out.seeds   # PIL images, and the seed that draws each one again
 
 Layout of a saved pipeline (what `train.py gpt --out DIR` writes):
 
@@ -19,10 +20,13 @@ config.json instead of model.safetensors; loading it loads the base too (see vqg
 from __future__ import annotations
 
 import json
+import numbers
 import os
-from dataclasses import asdict, fields
+import secrets
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from .checkpoint import atomic_write_bytes, read_json_file, save_weights
@@ -31,6 +35,23 @@ from .model import GPT, GPTConfig
 from .tokenizer import ImageTokenizer, load_state_strict
 
 MODEL_TYPE = "vqgpt-text-to-image"
+OUTPUT_TYPES = ("pil", "pt", "np")
+SEED_LIMIT = 2**62  # every image's seed is an int in [0, SEED_LIMIT): int64 arithmetic never overflows
+FRESH_SEEDS = 2**31  # seed=None draws from [0, FRESH_SEEDS): short enough to read back and type
+
+
+@dataclass
+class TextToImageOutput:
+    """What a TextToImage call returns (diffusers' ImagePipelineOutput, plus what reproduces each image)."""
+
+    images: list | torch.Tensor | np.ndarray  # output_type "pil": PIL images; "pt": (N, 3, H, W); "np": (N, H, W, 3)
+    seeds: list[int]  # image k's seed: pipe(prompts[k], seed=seeds[k]) with the same settings draws it again
+    prompts: list[str]  # image k's prompt
+    negative_prompts: list[str] | None = None  # image k's negative prompt (None: the null caption)
+
+    def __getitem__(self, index):
+        raise TypeError("a TextToImage call returns an output object, not a list: use out.images[k] "
+                        "(and out.seeds[k], its seed)")
 
 
 class TextToImage:
@@ -62,56 +83,72 @@ class TextToImage:
 
     # --- sampling ---------------------------------------------------------------------------------------
     @torch.no_grad()
-    def generate_codes(self, prompts: list[str], num_images: int = 1, seed: int = 0, progress=False,
-                       compile: bool = False, cuda_graph: bool = False, batch_size: int | None = None, **kw):
-        """Codes (len(prompts) * num_images, h, w); image j of prompt i uses seed + i * num_images + j.
+    def generate_codes(self, prompts: str | list[str], num_images: int = 1, seed: int | list[int] = 0,
+                       progress=False, compile: bool = False, cuda_graph: bool = False,
+                       batch_size: int | None = None, negative_prompt: str | list[str] | None = None, **kw):
+        """Codes (len(prompts) * num_images, h, w), prompt-major; image j of prompt i uses seed + i * num_images
+        + j, or seed[i * num_images + j] for a list of seeds (one per image).
 
+        negative_prompt: the caption of the guidance rows (one for all prompts, or one per prompt) instead of
+        the null caption: guidance then pushes away from it. "" is the null caption itself.
         batch_size: rows sampled at once (the KV cache is allocated for that many); the images do not depend
         on it. compile / cuda_graph: the decode step through torch.compile (CPU) or replayed as a CUDA graph
         (GPU); see `vqgpt.generate.generate`. Both pay a one-time cost that a large batch of images amortises.
         """
-        if isinstance(prompts, str):
-            prompts = [prompts]
-        if not prompts:
-            raise ValueError("prompts is empty: pass at least one prompt (use '' for an unconditional image)")
-        for p in prompts:
-            if not isinstance(p, str):
-                raise ValueError(f"prompts must be strings, got {type(p).__name__} {p!r:.60}")
-            try:
-                p.encode("utf-8")
-            except UnicodeEncodeError:
-                raise ValueError(f"prompt {p!r:.80} is not valid text (lone surrogates: bytes that were not "
-                                 f"UTF-8)") from None
-        if not isinstance(num_images, int) or num_images < 1:
-            raise ValueError(f"num_images must be an int >= 1, got {num_images!r}")
+        prompts = _text_list(prompts, "prompts")
+        _check_num_images(num_images)
+        rows = [p for p in prompts for _ in range(num_images)]
+        seeds = image_seeds(seed, None, len(rows))
+        negatives = negative_rows(negative_prompt, len(prompts), num_images)
         unknown = set(kw) - {f.name for f in fields(SamplingConfig)}
         if unknown:
             raise TypeError(f"unknown sampling arguments {sorted(unknown)}")
         cfg = SamplingConfig(**{**asdict(self.sampling), **kw})
         cfg.validate(self.gpt.config.image_vocab_size)
+        if negatives is not None and all(s == 1 for s in cfg.scales(self.gpt.config.n_image)):
+            raise ValueError("negative_prompt acts through guidance, which is off (cfg_scale=1): "
+                             "pass cfg_scale != 1, or leave negative_prompt out")
         if batch_size is not None and (not isinstance(batch_size, int) or batch_size < 1):
             raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
-        rows = [p for p in prompts for _ in range(num_images)]
-        step = batch_size or len(rows)
+        step, text_len = batch_size or len(rows), self.gpt.config.text_len
         out = []
         for start in range(0, len(rows), step):
-            text_ids = self.text_tokenizer(rows[start:start + step], self.gpt.config.text_len)
-            seeds = torch.arange(start, min(start + step, len(rows)), dtype=torch.long) + int(seed)
-            out.append(generate(self.gpt, text_ids, cfg, seeds, progress=progress, compile=compile,
-                                cuda_graph=cuda_graph))
+            text_ids = self.text_tokenizer(rows[start:start + step], text_len)
+            uncond = None if negatives is None else self.text_tokenizer(negatives[start:start + step], text_len)
+            out.append(generate(self.gpt, text_ids, cfg, torch.tensor(seeds[start:start + step]), progress=progress,
+                                compile=compile, cuda_graph=cuda_graph, uncond_ids=uncond))
         return torch.cat(out)
 
-    def __call__(self, prompts, num_images: int = 1, *, seed: int = 0, batch_size: int = 64, **kw):
-        """A list of PIL images, prompt-major. Same seed -> same images, whatever batch_size."""
-        from PIL import Image
+    def __call__(self, prompt: str | list[str], num_images: int | None = None, *, seed: int | list[int] | None = None,
+                 negative_prompt: str | list[str] | None = None, output_type: str = "pil", batch_size: int = 64,
+                 guidance_scale: float | None = None, num_images_per_prompt: int | None = None,
+                 generator: torch.Generator | list[torch.Generator] | None = None, **kw) -> TextToImageOutput:
+        """Sample num_images images per prompt -> TextToImageOutput(images, seeds, prompts), prompt-major.
 
-        codes = self.generate_codes(prompts, num_images, seed, batch_size=batch_size, **kw)
-        out = []
-        for chunk in codes.split(batch_size):
-            pixels = self.image_tokenizer.decode(chunk)  # (b, 3, H, W) in [0, 1]
-            arr = (pixels.permute(0, 2, 3, 1) * 255).round().to(torch.uint8).cpu().numpy()
-            out += [Image.fromarray(a) for a in arr]
-        return out
+        seed: an int (image k of the call gets seed + k), a list (one seed per image), or None: a fresh seed,
+        reported in out.seeds, so that pipe(out.prompts[k], seed=out.seeds[k]) draws image k again. Same seeds
+        -> same images, whatever batch_size. Sampling settings (cfg_scale, top_k, top_p, temperature,
+        cfg_schedule, cfg_interval) default to the checkpoint's. diffusers' names work too: guidance_scale
+        (= cfg_scale), num_images_per_prompt (= num_images), generator (a torch.Generator, or one per image,
+        that the seeds are drawn from); output_type "pil" (a list of PIL images), "pt" (float (N, 3, H, W) in
+        [0, 1]) or "np" (float32 (N, H, W, 3) in [0, 1]).
+        """
+        n = _one_of("num_images", num_images, "num_images_per_prompt", num_images_per_prompt, 1)
+        cfg_scale = _one_of("cfg_scale", kw.pop("cfg_scale", None), "guidance_scale", guidance_scale, None)
+        if cfg_scale is not None:
+            kw["cfg_scale"] = cfg_scale
+        if output_type not in OUTPUT_TYPES:
+            raise ValueError(f"unknown output_type {output_type!r}; choose one of {OUTPUT_TYPES}")
+        prompts = _text_list(prompt, "prompt")
+        seeds = image_seeds(seed, generator, len(prompts) * _check_num_images(n))
+        codes = self.generate_codes(prompts, n, seeds, batch_size=batch_size, negative_prompt=negative_prompt, **kw)
+        images = [_pixels_as(self.image_tokenizer.decode(c), output_type) for c in codes.split(batch_size)]
+        if output_type == "pil":
+            images = [im for chunk in images for im in chunk]
+        else:
+            images = torch.cat(images) if output_type == "pt" else np.concatenate(images)
+        return TextToImageOutput(images=images, seeds=seeds, prompts=[p for p in prompts for _ in range(n)],
+                                 negative_prompts=negative_rows(negative_prompt, len(prompts), n))
 
     # --- persistence ------------------------------------------------------------------------------------
     def config_dict(self) -> dict:
@@ -186,6 +223,93 @@ class TextToImage:
         pipe = cls(gpt.to(device).eval(), image_tok, text_tok, sampling, Adapter(peft_model, base_path, fingerprint),
                    trained_on)
         return pipe.merge_adapter() if merge else pipe
+
+
+def _one_of(name: str, value, alias: str, alias_value, default):
+    """A setting that has two names (ours and diffusers'): either may be given, not both."""
+    if value is not None and alias_value is not None:
+        raise ValueError(f"{name} and {alias} are the same setting (ours and diffusers' name): pass one of them")
+    return value if value is not None else alias_value if alias_value is not None else default
+
+
+def _text_list(texts, what: str) -> list[str]:
+    """A string or a list of strings -> a non-empty list of valid UTF-8 strings (else ValueError)."""
+    if isinstance(texts, str):
+        texts = [texts]
+    if not isinstance(texts, (list, tuple)):
+        raise ValueError(f"{what} must be a string or a list of strings, got {type(texts).__name__}")
+    if not texts:
+        raise ValueError(f"{what} is empty: pass at least one prompt (use '' for an unconditional image)")
+    for t in texts:
+        if not isinstance(t, str):
+            raise ValueError(f"{what} must be strings, got {type(t).__name__} {t!r:.60}")
+        try:
+            t.encode("utf-8")
+        except UnicodeEncodeError:
+            raise ValueError(f"{what} {t!r:.80} is not valid text (lone surrogates: bytes that were not "
+                             f"UTF-8)") from None
+    return list(texts)
+
+
+def negative_rows(negative_prompt, n_prompts: int, num_images: int) -> list[str] | None:
+    """One negative prompt per image (prompt-major), from one for all prompts or one per prompt; None stays."""
+    if negative_prompt is None:
+        return None
+    negatives = _text_list(negative_prompt, "negative_prompt")
+    if len(negatives) == 1:
+        negatives = negatives * n_prompts
+    if len(negatives) != n_prompts:
+        raise ValueError(f"negative_prompt has {len(negatives)} entries for {n_prompts} prompts: "
+                         f"give one string, or one per prompt")
+    return [t for t in negatives for _ in range(num_images)]
+
+
+def image_seeds(seed, generator, count: int) -> list[int]:
+    """One seed per image: seed + k for an int, the list itself (one per image), drawn from `generator`
+    (a torch.Generator: seed + k from one draw; a list of them: one draw each), or, for None, fresh."""
+    if seed is not None and generator is not None:
+        raise ValueError("pass seed or generator (two ways to fix the seeds), not both")
+    if generator is not None:
+        gens = list(generator) if isinstance(generator, (list, tuple)) else [generator]
+        if not all(isinstance(g, torch.Generator) for g in gens):
+            raise ValueError(f"generator must be a torch.Generator or a list of them, got {generator!r:.80}")
+        drawn = [int(torch.randint(FRESH_SEEDS, (), generator=g, device=g.device)) for g in gens]
+        if isinstance(generator, (list, tuple)):
+            if len(drawn) != count:
+                raise ValueError(f"{len(drawn)} generators for {count} images: give one, or one per image")
+            return drawn
+        seed = drawn[0]
+    if seed is None:
+        seed = secrets.randbelow(FRESH_SEEDS)
+    if isinstance(seed, (list, tuple)):
+        if len(seed) != count:
+            raise ValueError(f"{len(seed)} seeds for {count} images: give one int, or one seed per image")
+        seeds = list(seed)
+    else:
+        seeds = [seed + k for k in range(count)] if _is_seed(seed) else [seed]
+    bad = [s for s in seeds if not _is_seed(s) or not 0 <= s < SEED_LIMIT]
+    if bad:
+        raise ValueError(f"seeds must be ints in [0, 2**62), got {bad[0]!r:.40}")
+    return [int(s) for s in seeds]
+
+
+def _check_num_images(n) -> int:
+    if not isinstance(n, int) or isinstance(n, bool) or n < 1:
+        raise ValueError(f"num_images must be an int >= 1, got {n!r}")
+    return n
+
+
+def _is_seed(x) -> bool:
+    return isinstance(x, numbers.Integral) and not isinstance(x, bool)
+
+
+def _pixels_as(pixels: torch.Tensor, output_type: str):
+    """float (b, 3, H, W) in [0, 1] -> a list of PIL images, the tensor itself, or float32 (b, H, W, 3)."""
+    if output_type == "pt":
+        return pixels
+    if output_type == "np":
+        return pixels.permute(0, 2, 3, 1).float().cpu().numpy()
+    return _to_pil_list(pixels)
 
 
 MAX_LABEL = 60  # characters of a grid row's label
