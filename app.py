@@ -21,6 +21,7 @@ import argparse
 import json
 import os
 import sys
+import time
 from dataclasses import asdict
 from pathlib import Path
 
@@ -200,9 +201,13 @@ def build_demo(pipe, ckpt: str, max_batch: int = MAX_BATCH):
     # reason in place of its seed (raising would fail the other requests of its batch).
     def generate(prompt, negative_prompt=None, num_images=None, guidance=None, top_k=None, top_p=None,
                  temperature=None, seed=None):
+        t0 = time.perf_counter()
         with torch.inference_mode():
-            return generate_batch(pipe, prompt, negative_prompt, num_images, guidance, top_k, top_p, temperature,
-                                  seed)
+            galleries, notes = generate_batch(pipe, prompt, negative_prompt, num_images, guidance, top_k, top_p,
+                                              temperature, seed)
+        print(f"batch of {len(prompt)} requests: {sum(map(len, galleries))} images in {time.perf_counter() - t0:.2f} s",
+              flush=True)
+        return galleries, notes
 
     with gr.Blocks(title="vqgpt") as demo:
         gr.Markdown("# vqgpt\nAutoregressive text-to-image: a VQ image tokenizer and a GPT over its codes.")
@@ -252,12 +257,12 @@ def main(argv=None):
     args = parse_args(argv)
     if args.max_batch < 1:
         raise SystemExit(f"error: --max-batch must be >= 1, got {args.max_batch}")
+    pipe = load_pipeline(args.ckpt, args.device)
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # no calls home from a demo
     try:
         import gradio  # noqa: F401
     except ImportError:
         raise SystemExit("error: the web demo needs gradio: pip install 'vqgpt[app]'") from None
-    pipe = load_pipeline(args.ckpt, args.device)
     demo = build_demo(pipe, args.ckpt, args.max_batch)
     print(f"serving {args.ckpt} on http://{args.host}:{args.port}", flush=True)
     demo.queue(default_concurrency_limit=1).launch(server_name=args.host, server_port=args.port, show_error=False,
