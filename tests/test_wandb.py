@@ -85,7 +85,9 @@ def test_resumed_training_continues_the_same_offline_run(offline, tmp_path, monk
     record = json.loads((out / T.WANDB_RUN_FILE).read_text())
     assert record["project"] == "vqgpt-test" and record["name"] == "tiny"
     runs = sorted((out / "wandb").glob("offline-run-*"))
-    assert len(runs) == 2 and all(r.name.endswith("-" + record["id"]) for r in runs), runs  # one run, twice
+    # one wandb run, written twice (a second start within the same second gets a "-1" folder, same run id)
+    assert len(runs) == 2 and all([f.name for f in r.glob("*.wandb")] == [f"run-{record['id']}.wandb"]
+                                  for r in runs), [list(r.iterdir()) for r in runs]
     logged = (runs[0] / "logs" / "debug.log").read_text()  # what wandb.init received as the run config
     assert "'tokenizer': {" in logged and "'schedule': {'steps': 2" in logged
     assert "'schedule': {'steps': 4" in (runs[1] / "logs" / "debug.log").read_text()
