@@ -18,7 +18,7 @@ import argparse
 import json
 import os
 import sys
-from dataclasses import replace
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import numpy as np
@@ -89,6 +89,10 @@ def parse_args(argv=None):
         sp.add_argument("--device", default="auto", choices=DEVICES, help="auto: cuda when torch sees one, else cpu")
         sp.add_argument("--wandb", default=None, choices=["online", "offline", "disabled"],
                         help="default: online with an account configured, else offline")
+        sp.add_argument("--wandb-project", default=None, help="wandb project (default: $WANDB_PROJECT, else vqgpt)")
+        sp.add_argument("--wandb-name", default=None,
+                        help=f"wandb run name (default: $WANDB_NAME, else {'tok' if stage == 'tokenizer' else 'gpt'}-"
+                             "<run directory>); --resume continues the run's own wandb run (runs/<run>/wandb.json)")
         sp.add_argument("--resume", default=None, metavar="RUN_DIR", help="continue the run saved in RUN_DIR")
         sp.add_argument("--compile", action="store_true", help="torch.compile the model")
         sp.add_argument("--workers", type=int, default=None,
@@ -409,9 +413,10 @@ def train_tokenizer(args) -> Path:
     gan_start = args.gan_start if args.gan_start is not None else args.steps // 2
     per_rank = rank_batch_size(args, d)
     bf16 = T.use_bf16(d.device, args.precision)
-    run_config = {"stage": "tokenizer", "tokenizer": config.to_dict(), "args": vars(args), "world": d.world,
-                  "params": sum(p.numel() for p in model.parameters())}
-    wb = T.init_wandb(args.wandb, "vqgpt", f"tok-{out.name}", run_config, str(out), enabled=d.main)
+    run_config = {"stage": "tokenizer", "tokenizer": config.to_dict(), "schedule": asdict(schedule(args, warmup)),
+                  "args": vars(args), "world": d.world, "params": sum(p.numel() for p in model.parameters())}
+    wb = T.init_wandb(args.wandb, args.wandb_project, args.wandb_name, run_config, str(out), enabled=d.main,
+                      resume=resume is not None, default_name=f"tok-{out.name}")
     if d.main:
         n_train = f"{train_set.n} streamed files of" if args.streaming else len(train_set)
         print(f"tokenizer: {run_config['params'] / 1e6:.2f}M params, {n_train} train / {len(held_out)} "
@@ -458,7 +463,9 @@ def train_tokenizer(args) -> Path:
             import wandb
 
             wb.log({"eval/psnr": metrics["psnr"], "eval/usage": metrics["usage"],
-                    "eval/perplexity": metrics["perplexity"], "eval/recon": wandb.Image(str(grid))}, step=done)
+                    "eval/perplexity": metrics["perplexity"],
+                    "eval/recon": wandb.Image(str(grid), caption="top: held-out images, bottom: reconstructions")},
+                   step=done)
 
     # Each step's images, decoded and flipped in loader workers, as floats in [0, 1] on the device.
     if args.streaming:
@@ -638,9 +645,6 @@ def train_gpt(args) -> Path:
     bf16 = T.use_bf16(d.device, args.precision)
     prompts = args.sample_prompts or DEFAULT_PROMPTS.get(args.data) or store.captions(rows[:8])
     trainable = trainable_summary(model)
-    run_config = {"stage": "gpt", "gpt": config.to_dict(), "args": vars(args), "world": d.world,
-                  "params": model.num_params(), "image_tokenizer": image_tok.fingerprint(), **trainable}
-    wb = T.init_wandb(args.wandb, "vqgpt", f"gpt-{out.name}", run_config, str(out), enabled=d.main)
     if d.main:
         print(f"gpt: {model.num_params() / 1e6:.2f}M params ({trainable['trainable_params'] / 1e6:.3f}M trainable), "
               f"{len(rows)} train / {len(test_codes)} held-out images, sequence {config.text_len} text + 1 + "
@@ -651,6 +655,11 @@ def train_gpt(args) -> Path:
     sampling = replace(init.sampling if init is not None else SamplingConfig(),
                        **{k: v for k, v in given.items() if v is not None})
     sampling.validate(config.image_vocab_size)
+    run_config = {"stage": "gpt", "gpt": config.to_dict(), "schedule": asdict(schedule(args, warmup)),
+                  "sampling": asdict(sampling), "args": vars(args), "world": d.world, "params": model.num_params(),
+                  "image_tokenizer": image_tok.fingerprint(), **trainable}
+    wb = T.init_wandb(args.wandb, args.wandb_project, args.wandb_name, run_config, str(out), enabled=d.main,
+                      resume=resume is not None, default_name=f"gpt-{out.name}")
 
     trained_on = {"data": args.data, "include": args.include, "exclude": args.exclude, "limit": args.limit}
 
@@ -686,10 +695,8 @@ def train_gpt(args) -> Path:
                  for cfg in (1.0, 3.0)]
         bar.write(f"step {done}: held-out {bits:.3f} bits/image token -> {paths[-1]}")
         if wb:
-            import wandb
-
             wb.log({"eval/bits_per_token": bits,
-                    **{f"samples/cfg{c:g}": wandb.Image(str(p)) for c, p in zip((1, 3), paths)}}, step=done)
+                    **{f"samples/cfg{c:g}": T.wandb_grid(p, prompts) for c, p in zip((1, 3), paths)}}, step=done)
 
     stage = T.Stage(model=model, optimizer=optimizer, batches=batches(), loss=lambda b, step: loss_fn(*b),
                     save=save, rate_name="tokens_per_s", items=lambda b: b[1].numel(), evaluate=evaluate,

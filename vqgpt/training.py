@@ -6,8 +6,10 @@ Kept as small functions so train.py reads top to bottom (nanoGPT's `get_lr`, not
 from __future__ import annotations
 
 import gc
+import json
 import math
 import os
+import secrets
 import time
 import warnings
 from contextlib import contextmanager, nullcontext
@@ -258,8 +260,16 @@ class SaveCadence:
 
 
 # --- tracking ----------------------------------------------------------------------------------------------
-def init_wandb(mode: str | None, project: str, name: str, config: dict, out_dir: str, enabled: bool = True):
-    """A wandb run, or None. With no account configured the default is offline, never a login prompt."""
+WANDB_RUN_FILE = "wandb.json"  # in the run directory: the wandb run's id and project, so --resume continues it
+
+
+def init_wandb(mode: str | None, project: str | None, name: str | None, config: dict, out_dir: str,
+               enabled: bool = True, resume: bool = False, default_name: str = "vqgpt"):
+    """A wandb run, or None. With no account configured the default is offline, never a login prompt.
+
+    project / name: the flags; unset, WANDB_PROJECT / WANDB_NAME, else "vqgpt" / `default_name`. The run's id
+    is kept in `out_dir/wandb.json`: with `resume` the stored run is continued (resume="allow", same id, same
+    project unless another is asked for), so a resumed training run is one wandb run, not two."""
     if not enabled:
         return None
     if mode is None:
@@ -271,8 +281,26 @@ def init_wandb(mode: str | None, project: str, name: str, config: dict, out_dir:
         raise ValueError(f"--wandb must be online, offline or disabled, got {mode!r}")
     import wandb
 
+    from .checkpoint import atomic_write_bytes, read_json_file
+
     os.makedirs(out_dir, exist_ok=True)
-    return wandb.init(project=project, name=name, config=config, mode=mode, dir=out_dir, reinit="finish_previous")
+    record_path = os.path.join(out_dir, WANDB_RUN_FILE)
+    stored = read_json_file(record_path, "wandb run record") if resume and os.path.exists(record_path) else {}
+    project = project or stored.get("project") or os.environ.get("WANDB_PROJECT") or "vqgpt"
+    name = name or stored.get("name") or os.environ.get("WANDB_NAME") or default_name
+    run_id = stored.get("id") if stored.get("project") == project else None
+    run = wandb.init(project=project, name=name, id=run_id or secrets.token_hex(4), resume="allow",
+                     config=config, mode=mode, dir=out_dir, reinit="finish_previous")
+    record = {"id": run.id, "project": project, "name": name}
+    atomic_write_bytes(record_path, (json.dumps(record) + "\n").encode())
+    return run
+
+
+def wandb_grid(path, prompts: list[str]):
+    """A sample grid for wandb.log, captioned with its prompts in row order (the grid's labels cut long ones)."""
+    import wandb
+
+    return wandb.Image(str(path), caption="\n".join(f"{i + 1}. {p}" for i, p in enumerate(prompts)))
 
 
 # --- the training loop -------------------------------------------------------------------------------------
