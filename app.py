@@ -27,6 +27,8 @@ from pathlib import Path
 
 import torch
 
+from vqgpt.cli import DEVICES, add_debug_flag
+
 MAX_IMAGES = 8  # images one request may ask for: the page serves many users from one model
 MAX_BATCH = 8  # requests sampled together
 EXAMPLES = 8  # training captions offered as examples
@@ -39,7 +41,9 @@ def parse_args(argv=None):
     p.add_argument("--port", type=int, default=7860, help="port to serve on (default: %(default)s)")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on; 0.0.0.0 for other machines "
                    "(default: %(default)s)")
-    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="default: %(default)s")
+    p.add_argument("--device", default="auto", choices=DEVICES, help="auto: cuda when torch sees one, else cpu "
+                   "(default: %(default)s)")
+    add_debug_flag(p)
     p.add_argument("--max-batch", type=int, default=MAX_BATCH,
                    help="requests sampled together in one batch (default: %(default)s)")
     return p.parse_args(argv)
@@ -242,31 +246,32 @@ def build_demo(pipe, ckpt: str, max_batch: int = MAX_BATCH):
 
 
 def load_pipeline(ckpt: str, device: str):
+    from vqgpt.cli import pick_device
     from vqgpt.pipeline import TextToImage
 
-    device = device if device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
-    if device == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("error: --device cuda was asked for but torch sees no CUDA device")
-    try:
-        return TextToImage.from_pretrained(ckpt, device=device)
-    except (ValueError, FileNotFoundError, OSError, RuntimeError) as e:
-        raise SystemExit(f"error: {e}") from None
+    return TextToImage.from_pretrained(ckpt, device=pick_device(device))
 
 
 def main(argv=None):
+    from vqgpt.cli import run_or_exit
+
     args = parse_args(argv)
-    if args.max_batch < 1:
-        raise SystemExit(f"error: --max-batch must be >= 1, got {args.max_batch}")
-    pipe = load_pipeline(args.ckpt, args.device)
-    os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # no calls home from a demo
-    try:
-        import gradio  # noqa: F401
-    except ImportError:
-        raise SystemExit("error: the web demo needs gradio: pip install 'vqgpt[app]'") from None
-    demo = build_demo(pipe, args.ckpt, args.max_batch)
-    print(f"serving {args.ckpt} on http://{args.host}:{args.port}", flush=True)
-    demo.queue(default_concurrency_limit=1).launch(server_name=args.host, server_port=args.port, show_error=False,
-                                                   quiet=True)
+
+    def serve():
+        if args.max_batch < 1:
+            raise ValueError(f"--max-batch must be >= 1, got {args.max_batch}")
+        pipe = load_pipeline(args.ckpt, args.device)
+        os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # no calls home from a demo
+        try:
+            import gradio  # noqa: F401
+        except ImportError:
+            raise ValueError("the web demo needs gradio: pip install 'vqgpt[app]'") from None
+        demo = build_demo(pipe, args.ckpt, args.max_batch)
+        print(f"serving {args.ckpt} on http://{args.host}:{args.port}", flush=True)
+        demo.queue(default_concurrency_limit=1).launch(server_name=args.host, server_port=args.port,
+                                                       show_error=False, quiet=True)
+
+    run_or_exit(serve, debug=args.debug, oom_hint=f"lower --max-batch (now {args.max_batch})")
 
 
 if __name__ == "__main__":

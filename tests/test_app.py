@@ -173,4 +173,5 @@ def test_concurrent_api_requests_are_batched(server):
 def test_bad_checkpoint_is_a_one_line_error(tmp_path):
     r = subprocess.run([sys.executable, "app.py", "--ckpt", str(tmp_path / "nothing")], cwd=ROOT,
                        capture_output=True, text=True, timeout=120, env={**os.environ, "OMP_NUM_THREADS": "1"})
-    assert r.returncode != 0 and "is not a TextToImage checkpoint" in r.stderr and "Traceback" not in r.stderr
+    assert r.returncode == 2 and "no text-to-image model directory" in r.stderr and "Traceback" not in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1
