@@ -768,6 +768,8 @@ def run(parser, args, argv):
         if argv or len(sys.argv) > 1:
             parser.error("unknown command; use `tokenizer`, `gpt`, or no arguments for the demo")
         tok_args = demo_args(["tokenizer"])
+        device = torch.device("cuda" if tok_args.device != "cpu" and torch.cuda.is_available() else "cpu")
+        print(f"demo: both stages train in {T.precision_choice(device, tok_args.precision)[1]}", flush=True)
         run_stage(tok_args)
         gpt_args = demo_args(["gpt", *DEMO_GPT_ARGS])
         out = run_stage(gpt_args)
