@@ -197,7 +197,7 @@ def make_optimizer(model: torch.nn.Module, lr: float, weight_decay: float) -> to
     decay = [p for p in params if p.dim() >= 2]
     no_decay = [p for p in params if p.dim() < 2]
     groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return T.adamw(groups, lr=lr, betas=(0.9, 0.95))
+    return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.95), fused=False)  # fused: no faster (bench/demo_levers.py)
 
 
 def wrap_for_training(module: torch.nn.Module, d: T.Dist, compile: bool, shard=None) -> torch.nn.Module:

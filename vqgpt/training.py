@@ -192,21 +192,6 @@ def autocast(device: torch.device, bf16: bool | None = None):
     return nullcontext()
 
 
-# --- the optimizer step ------------------------------------------------------------------------------------
-def plain_tensors(params) -> bool:
-    """Are these ordinary CPU / CUDA tensors (not FSDP2's DTensors), where the fused and foreach kernels apply?"""
-    return all(not hasattr(p, "to_local") and p.device.type in ("cpu", "cuda") for p in params)
-
-
-def adamw(groups: list[dict], lr: float, betas=(0.9, 0.95)) -> torch.optim.AdamW:
-    """AdamW, fused (one kernel for all the parameters) where they are plain tensors: on a CPU the per-tensor
-    loop's dozen small ops per parameter are a measurable part of a small model's step (bench/demo_levers.py).
-    The fused and the loop form round differently, both deterministically; a resumed run continues in the form
-    its checkpoint was saved with (the optimizer's state_dict records it)."""
-    params = [p for g in groups for p in g["params"]]
-    return torch.optim.AdamW(groups, lr=lr, betas=betas, fused=True if plain_tensors(params) else None)
-
-
 # --- numerical faults ------------------------------------------------------------------------------------
 class NonFiniteGuard:
     """Skips steps whose loss or gradient is not finite; stops the run after `limit` in a row."""
@@ -358,8 +343,6 @@ def fit(stage: Stage, sched: Schedule, *, start: int, d: Dist, guard: NonFiniteG
     clip, let the guard skip a non-finite step, write a due checkpoint once its weights proved finite
     (`SaveCadence`), update, log, evaluate."""
     cadence = SaveCadence(stage.save, sched.save_every, sched.steps, stage.model, d)
-    params = [p for p in stage.model.parameters()]
-    clip_foreach = True if plain_tensors(params) else None  # torch's default uses foreach on CUDA only
     t_last, seen, t_aside, t0 = time.time(), 0, 0.0, time.time()
     stage.model.train()
     for step, batch in zip(range(start, sched.steps), stage.batches):
@@ -373,7 +356,7 @@ def fit(stage: Stage, sched: Schedule, *, start: int, d: Dist, guard: NonFiniteG
             with autocast(d.device, bf16):
                 loss, stats = stage.loss(micro if len(micro) > 1 else micro[0], step)
             (loss / sched.grad_accum).backward()
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, sched.clip, foreach=clip_foreach)
+        grad_norm = torch.nn.utils.clip_grad_norm_(stage.model.parameters(), sched.clip)
         ok = guard.check(loss.detach(), grad_norm, step, d)
         t_mark = time.time()
         cadence.before_update(ok)
