@@ -3,6 +3,7 @@
     OMP_NUM_THREADS=2 python bench/demo_levers.py                       # both stages, 2 threads, fp32
     python bench/demo_levers.py --stage gpt --rounds 5 --steps 10 --threads 1
     ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 MKL_ENABLE_INSTRUCTIONS=AVX2 python bench/demo_levers.py
+    OMP_NUM_THREADS=1 python bench/demo_levers.py --threads 1 --steps 3 --rounds 6   # a CPU shared with other jobs
 
 The demo's own shapes: the GPT `demo` preset (dim 192, 4 layers, a 1,000-code codebook, 8x8 codes, text vocab
 1,024, --text-len tokens of text) at batch 32, the tokenizer `demo` preset (64 px) at batch 32, random batches
