@@ -1,6 +1,6 @@
 """Sample images from a trained text-to-image model: prompts in, PNGs and a labelled grid out.
 
-    python sample.py --ckpt runs/t2i --prompt "green apple" --n 4 --cfg 3 --top-k 100 --seed 0 --out apple.png
+    python sample.py --ckpt runs/t2i --prompt "green apple" --n 4 --seed 0 --out apple.png   # the model's defaults
     python sample.py --ckpt runs/t2i --prompts prompts.txt --n 2 --out samples/grid.png
     python sample.py --ckpt runs/t2i --prompt "green apple" --rerank 8 --scorer runs/lit   # best of 8 each
     python sample.py --ckpt owner/name --prompt "green apple" --cfg-scale 3 --negative-prompt "red"   # a hub repo

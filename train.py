@@ -38,9 +38,9 @@ from vqgpt.tokenizer import ImageTokenizer, TokenizerConfig, tokenizer_config
 # commands", says what they reach).
 DEMO = {
     "tokenizer": dict(data="openmoji", preset="demo", steps=1200, batch_size=32, lr=2e-3),
-    "gpt": dict(data="openmoji", preset="demo", steps=3200, batch_size=32, lr=3e-3),
+    "gpt": dict(data="openmoji", preset="demo", steps=3200, batch_size=32, lr=3e-3, eval_every=800),
     "lit": dict(data="openmoji", preset="small", steps=1500, batch_size=256, lr=1e-3),  # not part of the demo
-}
+}  # eval_every: the GPT evaluates (held-out bits, two 8 x 4 sample grids) 4 times, not 7 (bench/demo_levers.py)
 # What the demo adds to its GPT stage (README, "Recall on openmoji"). It leaves out the 1,945 skin-tone
 # variants, recolourings of other drawings, so that the model memorises 1,907 distinct drawings twice as often
 # in its 20 minutes; and it saves sampling defaults near the mode, where a model this small draws the prompted
@@ -82,7 +82,7 @@ def parse_args(argv=None):
         sp.add_argument("--clip", type=float, default=1.0, help="gradient norm clip")
         sp.add_argument("--seed", type=int, default=0, help="initial weights and data order")
         sp.add_argument("--save-every", type=int, default=500, help="steps between checkpoints")
-        sp.add_argument("--eval-every", type=int, default=500,
+        sp.add_argument("--eval-every", type=int, default=d.get("eval_every", 500),
                         help="steps between held-out evaluations and sample grids")
         sp.add_argument("--log-every", type=int, default=25, help="steps between logged losses")
         sp.add_argument("--keep", type=int, default=3, help="checkpoints to keep")
@@ -220,7 +220,7 @@ def make_optimizer(model: torch.nn.Module, lr: float, weight_decay: float) -> to
     decay = [p for p in params if p.dim() >= 2]
     no_decay = [p for p in params if p.dim() < 2]
     groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.95), fused=False)
+    return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.95), fused=False)  # fused: no faster (bench/demo_levers.py)
 
 
 def wrap_for_training(module: torch.nn.Module, d: T.Dist, compile: bool, shard=None) -> torch.nn.Module:
@@ -884,6 +884,8 @@ def run(parser, args, argv):
         if argv or len(sys.argv) > 1:
             parser.error("unknown command; use `tokenizer`, `gpt`, `lit`, or no arguments for the demo")
         tok_args = demo_args(["tokenizer"])
+        device = torch.device("cuda" if tok_args.device != "cpu" and torch.cuda.is_available() else "cpu")
+        print(f"demo: both stages train in {T.precision_choice(device, tok_args.precision)[1]}", flush=True)
         run_stage(tok_args)
         gpt_args = demo_args(["gpt", *DEMO_GPT_ARGS])
         out = run_stage(gpt_args)

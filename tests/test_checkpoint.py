@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from vqgpt.checkpoint import CheckpointError, CheckpointManager, atomic_write_bytes
-from vqgpt.training import NonFiniteGuard, autocast, cpu_has_bf16, epoch_batch, lr_at, use_bf16
+from vqgpt.training import NonFiniteGuard, autocast, cpu_has_bf16, epoch_batch, lr_at, precision_choice, use_bf16
 
 
 def _save(mgr, step, value):
@@ -109,6 +109,9 @@ def test_precision_switch():
     assert use_bf16(cpu) == cpu_has_bf16()  # auto: bf16 only where the CPU has native bf16
     with pytest.raises(ValueError, match="precision"):
         use_bf16(cpu, "fp16")
+    bf16, why = precision_choice(cpu)  # the demo's first line: the choice and its reason
+    assert why.startswith("bf16: " if bf16 else "fp32: ") and ("no native bf16" in why) == (not bf16)
+    assert precision_choice(cpu, "fp32") == (False, "fp32: asked for with --precision fp32")
     a, b = torch.randn(4, 8), torch.randn(8, 3)
     with autocast(cpu, True):
         assert (a @ b).dtype == torch.bfloat16

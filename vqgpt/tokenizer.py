@@ -299,6 +299,8 @@ class ImageTokenizer(nn.Module):
     def forward(self, images: torch.Tensor):
         """Training pass: returns (reconstruction in about [0, 1], codes (B, h, w), aux loss)."""
         self._check_images(images)
+        if images.device.type == "cpu":  # oneDNN's convolutions and their gradients run faster on channels-last
+            images = images.contiguous(memory_format=torch.channels_last)  # activations (bench/demo_levers.py)
         zq, codes, aux = self.quantize(images)
         recon = (self.decoder(zq) + 1) / 2
         return recon, codes, aux

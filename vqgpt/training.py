@@ -155,11 +155,38 @@ def cpu_has_bf16() -> bool:
 def use_bf16(device: torch.device, precision: str = "auto") -> bool:
     """precision 'bf16' | 'fp32' | 'auto': bf16 on CUDA, and on a CPU that has native bf16 (there the demo's
     GPT steps ran 1.26x and the tokenizer's 1.65x faster than in fp32); fp32 elsewhere."""
+    return precision_choice(device, precision)[0]
+
+
+def cpu_name() -> str:
+    """The CPU's model name (Linux /proc/cpuinfo; elsewhere what `platform` knows), for logs and reports."""
+    import platform
+
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "unknown CPU"
+
+
+def precision_choice(device: torch.device, precision: str = "auto") -> tuple[bool, str]:
+    """(bf16?, the reason in words): what `use_bf16` decides and why, for the line a run starts with."""
     if precision not in ("auto", "bf16", "fp32"):
         raise ValueError(f"precision must be 'auto', 'bf16' or 'fp32', got {precision!r}")
     if precision != "auto":
-        return precision == "bf16"
-    return device.type == "cuda" or (device.type == "cpu" and cpu_has_bf16())
+        return precision == "bf16", f"{precision}: asked for with --precision {precision}"
+    if device.type == "cuda":
+        return True, "bf16: a CUDA device (autocast; weights and optimizer state stay fp32)"
+    if device.type != "cpu":
+        return False, f"fp32: no bf16 autocast on {device.type}"
+    if cpu_has_bf16():
+        return True, (f"bf16: this CPU ({cpu_name()}) multiplies bf16 natively (avx512_bf16 or amx); weights and "
+                      "optimizer state stay fp32")
+    return False, (f"fp32: this CPU ({cpu_name()}) has no native bf16 (no avx512_bf16/amx in its flags), where bf16 "
+                   "would be emulated and slower")
 
 
 def autocast(device: torch.device, bf16: bool | None = None):
