@@ -614,17 +614,6 @@ def encode_splits(reported: dict, store: Path) -> dict:
 # ----------------------------------------------------------------------------------------------------
 
 
-def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def parse_only(parser, values: list[str] | None) -> list[str]:
     if not values:
         return list(SECTIONS)
@@ -714,8 +703,10 @@ def main():
 
     import torch
 
+    from vqgpt.training import cpu_name
+
     report = {"bench": "data", "device": torch.cuda.get_device_name() if args.device == "cuda" else "cpu",
-              "cpu_model": cpu_model(), "cpus": len(os.sched_getaffinity(0)),
+              "cpu_model": cpu_name(), "cpus": len(os.sched_getaffinity(0)),
               "bf16": bool(torch.cpu._is_avx512_bf16_supported()), "torch": torch.__version__,
               "date": time.strftime("%Y-%m-%d %H:%M"), "command": " ".join(["python", *sys.argv])}
     import datasets
