@@ -18,8 +18,10 @@ from vqgpt.generate import (
     logits_to_probs,
     philox4x32,
     prefill,
+    rank_keys,
     sample,
     sample_seeded,
+    top_k_ranked,
 )
 from vqgpt.model import GPT, GPTConfig
 
@@ -135,16 +137,6 @@ def test_counter_uniform_layout():
     assert torch.equal(counter_uniform(seeds, 9, idx), u.gather(1, idx))
 
 
-def test_noise_matches_the_kernels_philox():
-    """The fused sampler in vqgpt.kernels uses the same Philox stream (it keeps 24 bits where we keep 23,
-    so the uniforms agree to within the last step)."""
-    kernels = pytest.importorskip("vqgpt.kernels")
-    seeds, offs = torch.tensor([0, 12345, 2**33 + 1]), torch.arange(1000)
-    theirs = kernels.philox_uniform_reference(seeds[:, None], 4, offs[None, :])
-    ours = counter_uniform(seeds, 4, 1000)
-    torch.testing.assert_close(theirs, ours, rtol=0, atol=2**-22)
-
-
 def test_noise_is_a_function_of_seed_step_index_only():
     seeds = torch.arange(2000)
     u = counter_uniform(seeds, 0, V)
@@ -183,6 +175,24 @@ def test_top_k_1_is_greedy():
     greedy = sample(logits, SamplingConfig(temperature=0.0), noise)
     assert torch.equal(greedy, logits.argmax(-1))
     assert torch.equal(sample(logits, SamplingConfig(top_k=1, temperature=1.7), noise), greedy)
+
+
+def test_the_tie_rule_ranks_equal_values_by_lower_index():
+    """top-k keeps exactly k tokens, the lower indices of a tie across the k-th value (torch.topk over the floats
+    would keep whichever its algorithm meets first), and the ranking is value first, then index."""
+    logits = torch.tensor([[1.0, 2.0, 2.0, 2.0, 0.0, 2.0, 3.0, 2.0, -0.5, -2.0]])
+    vals, idx = top_k_ranked(logits, 3)
+    assert idx.tolist() == [[6, 1, 2]] and vals.tolist() == [[3.0, 2.0, 2.0]]
+    order = torch.sort(rank_keys(logits), descending=True).indices
+    assert order.tolist() == [[6, 1, 2, 3, 5, 7, 0, 4, 8, 9]]
+    probs = logits_to_probs(logits, 1.0, 3, 1.0)
+    assert torch.nonzero(probs[0]).flatten().tolist() == [1, 2, 6]
+    # top-p cuts a tie the same way: four equal tokens of 0.24 each; the mass before the fourth (0.72) is
+    # past 0.6, so the lower three stay
+    flat = torch.zeros(1, 10).index_fill_(1, torch.tensor([3, 4, 8, 9]), 5.0)
+    kept = torch.nonzero(logits_to_probs(flat, 1.0, None, 0.6)[0]).flatten().tolist()
+    assert kept == [3, 4, 8]
+    assert torch.nonzero(logits_to_probs(flat, 1.0, 6, 0.6)[0]).flatten().tolist() == [3, 4, 8]
 
 
 def test_generate_top_k_1_equals_temperature_0():
@@ -322,31 +332,74 @@ def test_cfg_schedules():
 
 
 def test_kernels_backend_draws_the_same_codes(monkeypatch):
-    """attn_backend="triton" routes prefill/decode attention and the fused CFG sampler through vqgpt.kernels.
-    On a CPU (no TRITON_INTERPRET) those run their PyTorch references, which must give the same codes."""
+    """attn_backend="triton" routes prefill/decode attention and the fused CFG sampler through vqgpt.kernels (on a
+    CPU: the Triton interpreter, which conftest.py turns on), and draws the PyTorch path's codes."""
     kernels = pytest.importorskip("vqgpt.kernels")
-    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    if not kernels.HAS_TRITON:
+        pytest.skip("triton is not installed")
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
     calls = []
     real_sample = kernels.cfg_sample
 
     def spy(logits, **kwargs):
-        calls.append((logits.shape[0], kwargs["cfg_scale"], kwargs["top_k"]))
+        calls.append((logits.shape[0], kwargs["top_k"]))
         return real_sample(logits, **kwargs)
 
     monkeypatch.setattr(kernels, "cfg_sample", spy)
-    model = tiny_model(n_kv_head=2)
+    model = tiny_model(n_kv_head=2, image_grid=(2, 4))  # 8 codes: the interpreter runs ~100 launches per image
     text, seeds = prompts(3), torch.tensor([5, 6, 7])
-    for cfg in [
+    for sampling in [
         SamplingConfig(cfg_scale=3.0, top_k=20, top_p=0.9),
         SamplingConfig(cfg_scale=2.0, cfg_schedule="interval", cfg_interval=4, temperature=0.8),
         SamplingConfig(cfg_scale=1.0, temperature=1.2),
     ]:
         model.config.attn_backend = "torch"
-        expected = generate(model, text, cfg, seeds)
+        expected = generate(model, text, sampling, seeds)
         model.config.attn_backend = "triton"
         calls.clear()
-        assert torch.equal(generate(model, text, cfg, seeds), expected), cfg
-        assert len(calls) == 16 and calls[0] == (6 if cfg.cfg_scale != 1 else 3, cfg.cfg_scale, cfg.top_k or 0)
+        assert torch.equal(generate(model, text, sampling, seeds), expected), sampling
+        assert len(calls) == model.config.n_image
+        assert calls[0] == (6 if sampling.cfg_scale != 1 else 3, sampling.top_k or 0)
+
+
+def test_triton_backend_off_cuda_is_a_one_line_error(monkeypatch):
+    """"triton" means Triton or an error: on a CPU without the interpreter it no longer runs PyTorch quietly."""
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    model = tiny_model()
+    model.config.attn_backend = "triton"
+    with pytest.raises(RuntimeError, match=r"^backend 'triton' needs (CUDA tensors, these are on cpu|the triton)"):
+        generate(model, prompts(1), SamplingConfig(), torch.tensor([0]))
+
+
+# Codes drawn by main (commit 71cda95, before the sampling rules were merged into one definition) on
+# tiny_model(n_kv_head=2) for prompts(2) and seeds (7, 2**40 + 3), with the noise table and per step alike.
+# Seeded sampling must keep giving exactly these images.
+PINNED_DRAWS = {
+    "cfg3-topk20": (SamplingConfig(cfg_scale=3.0, top_k=20), [
+        [61, 46, 42, 42, 42, 31, 38, 37, 20, 21, 4, 8, 20, 21, 18, 52],
+        [61, 46, 46, 42, 0, 43, 13, 1, 14, 37, 59, 12, 0, 21, 18, 15]]),
+    "cfg2-topk10-topp0.8-t0.7": (SamplingConfig(cfg_scale=2.0, top_k=10, top_p=0.8, temperature=0.7), [
+        [61, 46, 42, 42, 42, 42, 42, 0, 39, 62, 25, 7, 57, 26, 43, 46],
+        [61, 46, 42, 42, 0, 35, 1, 14, 37, 57, 26, 43, 13, 1, 14, 60]]),
+    "nocfg-topp0.9-t1.3": (SamplingConfig(cfg_scale=1.0, top_p=0.9, temperature=1.3), [
+        [61, 46, 42, 29, 3, 10, 2, 44, 38, 35, 10, 25, 53, 22, 63, 21],
+        [61, 46, 46, 42, 0, 43, 13, 1, 14, 37, 59, 12, 0, 21, 18, 30]]),
+    "interval-cfg3-topk5": (SamplingConfig(cfg_scale=3.0, cfg_schedule="interval", cfg_interval=6, top_k=5), [
+        [48, 55, 55, 55, 37, 57, 26, 0, 35, 22, 58, 36, 56, 39, 23, 49],
+        [61, 46, 42, 42, 0, 11, 30, 5, 3, 36, 35, 22, 58, 44, 30, 5]]),
+    "linear-cfg4": (SamplingConfig(cfg_scale=4.0, cfg_schedule="linear"), [
+        [61, 46, 42, 42, 48, 16, 39, 44, 51, 14, 37, 53, 22, 58, 40, 41],
+        [61, 46, 46, 42, 0, 43, 13, 1, 14, 37, 59, 12, 0, 21, 18, 15]]),
+}
+
+
+@pytest.mark.parametrize("table_max", [0, 2**17], ids=["noise-per-step", "noise-table"])
+@pytest.mark.parametrize("name", list(PINNED_DRAWS))
+def test_seeded_draws_are_those_of_before(name, table_max, monkeypatch):
+    monkeypatch.setattr(vqgpt.generate, "NOISE_TABLE_MAX", table_max)
+    sampling, expected = PINNED_DRAWS[name]
+    codes = generate(tiny_model(n_kv_head=2), prompts(2), sampling, torch.tensor([7, 2**40 + 3]))
+    assert codes.flatten(1).tolist() == expected
 
 
 # ---------------------------------------------------------------------------------------------------
