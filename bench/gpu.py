@@ -79,7 +79,7 @@ def run(cmd: list[str], timeout: float) -> dict:
 
 def versions() -> dict:
     sys.path.insert(0, str(ROOT))
-    from kernels.selfcheck import driver_version
+    from vqgpt.kernels.selfcheck import driver_version
 
     try:
         import triton

@@ -8,8 +8,8 @@ sample row:
 2. top-k on z: the k-th largest value is found exactly by a 32-step bitwise search over order-preserving
    uint32 keys of the floats (each step counts the keys >= a candidate; the count is monotone in the
    candidate, so the bits can be fixed from the most significant down). The tie rule is generate's: of the
-   tokens tied at the k-th value, the lower indices are kept, exactly k in all (`_nth_index`: a bitwise
-   search over the index bits).
+   tokens tied at the k-th value, the lower indices are kept, exactly k in all (a budget of ties, counted
+   in index order by a prefix sum).
 3. top-p (nucleus, Holtzman et al. 2020) within the top-k, on x = z / temperature: the same bitwise search
    finds the value at which the kept mass reaches top_p, and of the tokens tied there the lower indices are
    kept while the mass before them is < top_p (generate.logits_to_probs keeps a token when the mass
@@ -32,7 +32,7 @@ from functools import partial
 import torch
 
 from vqgpt.generate import TWO_POW_M23, SamplingConfig, apply_cfg, sample_seeded
-from vqgpt.model import use_triton
+from vqgpt.model import interpreting, use_triton
 
 from .attention import RCP_LN2
 from .selfcheck import passes, small_randn
@@ -81,27 +81,21 @@ if triton is not None:
         return bits.to(tl.float32, bitcast=True)
 
     @triton.jit
-    def _kept(keys, offs, thr, cut):
-        """The tokens a cut at (thr, cut) keeps: key above thr, or equal to it at an index <= cut."""
-        return (keys > thr) | ((keys == thr) & (offs <= cut))
+    def _tie_ranks(keys, thr, seen):
+        """Where keys == thr: the number of tokens tied at thr before each token (`seen` of them in earlier
+        tiles, the rest by index within this one): the tie rule's order."""
+        tied = (keys == thr).to(tl.int32)
+        return seen + tl.cumsum(tied, 0) - tied
+
+    @triton.jit
+    def _kept(keys, thr, ranks, budget):
+        """The tokens a cut at (thr, budget) keeps: key above thr, or equal to it among the first `budget` ties."""
+        return (keys > thr) | ((keys == thr) & (ranks < budget))
 
     @triton.jit
     def _weight(z, temperature, xmax):
         """exp(z / temperature - xmax): a probability up to the softmax's common denominator."""
         return tl.exp2((z / temperature - xmax) * _RCP_LN2)
-
-    @triton.jit
-    def _nth_index(hit, offs, n, INDEX_BITS: tl.constexpr):
-        """The index of the n-th (from 1) token where `hit` holds: the largest c with fewer than n hits below
-        c, fixed bit by bit from the top (the count is monotone in c); INDEX_BITS bits cover every index."""
-        c = tl.full([], 0, tl.int32)
-        bit = tl.full([], 1 << (INDEX_BITS - 1), tl.int32)
-        for _ in range(INDEX_BITS):
-            cand = c | bit
-            below = tl.sum((hit & (offs < cand)).to(tl.int32), 0)
-            c = tl.where(below < n, cand, c)
-            bit = bit >> 1
-        return c
 
     @triton.jit
     def _exp_noise(seed, step, offs):
@@ -114,30 +108,38 @@ if triton is not None:
         return -tl.log(u)
 
     @triton.jit
-    def _draw_tiled(logits_ptr, row_c, row_u, V, stride_v, cfg_scale, temperature, xmax, thr, cut, seed, step,
+    def _draw_tiled(logits_ptr, row_c, row_u, V, stride_v, cfg_scale, temperature, xmax, thr, budget, seed, step,
                     MIX: tl.constexpr, BLOCK_V: tl.constexpr):
         """The exponential race over the kept tokens, BLOCK_V tokens at a time (Philox holds 4 words a token,
         so a whole resident row of noise at once would not fit in registers); the first index wins a tie."""
         best_score = tl.full([], -1.0, tl.float32)  # below every kept token's score (>= 0)
         best = tl.zeros([], tl.int64)
+        seen = tl.zeros([], tl.int32)  # tokens tied at thr in the tiles before
         for start in range(0, V, BLOCK_V):
             offs = start + tl.arange(0, BLOCK_V)
             z = _mixed_logits(logits_ptr, row_c, row_u, offs, V, stride_v, cfg_scale, MIX)
             keys = tl.where(offs < V, _ordered_key(z), 0)
             race = _weight(z, temperature, xmax) / _exp_noise(seed, step, offs)
-            score = tl.where(_kept(keys, offs, thr, cut), race, -1.0)
+            score = tl.where(_kept(keys, thr, _tie_ranks(keys, thr, seen), budget), race, -1.0)
+            seen += tl.sum((keys == thr).to(tl.int32), 0)
             tile_best = tl.max(score, 0)
             best = tl.where(tile_best > best_score, start + tl.argmax(score, 0).to(tl.int64), best)
             best_score = tl.maximum(best_score, tile_best)
         return best
+
+    @triton.jit
+    def _top_p_ties(target, mass_above, n_tied, thr_p, temperature, xmax):
+        """How many of the n_tied kept tokens at thr_p top-p keeps: in index order, while the mass before a
+        token is < target (the mass above thr_p is already short of it, so at least one)."""
+        n_keep = tl.math.ceil((target - mass_above) / _weight(_key_value(thr_p), temperature, xmax))
+        return tl.minimum(tl.maximum(n_keep.to(tl.int32), 1), n_tied)
 
     @triton.jit(do_not_specialize=["step"])
     def _sample_resident_kernel(
         logits_ptr, seeds_ptr, step_ptr, scale_ptr, out_ptr,
         stride_row, stride_v, B, V, step, cfg_scale, temperature, top_k, top_p,
         MIX: tl.constexpr, GREEDY: tl.constexpr, TOP_K: tl.constexpr, TOP_P: tl.constexpr,
-        STEP_FROM_PTR: tl.constexpr, SCALE_FROM_PTR: tl.constexpr, INDEX_BITS: tl.constexpr,
-        BLOCK_V: tl.constexpr, DRAW_V: tl.constexpr,
+        STEP_FROM_PTR: tl.constexpr, SCALE_FROM_PTR: tl.constexpr, BLOCK_V: tl.constexpr, DRAW_V: tl.constexpr,
     ):
         row = tl.program_id(0).to(tl.int64)
         row_c = row * stride_row
@@ -150,12 +152,12 @@ if triton is not None:
             tl.store(out_ptr + row, tl.argmax(z, 0).to(tl.int64))
         else:
             # Only the keys stay live through the searches (z is recovered from them bit-exactly) and "kept"
-            # is always a cut (thr, cut), so 32 values a thread fit the register budget of 16 warps at
+            # is always a cut (thr, budget), so 32 values a thread fit the register budget of 16 warps at
             # V = 16384 (tests/test_aot.py checks the spills on sm_80 and sm_90).
             keys = tl.where(offs < V, _ordered_key(z), 0)  # 0 is below every real float's key
             xmax = _key_value(tl.max(keys, 0)) / temperature
             thr = tl.full([], 1, tl.uint32)  # keys of real logits are >= 1, the padding's are 0
-            cut = tl.full([], BLOCK_V, tl.int32)  # every token at thr is kept
+            budget = tl.full([], BLOCK_V, tl.int32)  # every token at thr is kept
             if TOP_K:
                 thr = tl.full([], 0, tl.uint32)
                 bit = tl.full([], _SIGN_BIT, tl.uint32)
@@ -164,11 +166,9 @@ if triton is not None:
                     n_ge = tl.sum((keys >= cand).to(tl.int32), 0)
                     thr = tl.where(n_ge >= top_k, cand, thr)
                     bit = bit >> 1
-                n_above = tl.sum((keys > thr).to(tl.int32), 0)
-                if n_above + tl.sum((keys == thr).to(tl.int32), 0) > top_k:  # a tie across the k-th value
-                    cut = _nth_index(keys == thr, offs, top_k - n_above, INDEX_BITS)
+                budget = top_k - tl.sum((keys > thr).to(tl.int32), 0)  # of a tie at the k-th value: the lowest
             if TOP_P:
-                kept = _kept(keys, offs, thr, cut)
+                kept = _kept(keys, thr, _tie_ranks(keys, thr, 0), budget)
                 w = tl.where(kept, _weight(_key_value(keys), temperature, xmax), 0.0)  # unnormalized
                 target = top_p * tl.sum(w, 0)
                 thr_p = tl.full([], 0, tl.uint32)
@@ -178,66 +178,50 @@ if triton is not None:
                     mass = tl.sum(tl.where(keys >= cand, w, 0.0), 0)
                     thr_p = tl.where(mass >= target, cand, thr_p)
                     bit = bit >> 1
-                # Of the kept tokens tied at thr_p (>= thr), the lower indices stay while the mass before is short
+                # thr_p (>= thr) is the key of a kept token of weight > 0 (where the mass steps), so w > 0 tells
+                # the kept ones of its ties: no mask of the kept set stays live through the search (registers).
+                # Kept ties at thr_p are the first ones by index, so a budget over all its ties cuts them.
                 mass_above = tl.sum(tl.where(keys > thr_p, w, 0.0), 0)
-                n_tied = tl.sum(((keys == thr_p) & kept).to(tl.int32), 0)
-                n_keep = tl.math.ceil((target - mass_above) / _weight(_key_value(thr_p), temperature, xmax))
-                n_keep = tl.minimum(tl.maximum(n_keep.to(tl.int32), 1), n_tied)
-                cut = tl.where(thr_p == thr, cut, BLOCK_V)
-                if n_keep < n_tied:
-                    cut = _nth_index(keys == thr_p, offs, n_keep, INDEX_BITS)
+                n_tied = tl.sum(((keys == thr_p) & (w > 0)).to(tl.int32), 0)
+                budget = _top_p_ties(target, mass_above, n_tied, thr_p, temperature, xmax)
                 thr = thr_p
             if STEP_FROM_PTR:
                 step = tl.load(step_ptr)
             seed = tl.load(seeds_ptr + row)
             # the row is in L2 now: one more pass over it, DRAW_V tokens at a time
-            best = _draw_tiled(logits_ptr, row_c, row_u, V, stride_v, cfg_scale, temperature, xmax, thr, cut,
+            best = _draw_tiled(logits_ptr, row_c, row_u, V, stride_v, cfg_scale, temperature, xmax, thr, budget,
                                seed, step, MIX, DRAW_V)
             tl.store(out_ptr + row, best)
 
     @triton.jit
-    def _row_sum_tiled(logits_ptr, row_c, row_u, V, stride_v, cfg_scale, temperature, xmax, thr, cut, key, index,
-                       MIX: tl.constexpr, WHAT: tl.constexpr, BLOCK_V: tl.constexpr):
-        """A sum over the whole row, tile by tile. WHAT: 0 counts the keys >= key; 1 the tokens whose key is
-        `key` at an index < `index`; 2 is the mass of the tokens kept by (thr, cut) whose key is >= key; 3
-        counts the kept tokens whose key is `key`. Counts are exact in fp32 (far below 2^24)."""
+    def _row_sum_tiled(logits_ptr, row_c, row_u, V, stride_v, cfg_scale, temperature, xmax, thr, budget, key,
+                       WHAT: tl.constexpr, MIX: tl.constexpr, BLOCK_V: tl.constexpr):
+        """A sum over the whole row, tile by tile. WHAT: 0 counts the keys >= key; 1 is the mass of the tokens
+        kept by (thr, budget) whose key is >= key; 2 counts the kept tokens whose key is `key`. Counts are
+        exact in fp32 (far below 2^24)."""
         total = tl.zeros([], tl.float32)
+        seen = tl.zeros([], tl.int32)  # tokens tied at thr in the tiles before
         for start in range(0, V, BLOCK_V):
             offs = start + tl.arange(0, BLOCK_V)
             z = _mixed_logits(logits_ptr, row_c, row_u, offs, V, stride_v, cfg_scale, MIX)
             keys = tl.where(offs < V, _ordered_key(z), 0)
             if WHAT == 0:
                 total += tl.sum((keys >= key).to(tl.float32), 0)
-            elif WHAT == 1:
-                total += tl.sum(((keys == key) & (offs < index)).to(tl.float32), 0)
-            elif WHAT == 2:
-                w = _weight(z, temperature, xmax)
-                total += tl.sum(tl.where(_kept(keys, offs, thr, cut) & (keys >= key), w, 0.0), 0)
             else:
-                total += tl.sum((_kept(keys, offs, thr, cut) & (keys == key)).to(tl.float32), 0)
+                kept = _kept(keys, thr, _tie_ranks(keys, thr, seen), budget)
+                seen += tl.sum((keys == thr).to(tl.int32), 0)
+                if WHAT == 1:
+                    total += tl.sum(tl.where(kept & (keys >= key), _weight(z, temperature, xmax), 0.0), 0)
+                else:
+                    total += tl.sum((kept & (keys == key)).to(tl.float32), 0)
         return total
-
-    @triton.jit
-    def _nth_index_tiled(logits_ptr, row_c, row_u, V, stride_v, cfg_scale, key, n,
-                         MIX: tl.constexpr, INDEX_BITS: tl.constexpr, BLOCK_V: tl.constexpr):
-        """_nth_index over the tokens whose key is `key`, counting over the whole row at every bit."""
-        c = tl.full([], 0, tl.int32)
-        bit = tl.full([], 1 << (INDEX_BITS - 1), tl.int32)
-        for _ in range(INDEX_BITS):
-            cand = c | bit
-            below = _row_sum_tiled(logits_ptr, row_c, row_u, V, stride_v, cfg_scale, 1.0, 0.0, key, 0, key, cand,
-                                   MIX, 1, BLOCK_V)
-            c = tl.where(below < n, cand, c)
-            bit = bit >> 1
-        return c
 
     @triton.jit(do_not_specialize=["step"])
     def _sample_tiled_kernel(
         logits_ptr, seeds_ptr, step_ptr, scale_ptr, out_ptr,
         stride_row, stride_v, B, V, step, cfg_scale, temperature, top_k, top_p,
         MIX: tl.constexpr, GREEDY: tl.constexpr, TOP_K: tl.constexpr, TOP_P: tl.constexpr,
-        STEP_FROM_PTR: tl.constexpr, SCALE_FROM_PTR: tl.constexpr, INDEX_BITS: tl.constexpr,
-        BLOCK_V: tl.constexpr,
+        STEP_FROM_PTR: tl.constexpr, SCALE_FROM_PTR: tl.constexpr, BLOCK_V: tl.constexpr,
     ):
         """The same algorithm as _sample_resident_kernel for rows too long for registers: every pass
         re-reads the row tile by tile (from L2 after the first pass) and recomputes z."""
@@ -259,48 +243,39 @@ if triton is not None:
         else:
             xmax = zmax / temperature
             thr = tl.full([], 0, tl.uint32)
-            cut = tl.zeros([], tl.int32) + V  # every token at thr is kept
+            budget = tl.zeros([], tl.int32) + V  # every token at thr is kept
             if TOP_K:
                 bit = tl.full([], _SIGN_BIT, tl.uint32)
                 for _ in range(32):
                     cand = thr | bit
                     n_ge = _row_sum_tiled(logits_ptr, row_c, row_u, V, stride_v, cfg_scale, temperature, xmax,
-                                          thr, cut, cand, 0, MIX, 0, BLOCK_V)
+                                          thr, budget, cand, 0, MIX, BLOCK_V)
                     thr = tl.where(n_ge >= top_k, cand, thr)
                     bit = bit >> 1
-                n_ge = _row_sum_tiled(logits_ptr, row_c, row_u, V, stride_v, cfg_scale, temperature, xmax,
-                                      thr, cut, thr, 0, MIX, 0, BLOCK_V).to(tl.int32)
                 n_above = _row_sum_tiled(logits_ptr, row_c, row_u, V, stride_v, cfg_scale, temperature, xmax,
-                                         thr, cut, thr + 1, 0, MIX, 0, BLOCK_V).to(tl.int32)
-                if n_ge > top_k:  # a tie across the k-th value: the lower indices are kept
-                    cut = _nth_index_tiled(logits_ptr, row_c, row_u, V, stride_v, cfg_scale, thr, top_k - n_above,
-                                           MIX, INDEX_BITS, BLOCK_V)
+                                         thr, budget, thr + 1, 0, MIX, BLOCK_V)
+                budget = top_k - n_above.to(tl.int32)
             if TOP_P:
                 target = top_p * _row_sum_tiled(logits_ptr, row_c, row_u, V, stride_v, cfg_scale, temperature, xmax,
-                                                thr, cut, thr, 0, MIX, 2, BLOCK_V)
+                                                thr, budget, thr, 1, MIX, BLOCK_V)
                 thr_p = tl.full([], 0, tl.uint32)  # ends >= thr: the mass at or above thr is the total
                 bit = tl.full([], _SIGN_BIT, tl.uint32)
                 for _ in range(32):
                     cand = thr_p | bit
                     mass = _row_sum_tiled(logits_ptr, row_c, row_u, V, stride_v, cfg_scale, temperature, xmax,
-                                          thr, cut, cand, 0, MIX, 2, BLOCK_V)
+                                          thr, budget, cand, 1, MIX, BLOCK_V)
                     thr_p = tl.where(mass >= target, cand, thr_p)
                     bit = bit >> 1
                 mass_above = _row_sum_tiled(logits_ptr, row_c, row_u, V, stride_v, cfg_scale, temperature, xmax,
-                                            thr, cut, thr_p + 1, 0, MIX, 2, BLOCK_V)
+                                            thr, budget, thr_p + 1, 1, MIX, BLOCK_V)
                 n_tied = _row_sum_tiled(logits_ptr, row_c, row_u, V, stride_v, cfg_scale, temperature, xmax,
-                                        thr, cut, thr_p, 0, MIX, 3, BLOCK_V).to(tl.int32)
-                n_keep = tl.math.ceil((target - mass_above) / _weight(_key_value(thr_p), temperature, xmax))
-                n_keep = tl.minimum(tl.maximum(n_keep.to(tl.int32), 1), n_tied)
-                cut = tl.where(thr_p == thr, cut, V)
-                if n_keep < n_tied:
-                    cut = _nth_index_tiled(logits_ptr, row_c, row_u, V, stride_v, cfg_scale, thr_p, n_keep,
-                                           MIX, INDEX_BITS, BLOCK_V)
+                                        thr, budget, thr_p, 2, MIX, BLOCK_V)
+                budget = _top_p_ties(target, mass_above, n_tied.to(tl.int32), thr_p, temperature, xmax)
                 thr = thr_p
             if STEP_FROM_PTR:
                 step = tl.load(step_ptr)
             seed = tl.load(seeds_ptr + row)
-            best = _draw_tiled(logits_ptr, row_c, row_u, V, stride_v, cfg_scale, temperature, xmax, thr, cut,
+            best = _draw_tiled(logits_ptr, row_c, row_u, V, stride_v, cfg_scale, temperature, xmax, thr, budget,
                                seed, step, MIX, BLOCK_V)
             tl.store(out_ptr + row, best)
 
@@ -365,8 +340,9 @@ def cfg_sample_reference(
 
 def _self_check(device, dtype, V: int, mix: bool, temperature: float, top_k: int, top_p: float,
                 step_on_device: bool, scale_on_device: bool) -> None:
-    """The kernel draws the reference's tokens for 8 rows of fixed logits (see kernels/selfcheck.py)."""
-    B = 8
+    """The kernel draws the reference's tokens for 8 rows of fixed logits, 2 on the interpreter, which runs the
+    programs one after another (see kernels/selfcheck.py)."""
+    B = 2 if interpreting() else 8
     logits = small_randn(2 * B if mix else B, V, dtype=torch.float32, device=device, seed=6).mul(3).to(dtype)
     seeds = torch.arange(B, device=device, dtype=torch.int64) * 1_000_003
     step = torch.tensor(5, device=device) if step_on_device else 5
@@ -384,12 +360,10 @@ def _self_check(device, dtype, V: int, mix: bool, temperature: float, top_k: int
 def _sample_launch_config(V: int) -> tuple:
     """(kernel, meta-parameters) for a row of V tokens: resident rows hold 32 values a thread per live array
     (up to 16 warps), longer rows stream TILE_V tiles with 4 warps."""
-    index_bits = max(1, (V - 1).bit_length())  # enough bits for every vocab index (the tie searches)
     if V > MAX_RESIDENT_V:
-        return _sample_tiled_kernel, dict(BLOCK_V=TILE_V, INDEX_BITS=index_bits,
-                                          num_warps=max(1, min(16, TILE_V // 1024)))
+        return _sample_tiled_kernel, dict(BLOCK_V=TILE_V, num_warps=max(1, min(16, TILE_V // 1024)))
     block_v = triton.next_power_of_2(V)
-    return _sample_resident_kernel, dict(BLOCK_V=block_v, DRAW_V=min(block_v, DRAW_TILE), INDEX_BITS=index_bits,
+    return _sample_resident_kernel, dict(BLOCK_V=block_v, DRAW_V=min(block_v, DRAW_TILE),
                                          num_warps=max(1, min(16, block_v // 1024)))
 
 
