@@ -56,9 +56,9 @@ def prefill_configs(dtype: torch.dtype, head_dim: int, T: int) -> list[tuple[int
     out = []
     for bm, bn, warps, stages in PREFILL_CONFIGS[prefill_config_class(dtype, head_dim)]:
         bm = min(bm, cap)
-        cfg = (bm, min(bn, bm), warps, stages)
-        if cfg not in out:
-            out.append(cfg)
+        config = (bm, min(bn, bm), warps, stages)
+        if config not in out:
+            out.append(config)
     return out
 
 

@@ -291,7 +291,7 @@ def sample_seeded(
 # The decode loop
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class Sampler:
     """How one `generate` call draws each image code: built once per call (`Sampler.build`), then called
     as sampler(logits, step) with the step as a 0-d device tensor, so that a step has no host sync."""
