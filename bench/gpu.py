@@ -79,7 +79,7 @@ def run(cmd: list[str], timeout: float) -> dict:
 
 def versions() -> dict:
     sys.path.insert(0, str(ROOT))
-    from kernels.selfcheck import driver_version
+    from vqgpt.kernels.selfcheck import driver_version
 
     try:
         import triton
@@ -164,11 +164,11 @@ def train() -> dict:
         r["ok"] = False
         return r
     cost = json.loads(cost[-1])
-    cfg = json.loads((out_dir / "train" / "config.json").read_text())["gpt"]
-    grid = cfg["image_grid"]
-    T = cfg["text_len"] + 1 + grid[0] * grid[1]  # the tokens of one training row
+    gpt_config = json.loads((out_dir / "train" / "config.json").read_text())["gpt"]
+    grid = gpt_config["image_grid"]
+    T = gpt_config["text_len"] + 1 + grid[0] * grid[1]  # the tokens of one training row
     tokens_per_s = batch * T / (cost["step_ms"] / 1e3)
-    flops_per_token = 6 * cost["total_params"] + 12 * cfg["n_layer"] * cfg["dim"] * T
+    flops_per_token = 6 * cost["total_params"] + 12 * gpt_config["n_layer"] * gpt_config["dim"] * T
     name = torch.cuda.get_device_name() if torch.cuda.is_available() else ""
     peak = next((v for k, v in PEAK_BF16_FLOPS.items() if k in name), None)
     r["json"] = {**cost, "preset": preset, "steps": steps, "batch": batch, "seq_len": T, "tokenizer": which,

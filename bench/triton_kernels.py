@@ -31,11 +31,10 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-try:
+try:  # kernels/ installs as vqgpt.kernels (`pip install -e .`); there is no top-level `kernels` to fall back to
     from vqgpt import kernels
-except ImportError:  # a checkout without `pip install -e .`
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    import kernels
+except ImportError as err:
+    sys.exit(f"bench/triton_kernels.py needs vqgpt.kernels ({err}): pip install -e . in this checkout")
 
 parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
 parser.add_argument("--device", default="cuda", choices=["cuda", "cpu"])

@@ -12,10 +12,11 @@ Forward only: sampling never needs a backward.
 from __future__ import annotations
 
 import math
-import os
 from functools import partial
 
 import torch
+
+from vqgpt.model import interpreting, use_triton
 
 from .selfcheck import CHECK_TOLS, assert_matches, passes, small_randn
 
@@ -26,30 +27,6 @@ except ImportError:  # CPU-only installs: every public function falls back to it
     triton = None
 
 RCP_LN2 = 1.4426950408889634  # 1 / ln(2): exp(x) == exp2(x * RCP_LN2)
-_BACKENDS = ("auto", "triton", "torch")
-
-
-def interpreting() -> bool:
-    """True when TRITON_INTERPRET asks Triton to run kernels on the CPU interpreter (used by the tests)."""
-    return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
-
-
-def use_triton(backend: str, *tensors: torch.Tensor) -> bool:
-    """Resolve `backend` ("auto", "triton" or "torch") to whether the Triton kernel runs on `tensors`."""
-    if backend not in _BACKENDS:
-        raise ValueError(f"unknown backend {backend!r}; choose one of {list(_BACKENDS)}")
-    if backend == "torch":
-        return False
-    on_cuda = all(t.is_cuda for t in tensors)
-    if triton is not None and (on_cuda or interpreting()):
-        return True
-    if backend == "triton":
-        why = "triton is not installed" if triton is None else "the tensors are not on a CUDA device"
-        raise RuntimeError(
-            f"backend='triton' cannot run: {why}; use backend='torch' (or 'auto'), "
-            "or set TRITON_INTERPRET=1 before importing triton to run the kernels on the CPU interpreter"
-        )
-    return False
 
 
 # Prefill tile configs, autotuned per (T, head dim, dtype) as in Triton's fused-attention tutorial, but a short
@@ -79,9 +56,9 @@ def prefill_configs(dtype: torch.dtype, head_dim: int, T: int) -> list[tuple[int
     out = []
     for bm, bn, warps, stages in PREFILL_CONFIGS[prefill_config_class(dtype, head_dim)]:
         bm = min(bm, cap)
-        cfg = (bm, min(bn, bm), warps, stages)
-        if cfg not in out:
-            out.append(cfg)
+        config = (bm, min(bn, bm), warps, stages)
+        if config not in out:
+            out.append(config)
     return out
 
 
@@ -96,6 +73,24 @@ if triton is not None:
         triton.Config(dict(BLOCK_M=bm, BLOCK_N=bn), num_warps=w, num_stages=st)
         for configs in PREFILL_CONFIGS.values() for bm, bn, w, st in configs
     ]
+
+    @triton.jit
+    def online_softmax_update(acc, l_i, m_i, qk, qk_scale, v, INPUT_PRECISION: tl.constexpr):
+        """Fold one tile into a running softmax-weighted sum (Milakov & Gimelshein 2018), for both attention
+        kernels: raw scores qk (ROWS, BLOCK_N), -inf where masked, times qk_scale (which carries 1/ln 2, so
+        the exponentials are exp2), and values v (BLOCK_N, BLOCK_D) -> the new (acc, l_i, m_i): the unnormalized
+        output (ROWS, BLOCK_D), its normalizer and the running max (ROWS,), in log2 units.
+
+        Every row must have met a live key by this tile or an earlier one (m_new finite: exp2(-inf - m_new)
+        is 0, never NaN); a row that has not yet stays at acc = 0, l_i = 0 if its scores are all -inf.
+        """
+        m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
+        p = tl.exp2(qk * qk_scale - m_new[:, None])
+        alpha = tl.exp2(m_i - m_new)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None]
+        acc = tl.dot(p.to(v.dtype), v, acc, input_precision=INPUT_PRECISION)
+        return acc, l_i, m_new
 
     @triton.jit
     def _attn_fwd_inner(
@@ -125,17 +120,11 @@ if triton is not None:
                 if CAUSAL:
                     valid = valid & (offs_m[:, None] >= offs_n[None, :])
                 qk = tl.where(valid, qk, float("-inf"))
-            # Every row meets at least one live key by the time it reaches here (key 0 is in the first
-            # tile and is never masked), so m_new is finite and exp2(-inf - m_new) == 0 is safe.
-            m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
-            p = tl.exp2(qk * qk_scale - m_new[:, None])
-            alpha = tl.exp2(m_i - m_new)
-            l_i = l_i * alpha + tl.sum(p, 1)
             v = tl.load(v_base + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd,
                         mask=kv_mask, other=0.0)  # (BLOCK_N, BLOCK_D)
-            acc = acc * alpha[:, None]
-            acc = tl.dot(p.to(v.dtype), v, acc, input_precision=INPUT_PRECISION)
-            m_i = m_new
+            # Every row meets at least one live key by the time it reaches here (key 0 is in the first
+            # tile and is never masked), so the running max is finite.
+            acc, l_i, m_i = online_softmax_update(acc, l_i, m_i, qk, qk_scale, v, INPUT_PRECISION)
         return acc, l_i, m_i
 
     @triton.jit

@@ -19,7 +19,9 @@ import math
 
 import torch
 
-from .attention import RCP_LN2, interpreting, use_triton
+from vqgpt.model import interpreting, use_triton
+
+from .attention import RCP_LN2
 from .selfcheck import CHECK_TOLS, assert_matches, passes, small_randn
 
 try:
@@ -29,6 +31,7 @@ except ImportError:
     triton = None
 
 if triton is not None:
+    from .attention import online_softmax_update
 
     @triton.jit
     def _decode_split_kernel(
@@ -76,17 +79,11 @@ if triton is not None:
             k = tl.load(k_base + offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kd,
                         mask=kv_mask, other=0.0)  # (BLOCK_N, BLOCK_D)
             qk = tl.dot(q, tl.trans(k), input_precision=INPUT_PRECISION)  # (BLOCK_H, BLOCK_N)
-            qk = tl.where(n_ok[None, :], qk * qk_scale, float("-inf"))
-            # The first position of every tile is live, so m_new is finite and no NaN can form.
-            m_new = tl.maximum(m_i, tl.max(qk, 1))
-            p = tl.exp2(qk - m_new[:, None])
-            alpha = tl.exp2(m_i - m_new)
-            l_i = l_i * alpha + tl.sum(p, 1)
+            qk = tl.where(n_ok[None, :], qk, float("-inf"))
             v = tl.load(v_base + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd,
                         mask=kv_mask, other=0.0)  # (BLOCK_N, BLOCK_D)
-            acc = acc * alpha[:, None]
-            acc = tl.dot(p.to(v.dtype), v, acc, input_precision=INPUT_PRECISION)
-            m_i = m_new
+            # The first position of every tile is live, so the running max is finite and no NaN can form.
+            acc, l_i, m_i = online_softmax_update(acc, l_i, m_i, qk, qk_scale, v, INPUT_PRECISION)
 
         live = l_i > 0  # false for an empty split (and for every split of a row with cache_len == 0)
         l_safe = tl.where(live, l_i, 1.0)

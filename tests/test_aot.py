@@ -184,9 +184,10 @@ def compile_all(arch: int) -> list[dict]:
     for v, dtype in SAMPLE_CASES:
         logits = torch.empty(64, v, dtype=dt[dtype])
         seeds, step = torch.zeros(32, dtype=torch.int64), torch.zeros((), dtype=torch.int64)
+        scale = torch.full((1,), 3.0)  # on the device, as generate passes its guidance schedule
         top_k = min(1000, v // 10)
         run(dict(case_id=f"sample-v{v}-{dtype}", kind="sample", vocab=v, dtype=dtype),
-            partial(sampling._cfg_sample_triton, logits, seeds, step, 32, True, 3.0, 1.0, top_k, 0.95))
+            partial(sampling._cfg_sample_triton, logits, seeds, step, scale, 1.0, top_k, 0.95, B=32, mix=True))
     return records
 
 

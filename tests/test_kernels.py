@@ -2,9 +2,9 @@
 
 Without a GPU the kernels run on the Triton interpreter (TRITON_INTERPRET=1, set below before triton is
 imported) at small sizes; with one, the same tests run natively, plus bigger sizes and bf16 (which the
-interpreter computes wrongly). Sampling is checked exactly (the kernel and the reference share their
-counter-based noise, so they draw the same tokens) and statistically (with fixed seeds, so the frequency
-tests are deterministic: they cannot flake).
+interpreter computes wrongly). Sampling is checked exactly against the one definition of the rules,
+vqgpt.generate (the reference calls it: same counter-based noise, same tie rule, so the same tokens), and
+statistically (with fixed seeds, so the frequency tests are deterministic: they cannot flake).
 """
 
 import importlib
@@ -19,12 +19,11 @@ if not ON_GPU:
     os.environ.setdefault("TRITON_INTERPRET", "1")  # must precede the first `import triton`
 DEVICE = "cuda" if ON_GPU else "cpu"
 
-try:
-    import vqgpt.kernels as K
-except ImportError:  # a checkout without `pip install -e .`, run from the repo root
-    import kernels as K
+import vqgpt.generate  # noqa: E402 (after TRITON_INTERPRET, which must precede the first `import triton`)
+import vqgpt.kernels as K  # noqa: E402
+import vqgpt.model  # noqa: E402
 
-sampling_module = importlib.import_module(f"{K.__name__}.sampling")
+sampling_module = importlib.import_module("vqgpt.kernels.sampling")
 
 
 def _triton_runnable() -> str | None:
@@ -150,6 +149,21 @@ def test_attention_reference_matches_sdpa():
     assert_close(ref, sdpa, 1e-5, 1e-5, "attention_reference vs SDPA")
 
 
+def test_backend_switch(monkeypatch):
+    """"auto" is Triton on CUDA only (the reference here); "triton" runs Triton or says in one line why not."""
+    q, k, v, _ = _attn_inputs((1, 2, 1, 5, 5, 16, True), torch.float32)
+    if not ON_GPU:
+        launches = []
+        monkeypatch.setattr(attention_module, "_attention_triton", lambda *a: launches.append(a))
+        assert torch.equal(K.attention(q, k, v), K.attention_reference(q, k, v)) and not launches
+        monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+        with pytest.raises(RuntimeError, match=r"^backend 'triton' needs CUDA tensors, these are on cpu; use"):
+            K.attention(q, k, v, backend="triton")
+    monkeypatch.setattr(vqgpt.model, "triton_installed", lambda: False)
+    with pytest.raises(RuntimeError, match=r"^backend 'triton' needs the triton package"):
+        K.cfg_sample(_logits(2, 10), cfg_scale=2.0, temperature=1.0, top_k=3, seeds=_seeds(2), step=0, backend="triton")
+
+
 def test_attention_argument_errors():
     q, k, v, _ = _attn_inputs((1, 3, 2, 4, 4, 16, True), torch.float32)
     with pytest.raises(ValueError, match="multiple of KV heads"):
@@ -258,17 +272,55 @@ def test_cfg_sample_matches_reference(cfg_scale, temperature, top_k, top_p):
 
 @needs_triton
 @pytest.mark.parametrize("dtype", [torch.float16, pytest.param(torch.bfloat16, marks=gpu_only)])
-def test_cfg_sample_keeps_all_ties_at_the_kth_value(dtype):
-    """Half-precision logits repeat values (here forced: a 1/4 grid), so the k-th value is often tied:
-    every tied token is kept, by the kernel and the reference alike."""
+def test_cfg_sample_breaks_ties_at_the_kth_value_like_generate(dtype):
+    """Half-precision logits repeat values (here forced: a 1/4 grid), so the k-th value is often tied: like
+    vqgpt.generate, the kernel keeps exactly k tokens, the lower indices of the tie."""
     B, V, k = (32, 16384, 1000) if ON_GPU else (4, 200, 50)
     logits = (_logits(B, V, seed=2) * 4).round().div(4).to(dtype)
     c = logits[:B].float()
     assert ((c >= c.topk(k, dim=-1).values[:, -1:]).sum(-1) > k).any(), "no tie at the k-th value: no test"
-    kw = dict(cfg_scale=1.0, temperature=1.0, top_k=k, seeds=_seeds(B, 5), step=3)
-    out = K.cfg_sample(logits, backend="triton", **kw)
-    ref = K.cfg_sample_reference(logits, **kw)
-    assert torch.equal(out, ref), f"rows {torch.nonzero(out != ref).flatten().tolist()} differ"
+    for top_p in (1.0, 0.3):  # 0.3: a top-p cut inside the ties as well
+        kw = dict(cfg_scale=1.0, temperature=3.0, top_k=k, top_p=top_p, seeds=_seeds(B, 5), step=3)
+        out = K.cfg_sample(logits, backend="triton", **kw)
+        ref = K.cfg_sample_reference(logits, **kw)
+        assert torch.equal(out, ref), f"top_p {top_p}: rows {torch.nonzero(out != ref).flatten().tolist()} differ"
+    # many draws of one tied row never leave generate's top-k set
+    n = 256 if ON_GPU else 32
+    row = logits[:1].expand(n, V).contiguous()
+    allowed = set(vqgpt.generate.top_k_ranked(row[:1].float(), k)[1].flatten().tolist())
+    drawn = K.cfg_sample(row, cfg_scale=1.0, temperature=50.0, top_k=k, seeds=_seeds(n), step=0, backend="triton")
+    assert set(drawn.tolist()) <= allowed, f"drew tokens outside generate's top-{k}: {set(drawn.tolist()) - allowed}"
+
+
+@needs_triton
+def test_cfg_sample_noise_is_generate_counter_uniform():
+    """Equal logits (all tied): the draw is the token of the smallest Exp(1) noise, i.e. of the largest uniform
+    of vqgpt.generate.counter_uniform, among all V tokens, or among the k lowest indices under top-k."""
+    B, V = (64, 4096) if ON_GPU else (8, 96)
+    logits = torch.zeros(B, V, device=DEVICE)
+    seeds = torch.tensor([0, 1, 2**40 + 5, -3, 17, 2**33, 123456789, 5][:B] + list(range(8, B)), device=DEVICE)
+    for step, top_k in ((0, 0), (7, 0), (2**33 + 1, 0), (4, 10)):
+        u = vqgpt.generate.counter_uniform(seeds.cpu(), step, V)
+        expected = (u[:, :top_k] if top_k else u).argmax(-1)
+        out = K.cfg_sample(logits, cfg_scale=1.0, temperature=1.0, top_k=top_k, seeds=seeds, step=step,
+                           backend="triton")
+        assert torch.equal(out.cpu(), expected), f"step {step}, top_k {top_k}: {out.tolist()} vs {expected.tolist()}"
+
+
+@needs_triton
+@pytest.mark.parametrize("scale", [1.0, 2.5])
+def test_cfg_sample_scale_on_the_device(scale):
+    """A one-element device tensor scale (generate's guidance schedule, CUDA-graph friendly) mixes even at 1,
+    as generate's PyTorch path does, and draws the reference's tokens."""
+    B, V = (64, 16384) if ON_GPU else (4, 100)
+    logits = _logits(B, V, seed=13)
+    scale_t = torch.full((1,), scale, device=DEVICE)
+    for kw in (dict(temperature=1.0, top_k=10), dict(temperature=0.8, top_k=0, top_p=0.7),
+               dict(temperature=0.0, top_k=0)):
+        step = torch.tensor(2, device=DEVICE)
+        out = K.cfg_sample(logits, cfg_scale=scale_t, seeds=_seeds(B), step=step, backend="triton", **kw)
+        ref = K.cfg_sample_reference(logits, cfg_scale=scale_t, seeds=_seeds(B), step=step, **kw)
+        assert torch.equal(out, ref), f"{kw}: rows {torch.nonzero(out != ref).flatten().tolist()} differ"
 
 
 @needs_triton
@@ -286,6 +338,16 @@ def test_cfg_sample_streaming_path(monkeypatch):
         out = K.cfg_sample(logits, backend="triton", seeds=_seeds(B), step=9, **kw)
         ref = K.cfg_sample_reference(logits, seeds=_seeds(B), step=9, **kw)
         assert torch.equal(out, ref), f"{kw}: kernel {out.tolist()} vs reference {ref.tolist()}"
+    B = 2
+    tied = (_logits(B, V, seed=14) * 2).round().div(2)  # mixed at scale 2: still on a 1/2 grid, full of ties
+    mixed = _mixed(tied, B, 2.0)
+    assert ((mixed >= mixed.topk(7, dim=-1).values[:, -1:]).sum(-1) > 7).any(), "no tie at the 7th value"
+    scale_on_device = torch.full((1,), 2.0, device=DEVICE)  # generate's way: read by the kernel
+    for kw in (dict(cfg_scale=2.0, top_k=7, top_p=0.5), dict(cfg_scale=scale_on_device, top_k=12, top_p=0.4)):
+        kw.update(temperature=4.0, seeds=_seeds(B, 1), step=9)
+        out = K.cfg_sample(tied, backend="triton", **kw)
+        ref = K.cfg_sample_reference(tied, **kw)
+        assert torch.equal(out, ref), f"tied logits, {kw}: kernel {out.tolist()} vs reference {ref.tolist()}"
 
 
 @gpu_only
@@ -302,36 +364,6 @@ def test_cfg_sample_large_vocab_streams():
         out = K.cfg_sample(logits, backend="triton", seeds=_seeds(B), step=17, **kw)
         ref = K.cfg_sample_reference(logits, seeds=_seeds(B), step=17, **kw)
         assert torch.equal(out, ref), f"{kw}: rows {torch.nonzero(out != ref).flatten().tolist()} differ"
-
-
-def test_philox_reference_known_answers():
-    """The torch Philox is Philox4x32-10: the known-answer vectors of Random123 (Salmon et al. 2011)."""
-    cases = [
-        ((0, 0, 0, 0), (0, 0), (0x6627E8D5, 0xE169C58D, 0xBC57AC4C, 0x9B00DBD8)),
-        ((0xFFFFFFFF,) * 4, (0xFFFFFFFF,) * 2, (0x408F276D, 0x41C83B0E, 0xA20BC7C6, 0x6D5451FD)),
-        (
-            (0x243F6A88, 0x85A308D3, 0x13198A2E, 0x03707344),
-            (0xA4093822, 0x299F31D0),
-            (0xD16CFE09, 0x94FDCCEB, 0x5001E420, 0x24126EA1),
-        ),
-    ]
-    for counter, key, expected in cases:
-        words = K.philox4x32_reference(tuple(map(torch.tensor, counter)), tuple(map(torch.tensor, key)))
-        got = tuple(int(w) for w in words)
-        assert got == expected, f"Philox({counter}, {key}) = {list(map(hex, got))}, not {list(map(hex, expected))}"
-
-
-def test_noise_is_the_one_vqgpt_generate_uses():
-    """The fused sampler and vqgpt.generate's unfused path must draw from the same counter-based noise."""
-    generate = pytest.importorskip("vqgpt.generate")
-    if not hasattr(generate, "counter_uniform"):
-        pytest.skip("vqgpt.generate has no counter_uniform")
-    seeds = torch.tensor([0, 1, 2**40 + 5, -3])
-    idx = torch.tensor([[0, 1, 16383], [5, 6, 7], [100, 2**20, 3], [9, 8, 7]])
-    for step in (0, 7, 2**33 + 1):
-        ours = K.philox_uniform_reference(seeds[:, None], step, idx)
-        theirs = generate.counter_uniform(seeds, step, idx)
-        assert torch.equal(ours, theirs), f"step {step}: {ours} vs vqgpt.generate {theirs}"
 
 
 def _mixed(logits, B, cfg_scale):
@@ -496,9 +528,9 @@ def test_kernels_never_sync_and_capture_in_a_cuda_graph():
 # ---------------------------------------------------------------------------------------------------------
 # first-use self-check and fallback (kernels/selfcheck.py), tuning heuristics
 
-selfcheck = importlib.import_module(f"{K.__name__}.selfcheck")
-attention_module = importlib.import_module(f"{K.__name__}.attention")
-decode_module = importlib.import_module(f"{K.__name__}.decode_attention")
+selfcheck = importlib.import_module("vqgpt.kernels.selfcheck")
+attention_module = importlib.import_module("vqgpt.kernels.attention")
+decode_module = importlib.import_module("vqgpt.kernels.decode_attention")
 
 
 @pytest.fixture
@@ -508,8 +540,16 @@ def fresh_checks():
     selfcheck.reset()
 
 
+@pytest.fixture
+def auto_on_the_interpreter(monkeypatch):
+    """backend="auto" runs Triton on CUDA tensors only; without a GPU, let the interpreter stand in for one, so
+    that the self-check's "auto" fallback can be tested."""
+    if not ON_GPU:
+        monkeypatch.setattr(vqgpt.model, "_on_triton_device", lambda tensors: True)
+
+
 @needs_triton
-def test_self_check_falls_back_once_on_a_wrong_kernel(fresh_checks, monkeypatch):
+def test_self_check_falls_back_once_on_a_wrong_kernel(fresh_checks, auto_on_the_interpreter, monkeypatch):
     """A prefill kernel made wrong (its exp2 scale off) fails its first-use check: "auto" warns once, naming
     the kernel, device, driver and Triton version, then serves the reference for that class; "triton" raises."""
     q, k, v, causal = _attn_inputs((1, 2, 1, 20, 20, 32, True), torch.float32)
@@ -536,7 +576,7 @@ def test_self_check_falls_back_once_on_a_wrong_kernel(fresh_checks, monkeypatch)
 
 
 @needs_triton
-def test_self_check_catches_a_kernel_that_raises(fresh_checks, monkeypatch):
+def test_self_check_catches_a_kernel_that_raises(fresh_checks, auto_on_the_interpreter, monkeypatch):
     """A decode kernel that cannot even launch (here: a Triton kernel of the wrong signature)."""
     import triton
 

@@ -46,11 +46,11 @@ def tiny_model(seed: int = 0, **overrides) -> GPT:
     return model.eval()
 
 
-def batch(B: int = 3, seed: int = 1, cfg: GPTConfig | None = None):
-    cfg = cfg or tiny_config()
+def batch(B: int = 3, seed: int = 1, config: GPTConfig | None = None):
+    config = config or tiny_config()
     g = torch.Generator().manual_seed(seed)
-    text = torch.randint(1, cfg.text_vocab_size, (B, cfg.text_len), generator=g)
-    codes = torch.randint(0, cfg.image_vocab_size, (B, *cfg.image_grid), generator=g)
+    text = torch.randint(1, config.text_vocab_size, (B, config.text_len), generator=g)
+    codes = torch.randint(0, config.image_vocab_size, (B, *config.image_grid), generator=g)
     return text, codes
 
 
@@ -78,13 +78,13 @@ def test_unknown_preset_lists_choices():
 
 
 def test_config_derived_values_and_json_roundtrip():
-    cfg = gpt_config("B", text_len=16, image_grid=[16, 16], n_kv_head=4)
-    assert cfg.image_grid == (16, 16) and cfg.n_image == 256
-    assert cfg.seq_len == 16 + 1 + 256 and cfg.image_start == 17
-    assert cfg.head_dim == 64 and cfg.ffn_hidden == 2048  # LLaMA: 8/3 * 768 = 2048
-    d = json.loads(json.dumps(cfg.to_dict()))
+    config = gpt_config("B", text_len=16, image_grid=[16, 16], n_kv_head=4)
+    assert config.image_grid == (16, 16) and config.n_image == 256
+    assert config.seq_len == 16 + 1 + 256 and config.image_start == 17
+    assert config.head_dim == 64 and config.ffn_hidden == 2048  # LLaMA: 8/3 * 768 = 2048
+    d = json.loads(json.dumps(config.to_dict()))
     assert "seq_len" not in d
-    assert GPTConfig.from_dict(d) == cfg
+    assert GPTConfig.from_dict(d) == config
     with pytest.raises(ValueError, match="unknown GPTConfig fields"):
         GPTConfig.from_dict({**d, "n_embd": 3})
 
@@ -161,9 +161,9 @@ def test_shape_errors_name_the_expected_layout():
 
 
 def test_rope_positions_layout():
-    cfg = tiny_config(text_len=5, image_grid=(2, 3))
-    pos = rope_positions(cfg)
-    assert pos.shape == (cfg.seq_len, 2)
+    config = tiny_config(text_len=5, image_grid=(2, 3))
+    pos = rope_positions(config)
+    assert pos.shape == (config.seq_len, 2)
     assert pos[:6].tolist() == [[t, t] for t in range(6)]  # text 0..4 and BOI at 5: same index on both axes
     assert pos[6:].tolist() == [[6 + r, 6 + c] for r in range(2) for c in range(3)]  # image after BOI
 
@@ -292,8 +292,8 @@ def test_state_dict_roundtrip_gives_same_logits(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps(model.config.to_dict()))
     assert not any("cache" in k or "rope" in k for k in model.state_dict())
 
-    cfg = GPTConfig.from_dict(json.loads((tmp_path / "config.json").read_text()))
-    loaded = GPT(cfg).eval()
+    config = GPTConfig.from_dict(json.loads((tmp_path / "config.json").read_text()))
+    loaded = GPT(config).eval()
     loaded.load_state_dict(torch.load(tmp_path / "model.pt", weights_only=True), strict=True)
     torch.testing.assert_close(loaded(text, codes), model(text, codes), rtol=0, atol=0)
 
@@ -342,3 +342,24 @@ def test_triton_backend_calls_kernels_with_the_agreed_signatures(monkeypatch):
     _, q_shape, cache_shape, cache_len = calls[-1]
     assert q_shape == (2, 4, 8) and cache_shape == (2, 2, model.config.seq_len, 8)
     assert cache_len.dtype == torch.long and cache_len.tolist() == [10, 10]  # text 8 + BOI + 1 code
+
+
+def test_triton_backend_is_triton_or_a_one_line_error(monkeypatch):
+    """attn_backend="triton" never falls back to PyTorch quietly: off CUDA (without the interpreter) and without
+    triton it is a one-line RuntimeError that says what to do; "auto" on a CPU stays on SDPA, importing nothing."""
+    import vqgpt.model
+
+    model = tiny_model()
+    text, codes = batch(B=2)
+    monkeypatch.setattr(vqgpt.model, "triton_installed", lambda: pytest.fail("'auto' on a CPU looked for triton"))
+    model(text, codes)
+    model.config.attn_backend = "triton"
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    monkeypatch.setattr(vqgpt.model, "triton_installed", lambda: True)
+    with pytest.raises(RuntimeError, match=r"^backend 'triton' needs CUDA tensors, these are on cpu; use") as err:
+        model(text, codes)
+    assert "\n" not in str(err.value)
+    monkeypatch.setenv("TRITON_INTERPRET", "1")  # the CPU interpreter counts as Triton, but triton is missing
+    monkeypatch.setattr(vqgpt.model, "triton_installed", lambda: False)
+    with pytest.raises(RuntimeError, match=r"^backend 'triton' needs the triton package .*use 'auto' or 'torch'$"):
+        model(text, codes)

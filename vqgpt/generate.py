@@ -10,11 +10,14 @@
   seed with counter (vocab index, step, 0, 0) (`counter_uniform`), computed with torch integer ops on the
   logits' device. A seed gives the same image in any batch, at any position, on any device; a step needs
   no host sync and has no data-dependent shape (CUDA-graph capturable); and since Philox is what Triton
-  exposes as tl.philox, a fused sampling kernel can draw exactly the same tokens.
+  exposes as tl.philox, the fused sampling kernel (vqgpt.kernels.cfg_sample) draws the same tokens.
 - A draw is an exponential race, argmax_i p_i / E_i with E_i ~ Exp(1) i.i.d., which picks i with
   probability p_i (the Gumbel-max trick in another form: -log E_i is Gumbel).
-- Every step (`decode_step`: sample, feed the token) works in place on static tensors, so it can be replayed
-  as a CUDA graph (`generate(..., cuda_graph=True)`) or compiled (`compile=True`); docs/BENCHMARKS.md times both.
+- These functions are the one definition of the sampling rules (Philox, the guidance mix, temperature,
+  top-k, top-p, the tie rule, the draw): the fused kernel is tested against them and falls back to them.
+- A `generate` call builds its `Sampler` once (seeds, guidance scales, noise, which sampler draws); every
+  step (`decode_step`: sample, feed the token) works in place on static tensors, so it can be replayed as a
+  CUDA graph (`generate(..., cuda_graph=True)`) or compiled (`compile=True`); docs/BENCHMARKS.md times both.
 """
 
 from __future__ import annotations
@@ -22,11 +25,12 @@ from __future__ import annotations
 import math
 import numbers
 from dataclasses import dataclass, replace
+from types import ModuleType
 
 import torch
 from torch import Tensor
 
-from .model import import_kernels, kernel_backend, use_triton_kernels
+from .model import GPTConfig, use_triton
 
 CFG_SCHEDULES = ("constant", "linear", "interval")
 
@@ -195,7 +199,39 @@ def exponential_noise_table(seeds: Tensor, n_steps: int, vocab: int) -> Tensor:
 
 
 # ----------------------------------------------------------------------------------------------------
-# Logits -> token
+# Logits -> token: the sampling rules. This is their one definition: vqgpt.kernels' fused sampler is tested
+# against these functions (kernels/sampling.py, cfg_sample_reference) and falls back to them.
+#
+# One tie rule everywhere: tokens are ranked by value, and equal values by vocab index, lower first. top-k
+# keeps exactly k tokens (at a tie across the k-th value, the lower indices), top-p keeps a prefix of that
+# ranking, and temperature 0 takes the first maximum.
+
+
+def apply_cfg(logits: Tensor, scale: float | Tensor) -> Tensor:
+    """(2B, V) logits, conditional rows first, then their unconditional twins -> (B, V) u + s * (c - u)."""
+    cond, uncond = logits.float().chunk(2, dim=0)
+    return uncond + scale * (cond - uncond)
+
+
+def rank_keys(logits: Tensor) -> Tensor:
+    """(..., V) float32 -> int64 keys in the order of the tie rule: value first, then the lower index.
+
+    The high word is the float's bit pattern made order-preserving as a signed int32 (a negative float's
+    magnitude bits are flipped), the low word MASK32 - index; so the keys are distinct, and torch.topk over
+    them gives the k largest values with a tie at the k-th value broken towards the lower indices (torch.topk
+    over the floats breaks it as its algorithm happens to).
+    """
+    bits = logits.view(torch.int32).long()
+    ordered = torch.where(bits < 0, bits ^ 0x7FFFFFFF, bits)  # monotone in the float value
+    index = torch.arange(logits.shape[-1], device=logits.device)
+    return ordered * 2**32 + (MASK32 - index)
+
+
+def top_k_ranked(logits: Tensor, k: int) -> tuple[Tensor, Tensor]:
+    """(..., V) logits -> (values, indices) (..., k) of the k highest-ranked tokens, best first."""
+    logits = logits.float()
+    idx = torch.topk(rank_keys(logits), k, dim=-1).indices  # (..., k)
+    return logits.gather(-1, idx), idx
 
 
 def logits_to_probs(logits: Tensor, temperature: float, top_k: int | None, top_p: float) -> Tensor:
@@ -213,51 +249,93 @@ def logits_to_probs(logits: Tensor, temperature: float, top_k: int | None, top_p
     if top_k is None and top_p >= 1:
         return torch.softmax(logits, dim=-1)
     if top_k is not None:
-        vals, idx = torch.topk(logits, min(top_k, logits.shape[-1]), dim=-1)  # (..., k), sorted descending
-    else:
-        vals, idx = torch.sort(logits, dim=-1, descending=True)  # (..., V)
+        vals, idx = top_k_ranked(logits, min(top_k, logits.shape[-1]))  # (..., k), best first
+    else:  # stable: equal values keep the lower index first
+        vals, idx = torch.sort(logits, dim=-1, descending=True, stable=True)  # (..., V)
     if top_p < 1:
         p = torch.softmax(vals, dim=-1)
-        mass_before = p.cumsum(-1) - p  # mass of the strictly more likely tokens
+        mass_before = p.cumsum(-1) - p  # mass of the tokens ranked before
         vals = vals.masked_fill(mass_before >= top_p, float("-inf"))  # the first token always stays
     return torch.zeros_like(logits).scatter_(-1, idx, torch.softmax(vals, dim=-1))
 
 
-def sample(logits: Tensor, cfg: SamplingConfig, noise: Tensor) -> Tensor:
+def sample(logits: Tensor, sampling: SamplingConfig, noise: Tensor) -> Tensor:
     """(B, V) logits, (B, V) Exp(1) noise -> (B,) tokens: argmax(probs / noise), a draw from probs."""
-    if cfg.temperature == 0:
+    if sampling.temperature == 0:
         return logits.argmax(-1)
-    probs = logits_to_probs(logits, cfg.temperature, cfg.top_k, cfg.top_p)
+    probs = logits_to_probs(logits, sampling.temperature, sampling.top_k, sampling.top_p)
     return (probs / noise).argmax(-1)
 
 
 def sample_seeded(
-    logits: Tensor, cfg: SamplingConfig, seeds: Tensor, step: int | Tensor, noise: Tensor | None = None
+    logits: Tensor, sampling: SamplingConfig, seeds: Tensor, step: int | Tensor, noise: Tensor | None = None
 ) -> Tensor:
     """`sample` with each row's counter-based noise for `step`, drawn only where it can matter.
 
     With top_k set only the k candidates get noise: the noise of a vocab index does not depend on which
-    other indices are drawn, so the tokens are those of `sample(logits, cfg, exponential_noise(seeds,
+    other indices are drawn, so the tokens are those of `sample(logits, sampling, exponential_noise(seeds,
     step, V))` at a fraction of the work for a large codebook. `noise`: that step's (B, V) noise, already
     drawn (a row of `exponential_noise_table`).
     """
-    if cfg.temperature == 0 or cfg.top_k is None:
-        return sample(logits, cfg, noise if noise is not None else exponential_noise(seeds, step, logits.shape[-1]))
-    vals, idx = torch.topk(logits.float(), cfg.top_k, dim=-1)  # (B, k), sorted descending
-    within = replace(cfg, top_k=None)  # the top-k restriction is done; temperature and top-p remain
+    if sampling.temperature == 0 or sampling.top_k is None:
+        noise = noise if noise is not None else exponential_noise(seeds, step, logits.shape[-1])
+        return sample(logits, sampling, noise)
+    vals, idx = top_k_ranked(logits, sampling.top_k)  # (B, k), best first
+    within = replace(sampling, top_k=None)  # the top-k restriction is done; temperature and top-p remain
     noise = noise.gather(-1, idx) if noise is not None else exponential_noise(seeds, step, idx)  # (B, k)
     choice = sample(vals, within, noise)  # (B,) positions in the top k
     return idx.gather(-1, choice[:, None]).squeeze(-1)
 
 
-def apply_cfg(logits: Tensor, scale: float | Tensor) -> Tensor:
-    """(2B, V) logits, conditional rows first, then their unconditional twins -> (B, V) u + s * (c - u)."""
-    cond, uncond = logits.float().chunk(2, dim=0)
-    return uncond + scale * (cond - uncond)
-
-
 # ----------------------------------------------------------------------------------------------------
 # The decode loop
+
+
+@dataclass(frozen=True, eq=False)
+class Sampler:
+    """How one `generate` call draws each image code: built once per call (`Sampler.build`), then called
+    as sampler(logits, step) with the step as a 0-d device tensor, so that a step has no host sync."""
+
+    sampling: SamplingConfig
+    seeds: Tensor  # (B,) int64 on the model's device: row b's noise is keyed by seeds[b]
+    scales: Tensor | None  # (N,) float32 guidance scale of every image step; None: no guidance, B rows
+    noise: Tensor | None  # (B, N, V) the PyTorch path's noise of every step, drawn up front, or None
+    kernels: ModuleType | None  # vqgpt.kernels when its fused sampler draws (attn_backend's switch), else None
+    backend: str  # attn_backend, handed to the fused sampler ("triton": a failed self-check raises)
+
+    @classmethod
+    def build(cls, config: GPTConfig, sampling: SamplingConfig, seeds: Tensor) -> Sampler:
+        """The sampler of a model with this config: guided when any step's scale is not 1; the fused kernel
+        on the attention's backend switch; the noise table where it is small (see NOISE_TABLE_MAX) and the
+        PyTorch path needs noise."""
+        scales = sampling.scales(config.n_image)
+        guided = any(s != 1.0 for s in scales)
+        kernels = None
+        if use_triton(config.attn_backend, seeds):
+            from vqgpt import kernels
+        noise = None
+        if kernels is None and sampling.temperature > 0 and \
+                seeds.shape[0] * config.n_image * config.image_vocab_size <= NOISE_TABLE_MAX:
+            noise = exponential_noise_table(seeds, config.n_image, config.image_vocab_size)  # (B, N, V)
+        return cls(sampling, seeds, torch.tensor(scales, device=seeds.device) if guided else None, noise, kernels,
+                   config.attn_backend)
+
+    @property
+    def guided(self) -> bool:
+        return self.scales is not None
+
+    def __call__(self, logits: Tensor, step: Tensor) -> Tensor:
+        """Draw image code `step` for each prompt from that step's logits (2B rows guided, else B) -> (B,)."""
+        # index_select, not scales[step]: indexing by a 0-d tensor would read it on the host
+        scale = self.scales.index_select(0, step.view(1)) if self.guided else 1.0
+        if self.kernels is not None:
+            s = self.sampling
+            return self.kernels.cfg_sample(logits, cfg_scale=scale, temperature=s.temperature, top_k=s.top_k or 0,
+                                           top_p=s.top_p, seeds=self.seeds, step=step, backend=self.backend)
+        if self.guided:
+            logits = apply_cfg(logits, scale)
+        noise = self.noise.index_select(1, step.view(1)).squeeze(1) if self.noise is not None else None  # (B, V)
+        return sample_seeded(logits, self.sampling, self.seeds, step, noise)
 
 
 def prefill(model, text_ids: Tensor) -> Tensor:
@@ -270,64 +348,11 @@ def decode_one_token(model, token: Tensor, pos: Tensor) -> Tensor:
     return model.forward_cached(codes=token, input_pos=pos)
 
 
-def sample_step(
-    logits: Tensor,
-    cfg: SamplingConfig,
-    seeds: Tensor,
-    step: Tensor,
-    *,
-    scale_per_step: Tensor | None,
-    fused=None,
-    scale: float | None = None,
-    noise_table: Tensor | None = None,
-    fused_backend: str = "auto",
-) -> Tensor:
-    """Draw image code `step` (0-d LongTensor) for each prompt from the step's logits (2B or B rows) -> (B,).
-
-    Guidance: scale_per_step[step] on the PyTorch path (a device tensor; None: no guidance), the python float
-    `scale` in the fused kernel (`fused`: vqgpt.kernels, or None for PyTorch; `fused_backend`: its backend,
-    "triton" to raise rather than fall back after a failed self-check). Both draw the same tokens.
-    noise_table: the PyTorch path's noise of every step, drawn up front (`exponential_noise_table`), or None
-    to draw this step's now.
-    """
-    if fused is not None:
-        return fused.cfg_sample(
-            logits,
-            cfg_scale=scale,
-            temperature=cfg.temperature,
-            top_k=cfg.top_k or 0,  # the kernel's "off" is 0
-            top_p=cfg.top_p,
-            seeds=seeds,
-            step=step,
-            backend=fused_backend,
-        )
-    if scale_per_step is not None:  # index_select: indexing by a 0-d tensor would read it on the host
-        logits = apply_cfg(logits, scale_per_step.index_select(0, step.view(1)))
-    noise = noise_table.index_select(1, step.view(1)).squeeze(1) if noise_table is not None else None  # (B, V)
-    return sample_seeded(logits, cfg, seeds, step, noise)
-
-
-def decode_step(
-    model,
-    logits: Tensor,
-    cfg: SamplingConfig,
-    seeds: Tensor,
-    step: Tensor,
-    input_pos: Tensor,
-    *,
-    scale_per_step: Tensor | None,
-    fused=None,
-    scale: float | None = None,
-    noise_table: Tensor | None = None,
-    fused_backend: str = "auto",
-) -> tuple[Tensor, Tensor]:
+def decode_step(model, logits: Tensor, sampler: Sampler, step: Tensor, input_pos: Tensor) -> tuple[Tensor, Tensor]:
     """One step of the loop: draw code `step` from logits and feed it (twice under guidance: both rows of a
     pair) at input_pos -> (codes (B,), logits for the next code). What compile=True compiles."""
-    token = sample_step(
-        logits, cfg, seeds, step, scale_per_step=scale_per_step, fused=fused, scale=scale, noise_table=noise_table,
-        fused_backend=fused_backend,
-    )
-    fed = token.repeat(2) if scale_per_step is not None else token  # guided: conditional rows, then null
+    token = sampler(logits, step)
+    fed = token.repeat(2) if sampler.guided else token  # guided: conditional rows, then their twins
     return token, decode_one_token(model, fed, input_pos)
 
 
@@ -347,11 +372,39 @@ def capture_cuda_graph(fn, warmup: int = 2) -> torch.cuda.CUDAGraph:
     return graph
 
 
+def _check_generate_args(model, text_ids: Tensor, sampling: SamplingConfig, seeds: Tensor,
+                         uncond_ids: Tensor | None, cuda_graph: bool, compile: bool) -> None:
+    """Every argument error of `generate`, before any work: one ValueError naming the argument."""
+    config, device = model.config, model.head.weight.device
+    if text_ids.ndim != 2 or text_ids.shape[0] == 0:
+        raise ValueError(f"text_ids must be a non-empty (B, {config.text_len}) batch, got {tuple(text_ids.shape)}")
+    if text_ids.shape[1] != config.text_len:
+        raise ValueError(
+            f"text_ids has {text_ids.shape[1]} tokens per row but the model's text context is {config.text_len}"
+        )
+    B = text_ids.shape[0]
+    if seeds.shape != (B,) or seeds.dtype.is_floating_point or seeds.dtype == torch.bool:
+        raise ValueError(f"seeds must be an integer tensor of shape ({B},), got {seeds.dtype} {tuple(seeds.shape)}")
+    if uncond_ids is not None and uncond_ids.shape != text_ids.shape:
+        raise ValueError(f"uncond_ids must have text_ids' shape {tuple(text_ids.shape)}, got {tuple(uncond_ids.shape)}")
+    sampling.validate(config.image_vocab_size)
+    if cuda_graph and compile:
+        raise ValueError("cuda_graph=True and compile=True are two ways to the same end; pick one")
+    if cuda_graph and device.type != "cuda":
+        raise ValueError(f"cuda_graph=True needs the model on a CUDA device; it is on {device}")
+    if compile and use_triton(config.attn_backend, model.head.weight):
+        raise ValueError(
+            f"compile=True compiles the PyTorch decode step, but this model samples with the Triton kernels "
+            f"(attn_backend {config.attn_backend!r} on {device}): use cuda_graph=True, or set "
+            f"model.config.attn_backend = 'torch'"
+        )
+
+
 @torch.no_grad()
 def generate(
     model,
     text_ids: Tensor,
-    cfg: SamplingConfig,
+    sampling: SamplingConfig,
     seeds: Tensor,
     *,
     progress: bool = False,
@@ -367,118 +420,75 @@ def generate(
     The model runs in eval mode (restored afterwards) with a KV cache of 2B rows under guidance, B without.
     Two ways to take the per-step launch overhead away, both paying a one-time cost first:
     - cuda_graph=True (a CUDA model): one decode step is recorded as a CUDA graph in each call and replayed:
-      the same kernels as without. With the fused kernels (attn_backend "auto") the guidance scale is baked
-      into the graph, so it must be constant.
+      the same kernels as without.
     - compile=True (the PyTorch path: a CPU, or attn_backend "torch"): `decode_step` goes through
       torch.compile (fullgraph, static shapes), kept in model.compiled_decode_step; a new batch size or
       SamplingConfig compiles again. Float rounding differs from eager, which can flip a near-tie draw.
     """
-    mc = model.config
-    if text_ids.ndim != 2 or text_ids.shape[0] == 0:
-        raise ValueError(f"text_ids must be a non-empty (B, {mc.text_len}) batch, got {tuple(text_ids.shape)}")
-    if text_ids.shape[1] != mc.text_len:
-        raise ValueError(
-            f"text_ids has {text_ids.shape[1]} tokens per row but the model's text context is {mc.text_len}"
-        )
-    B, N = text_ids.shape[0], mc.n_image
-    if seeds.shape != (B,) or seeds.dtype.is_floating_point or seeds.dtype == torch.bool:
-        raise ValueError(f"seeds must be an integer tensor of shape ({B},), got {seeds.dtype} {tuple(seeds.shape)}")
-    if uncond_ids is not None and uncond_ids.shape != text_ids.shape:
-        raise ValueError(f"uncond_ids must have text_ids' shape {tuple(text_ids.shape)}, got {tuple(uncond_ids.shape)}")
-    cfg.validate(mc.image_vocab_size)
-
-    device = model.head.weight.device
-    text_ids, seeds = text_ids.to(device), seeds.to(device, torch.long)
-    scales = cfg.scales(N)
-    guided = any(s != 1.0 for s in scales)
-    if guided:  # rows [0, B) conditional, [B, 2B) their null-caption (or negative-prompt) twins
-        uncond = torch.full_like(text_ids, mc.text_pad_id) if uncond_ids is None else uncond_ids.to(device)
+    _check_generate_args(model, text_ids, sampling, seeds, uncond_ids, cuda_graph, compile)
+    config, device = model.config, model.head.weight.device
+    sampler = Sampler.build(config, sampling, seeds.to(device, torch.long))
+    text_ids = text_ids.to(device)
+    if sampler.guided:  # rows [0, B) conditional, [B, 2B) their null-caption (or negative-prompt) twins
+        uncond = torch.full_like(text_ids, config.text_pad_id) if uncond_ids is None else uncond_ids.to(device)
         text_ids = torch.cat([text_ids, uncond])
-    scale_per_step = torch.tensor(scales, device=device) if guided else None  # (N,)
-    # The fused CFG + top-k/top-p + draw kernel, on the same switch as attention; same Philox noise.
-    fused = import_kernels() if use_triton_kernels(mc.attn_backend, seeds) else None
-    # The PyTorch sampler's noise for the whole image in one go where that table is small (see
-    # exponential_noise_table); the fused kernel draws its own, and greedy decoding needs none.
-    noise_table = None
-    if fused is None and cfg.temperature > 0 and B * N * mc.image_vocab_size <= NOISE_TABLE_MAX:
-        noise_table = exponential_noise_table(seeds, N, mc.image_vocab_size)  # (B, N, V)
-    if cuda_graph and compile:
-        raise ValueError("cuda_graph=True and compile=True are two ways to the same end; pick one")
-    if cuda_graph and device.type != "cuda":
-        raise ValueError(f"cuda_graph=True needs the model on a CUDA device; it is on {device}")
-    if cuda_graph and fused is not None and len(set(scales)) > 1:
-        raise ValueError(
-            f"cuda_graph=True with the fused sampler needs a constant guidance scale; cfg_schedule="
-            f"{cfg.cfg_schedule!r} varies it (use cfg_schedule='constant', or attn_backend='torch')"
-        )
-    if compile and fused is not None:
-        raise ValueError(
-            f"compile=True compiles the PyTorch decode step, but this model samples with the Triton kernels "
-            f"(attn_backend {mc.attn_backend!r} on {device}): use cuda_graph=True, or set "
-            f"model.config.attn_backend = 'torch'"
-        )
     step_fn = decode_step
     if compile:
         if getattr(model, "compiled_decode_step", None) is None:
             model.compiled_decode_step = torch.compile(decode_step, fullgraph=True, dynamic=False)
         step_fn = model.compiled_decode_step
-
-    steps = range(N)
-    if progress:
-        from tqdm import tqdm
-
-        steps = tqdm(steps, desc="sampling", unit="tok")
     was_training = model.training
     model.eval()
     try:
         # Inference mode drops autograd's bookkeeping, which a small decode step pays for on every op.
         with torch.inference_mode():
-            model.setup_cache(text_ids.shape[0])
-            # Every step works in place on static tensors, so it can also be replayed as a CUDA graph.
-            codes = torch.empty(B, N, dtype=torch.long, device=device)
-            step = torch.zeros((), dtype=torch.long, device=device)  # image step k, advanced in place
-            input_pos = torch.full((), mc.image_start, dtype=torch.long, device=device)  # position of code k
-            logits = prefill(model, text_ids)
-
-            def advance(k: int) -> None:
-                """Draw code k, record it, feed it back: logits then predict code k + 1."""
-                token, next_logits = step_fn(
-                    model,
-                    logits,
-                    cfg,
-                    seeds,
-                    step,
-                    input_pos,
-                    scale_per_step=scale_per_step,
-                    fused=fused,
-                    scale=scales[k] if fused is not None else None,
-                    noise_table=noise_table,
-                    fused_backend=kernel_backend(mc.attn_backend, seeds),
-                )
-                codes.index_copy_(1, step.view(1), token[:, None])
-                logits.copy_(next_logits)
-                input_pos.add_(1)
-                step.add_(1)
-
-            graph = None
-            if cuda_graph and N > 1:
-                first_logits = logits.clone()
-                # Warm-up and capture run steps as well: the K/V they write sit at positions the real steps
-                # overwrite before reading them, and the state they advance is reset here.
-                graph = capture_cuda_graph(lambda: advance(0))
-                logits.copy_(first_logits)
-                step.zero_()
-                input_pos.fill_(mc.image_start)
-            for k in steps:
-                if k + 1 == N:  # the last code feeds nothing
-                    codes[:, k] = sample_step(
-                        logits, cfg, seeds, step, scale_per_step=scale_per_step, fused=fused, scale=scales[k],
-                        noise_table=noise_table, fused_backend=kernel_backend(mc.attn_backend, seeds),
-                    )  # fmt: skip
-                elif graph is not None:
-                    graph.replay()
-                else:
-                    advance(k)
+            codes = _decode(model, text_ids, sampler, step_fn, cuda_graph=cuda_graph, progress=progress)
     finally:
         model.train(was_training)
-    return codes.view(B, *mc.image_grid).clone()  # a normal tensor again, outside inference mode
+    return codes.view(-1, *config.image_grid).clone()  # a normal tensor again, outside inference mode
+
+
+def _decode(model, text_ids: Tensor, sampler: Sampler, step_fn, *, cuda_graph: bool, progress: bool) -> Tensor:
+    """The loop of `generate`: prefill, then draw each code and feed it back -> codes (B, N).
+
+    Every step works in place on static tensors (the step counter and position included), so that one step
+    can be recorded as a CUDA graph and replayed.
+    """
+    config, device = model.config, text_ids.device
+    B, N = sampler.seeds.shape[0], config.n_image
+    model.setup_cache(text_ids.shape[0])
+    codes = torch.empty(B, N, dtype=torch.long, device=device)
+    step = torch.zeros((), dtype=torch.long, device=device)  # image step k, advanced in place
+    input_pos = torch.full((), config.image_start, dtype=torch.long, device=device)  # position of code k
+    logits = prefill(model, text_ids)
+
+    def advance() -> None:
+        """Draw code k, record it, feed it back: logits then predict code k + 1."""
+        token, next_logits = step_fn(model, logits, sampler, step, input_pos)
+        codes.index_copy_(1, step.view(1), token[:, None])
+        logits.copy_(next_logits)
+        input_pos.add_(1)
+        step.add_(1)
+
+    graph = None
+    if cuda_graph and N > 1:
+        first_logits = logits.clone()
+        # Warm-up and capture run steps as well: the K/V they write sit at positions the real steps
+        # overwrite before reading them, and the state they advance is reset here.
+        graph = capture_cuda_graph(advance)
+        logits.copy_(first_logits)
+        step.zero_()
+        input_pos.fill_(config.image_start)
+    steps = range(N)
+    if progress:
+        from tqdm import tqdm
+
+        steps = tqdm(steps, desc="sampling", unit="tok")
+    for k in steps:
+        if k + 1 == N:  # the last code feeds nothing
+            codes[:, k] = sampler(logits, step)
+        elif graph is not None:
+            graph.replay()
+        else:
+            advance()
+    return codes

@@ -9,14 +9,18 @@ the text and 2D over the image grid (see `rope_positions`). Captions are right-p
 an ordinary, attended token, so the sequence layout is static and the all-PAD null caption is a real
 input the model learns through caption dropout (classifier-free guidance, Ho & Salimans 2022).
 
-Attention goes through one switch (`attention`, `decode_attention`): PyTorch SDPA, or the Triton kernels
-in `vqgpt.kernels` on CUDA. Cached decoding (`setup_cache`, `forward_cached`) keeps static shapes and
-takes positions as tensors so a decode step can be CUDA-graph captured.
+Attention goes through one backend switch, `use_triton` (also the fused sampler's, and that of every
+vqgpt.kernels function): PyTorch SDPA, or the Triton kernels in `vqgpt.kernels`. Cached decoding
+(`setup_cache`, `forward_cached`) keeps static shapes and takes positions as tensors so a decode step can be
+CUDA-graph captured.
 """
 
 from __future__ import annotations
 
+import functools
+import importlib.util
 import math
+import os
 from dataclasses import dataclass, field, fields
 
 import torch
@@ -71,7 +75,7 @@ class GPTConfig:
     norm_eps: float = 1e-5  # RMSNorm epsilon
     text_loss_weight: float = 0.0  # weight of an auxiliary next-text-token loss; > 0 adds a text head
     cfg_dropout: float = 0.1  # per-row prob of replacing the caption by the null caption in training
-    attn_backend: str = "auto"  # "torch" (SDPA) | "triton" (vqgpt.kernels) | "auto" (use_triton_kernels)
+    attn_backend: str = "auto"  # "torch" (SDPA) | "triton" (vqgpt.kernels) | "auto": see use_triton
     # Derived in __post_init__, never passed in nor stored in config.json:
     n_image: int = field(init=False)  # N = h * w image tokens
     image_start: int = field(init=False)  # sequence position of the first image code (text_len + 1)
@@ -145,7 +149,7 @@ def gpt_config(preset: str, **overrides) -> GPTConfig:
 # Rotary embeddings: 1D on text, 2D on the image grid
 
 
-def rope_positions(cfg: GPTConfig) -> Tensor:
+def rope_positions(config: GPTConfig) -> Tensor:
     """(seq_len, 2) long: the (row, col) rotary index of every sequence position.
 
     Text token t and BOI (t = text_len) use (t, t): with the same index on both axes the 2D rotation is
@@ -154,10 +158,10 @@ def rope_positions(cfg: GPTConfig) -> Tensor:
     code 0 at (T + 1, T + 1), so the image follows the text along both axes and every text -> image
     offset is positive, while image -> image offsets are the 2D grid offsets.
     """
-    t = torch.arange(cfg.image_start)
-    k = torch.arange(cfg.n_image)
-    w = cfg.image_grid[1]
-    image = torch.stack([k // w, k % w], dim=-1) + cfg.image_start
+    t = torch.arange(config.image_start)
+    k = torch.arange(config.n_image)
+    w = config.image_grid[1]
+    image = torch.stack([k // w, k % w], dim=-1) + config.image_start
     return torch.cat([torch.stack([t, t], dim=-1), image])
 
 
@@ -191,32 +195,49 @@ def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
 
 
 # ----------------------------------------------------------------------------------------------------
-# Attention: one switch between PyTorch SDPA and the Triton kernels
+# The backend switch, and attention through it
 
 
-def import_kernels():
-    """vqgpt.kernels (installed), or the repo's top-level kernels/ package when run from a checkout."""
-    try:
-        from vqgpt import kernels
-    except ImportError:
-        import kernels
-    return kernels
+def interpreting() -> bool:
+    """True when TRITON_INTERPRET asks Triton to run kernels on the CPU interpreter (as the tests do)."""
+    return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
 
 
-def use_triton_kernels(backend: str, x: Tensor, dropout_p: float = 0.0) -> bool:
-    """Resolve an attn_backend for tensor x: "triton" always, "torch" never, and "auto" for CUDA
-    inference when the kernels import; anything that needs gradients or dropout stays on PyTorch."""
-    if backend == "triton":
-        return True
-    if backend == "torch" or not x.is_cuda:
+@functools.cache
+def triton_installed() -> bool:
+    """Whether triton can be imported, without importing it (that costs a second, and `import vqgpt` stays light)."""
+    return importlib.util.find_spec("triton") is not None
+
+
+def use_triton(backend: str, *tensors: Tensor, needs_grad: bool = False) -> bool:
+    """The one backend switch: whether the Triton kernels of vqgpt.kernels run on `tensors`.
+
+    Both GPTConfig.attn_backend and the `backend` argument of every vqgpt.kernels function resolve here:
+    - "torch": never (PyTorch: SDPA in the model, the references in vqgpt.kernels);
+    - "auto": on CUDA tensors when triton is installed, unless the call needs gradients or dropout
+      (`needs_grad`: the kernels are forward-only);
+    - "triton": always, or a one-line RuntimeError where Triton cannot run: triton missing, or tensors off
+      CUDA (under TRITON_INTERPRET=1 the CPU interpreter counts as Triton, as in the tests).
+    """
+    if backend == "torch":
         return False
-    if dropout_p > 0 or (torch.is_grad_enabled() and x.requires_grad):
-        return False
-    try:
-        import_kernels()
-    except ImportError:
-        return False
+    if backend == "auto":
+        return not needs_grad and _on_triton_device(tensors) and triton_installed()
+    if backend != "triton":
+        raise ValueError(f"unknown backend {backend!r}; choose one of {list(ATTN_BACKENDS)}")
+    if not triton_installed():
+        raise RuntimeError("backend 'triton' needs the triton package (pip install 'vqgpt[triton]' on Linux); "
+                           "use 'auto' or 'torch'")
+    if not (_on_triton_device(tensors) or interpreting()):
+        devices = sorted({str(t.device) for t in tensors})
+        raise RuntimeError(f"backend 'triton' needs CUDA tensors, these are on {', '.join(devices)}; use 'auto' or "
+                           "'torch', or set TRITON_INTERPRET=1 before importing triton (the CPU interpreter)")
     return True
+
+
+def _on_triton_device(tensors: tuple[Tensor, ...]) -> bool:
+    """Whether Triton compiles for the tensors' device: CUDA."""
+    return all(t.is_cuda for t in tensors)
 
 
 def _sdpa(q: Tensor, k: Tensor, v: Tensor, **kwargs) -> Tensor:
@@ -227,17 +248,12 @@ def _sdpa(q: Tensor, k: Tensor, v: Tensor, **kwargs) -> Tensor:
     return F.scaled_dot_product_attention(q, k, v, **kwargs)
 
 
-def kernel_backend(backend: str, x: Tensor) -> str:
-    """The vqgpt.kernels backend for an attn_backend that chose the kernels, for tensor x. On CUDA "triton"
-    stays strict: a kernel failing its first-use self-check raises, where "auto" falls back to the PyTorch
-    reference (kernels/selfcheck.py). Off CUDA both are "auto": the references (or the Triton interpreter)."""
-    return "triton" if backend == "triton" and x.is_cuda else "auto"
-
-
 def attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool, backend: str, dropout_p: float = 0.0) -> Tensor:
     """q (B, Hq, T, D), k/v (B, Hkv, T, D) -> (B, Hq, T, D). `causal` assumes q and k start at position 0."""
-    if use_triton_kernels(backend, q, dropout_p):
-        return import_kernels().attention(q, k, v, causal=causal, backend=kernel_backend(backend, q))
+    if use_triton(backend, q, needs_grad=dropout_p > 0 or (torch.is_grad_enabled() and q.requires_grad)):
+        from vqgpt import kernels
+
+        return kernels.attention(q, k, v, causal=causal, backend=backend)
     return _sdpa(q, k, v, is_causal=causal, dropout_p=dropout_p)
 
 
@@ -248,12 +264,12 @@ def decode_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, cache_len: Ten
     cache_len may be an int when every row has the same live length (a host value: CPU decoding). Attention then
     reads only that prefix, with no mask; a (B,) tensor keeps the step free of host syncs (CUDA graphs).
     """
-    if use_triton_kernels(backend, q):
+    if use_triton(backend, q, needs_grad=torch.is_grad_enabled() and q.requires_grad):
+        from vqgpt import kernels
+
         if isinstance(cache_len, int):
             cache_len = torch.full((q.shape[0],), cache_len, device=q.device)
-        return import_kernels().decode_attention(
-            q, k_cache, v_cache, cache_len, backend=kernel_backend(backend, q)
-        )
+        return kernels.decode_attention(q, k_cache, v_cache, cache_len, backend=backend)
     if isinstance(cache_len, int):
         # One query per row: two batched matmuls over the live prefix, which beat SDPA's flash kernel from a
         # few dozen rows on (142 against 173 us a layer at 32 rows here). Under GQA the query heads of one K/V
@@ -310,11 +326,11 @@ class RMSNorm(nn.Module):
 
 
 class Attention(nn.Module):
-    def __init__(self, cfg: GPTConfig):
+    def __init__(self, config: GPTConfig):
         super().__init__()
-        self.cfg = cfg  # shared: reads cfg.attn_backend at call time, so it can be switched after loading
-        self.wqkv = nn.Linear(cfg.dim, (cfg.n_head + 2 * cfg.n_kv_head) * cfg.head_dim, bias=False)
-        self.wo = nn.Linear(cfg.n_head * cfg.head_dim, cfg.dim, bias=False)
+        self.config = config  # shared: reads config.attn_backend at call time, so it can be switched after loading
+        self.wqkv = nn.Linear(config.dim, (config.n_head + 2 * config.n_kv_head) * config.head_dim, bias=False)
+        self.wo = nn.Linear(config.n_head * config.head_dim, config.dim, bias=False)
         self.kv_cache: KVCache | None = None
 
     def forward(
@@ -327,14 +343,14 @@ class Attention(nn.Module):
     ) -> Tensor:
         """input_pos: cache positions to write (None: no cache); cache_len: live cache length when decoding."""
         B, T, _ = x.shape
-        nh, nkv, hd = self.cfg.n_head, self.cfg.n_kv_head, self.cfg.head_dim
+        nh, nkv, hd = self.config.n_head, self.config.n_kv_head, self.config.head_dim
         qkv = self.wqkv(x).view(B, T, nh + 2 * nkv, hd).transpose(1, 2)  # (B, nh + 2 nkv, T, hd)
         qk = apply_rope(qkv[:, : nh + nkv], cos, sin)  # queries and keys turn together: one call
         q, k = qk.split([nh, nkv], dim=1)  # (B, nh, T, hd), (B, nkv, T, hd)
         v = qkv[:, nh + nkv :]  # (B, nkv, T, hd)
-        backend = self.cfg.attn_backend
+        backend = self.config.attn_backend
         if input_pos is None:  # full sequence, no cache (training, scoring)
-            dropout_p = self.cfg.dropout if self.training else 0.0
+            dropout_p = self.config.dropout if self.training else 0.0
             y = attention(q, k, v, causal=True, backend=backend, dropout_p=dropout_p)
         else:
             k_all, v_all = self.kv_cache.update(input_pos, k, v)
@@ -345,30 +361,30 @@ class Attention(nn.Module):
             else:  # prefill from position 0: the fresh k/v are the whole live cache
                 y = attention(q, k, v, causal=True, backend=backend)
         y = y.transpose(1, 2).reshape(B, T, nh * hd)  # (B, T, dim)
-        return dropout(self.wo(y), self.cfg.dropout, self.training)
+        return dropout(self.wo(y), self.config.dropout, self.training)
 
 
 class MLP(nn.Module):
     """SwiGLU feed-forward (Shazeer 2020): w2(silu(w1 x) * w3 x)."""
 
-    def __init__(self, cfg: GPTConfig):
+    def __init__(self, config: GPTConfig):
         super().__init__()
-        self.w1 = nn.Linear(cfg.dim, cfg.ffn_hidden, bias=False)
-        self.w3 = nn.Linear(cfg.dim, cfg.ffn_hidden, bias=False)
-        self.w2 = nn.Linear(cfg.ffn_hidden, cfg.dim, bias=False)
-        self.cfg = cfg  # shared, as in Attention
+        self.w1 = nn.Linear(config.dim, config.ffn_hidden, bias=False)
+        self.w3 = nn.Linear(config.dim, config.ffn_hidden, bias=False)
+        self.w2 = nn.Linear(config.ffn_hidden, config.dim, bias=False)
+        self.config = config  # shared, as in Attention
 
     def forward(self, x: Tensor) -> Tensor:
-        return dropout(self.w2(F.silu(self.w1(x)) * self.w3(x)), self.cfg.dropout, self.training)
+        return dropout(self.w2(F.silu(self.w1(x)) * self.w3(x)), self.config.dropout, self.training)
 
 
 class Block(nn.Module):
-    def __init__(self, cfg: GPTConfig):
+    def __init__(self, config: GPTConfig):
         super().__init__()
-        self.attn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
-        self.attn = Attention(cfg)
-        self.mlp_norm = RMSNorm(cfg.dim, cfg.norm_eps)
-        self.mlp = MLP(cfg)
+        self.attn_norm = RMSNorm(config.dim, config.norm_eps)
+        self.attn = Attention(config)
+        self.mlp_norm = RMSNorm(config.dim, config.norm_eps)
+        self.mlp = MLP(config)
 
     def forward(
         self,
@@ -471,28 +487,28 @@ class GPT(nn.Module):
         Caption dropout is applied in training mode only. Returns (loss, stats); stats are detached 0-d
         tensors (call .item() when logging, not every step, to avoid a host sync).
         """
-        cfg = self.config
+        config = self.config
         codes = codes.flatten(1)
-        if self.training and cfg.cfg_dropout > 0:
+        if self.training and config.cfg_dropout > 0:
             text_ids = self.drop_captions(text_ids)
         h = self._hidden(text_ids, codes)
-        logits = self.head(h[:, cfg.text_len :]).float()  # (B, N, V)
+        logits = self.head(h[:, config.text_len :]).float()  # (B, N, V)
         image_loss = F.cross_entropy(logits.flatten(0, 1), codes.flatten())
         loss = image_loss
         stats = {
             "image_loss": image_loss.detach(),
             "image_acc": (logits.argmax(-1) == codes).float().mean(),
-            "null_captions": (text_ids == cfg.text_pad_id).all(1).float().mean(),
+            "null_captions": (text_ids == config.text_pad_id).all(1).float().mean(),
         }
-        if self.text_head is not None and cfg.text_len > 1:
+        if self.text_head is not None and config.text_len > 1:
             # Position t predicts text token t + 1; PAD targets are ignored (nothing to learn there).
-            text_logits = self.text_head(h[:, : cfg.text_len - 1]).float()  # (B, T_text - 1, V_text)
+            text_logits = self.text_head(h[:, : config.text_len - 1]).float()  # (B, T_text - 1, V_text)
             targets = text_ids[:, 1:]
             per_token = F.cross_entropy(
-                text_logits.flatten(0, 1), targets.flatten(), ignore_index=cfg.text_pad_id, reduction="sum"
+                text_logits.flatten(0, 1), targets.flatten(), ignore_index=config.text_pad_id, reduction="sum"
             )
-            text_loss = per_token / (targets != cfg.text_pad_id).sum().clamp(min=1)
-            loss = loss + cfg.text_loss_weight * text_loss
+            text_loss = per_token / (targets != config.text_pad_id).sum().clamp(min=1)
+            loss = loss + config.text_loss_weight * text_loss
             stats["text_loss"] = text_loss.detach()
         stats["loss"] = loss.detach()
         return loss, stats
@@ -513,17 +529,17 @@ class GPT(nn.Module):
             and cache.k_cache.dtype == dtype
         ):
             return
-        cfg = self.config
+        config = self.config
         # Ordinary tensors even when called under torch.inference_mode (as generate does), so that the
         # cache can still be written by forward_cached outside it.
         with torch.inference_mode(False):
             for layer in self.layers:
                 layer.attn.kv_cache = KVCache(
-                    max_batch_size, cfg.n_kv_head, cfg.seq_len, cfg.head_dim, device=device, dtype=dtype
+                    max_batch_size, config.n_kv_head, config.seq_len, config.head_dim, device=device, dtype=dtype
                 )
             # A decode step looks its rotation up instead of recomputing it. A float32 attribute, not a
             # buffer, so model.to(bfloat16) cannot round the angles (forward_cached rebuilds it on a move).
-            self.rope_table = self._rope(torch.arange(cfg.seq_len, device=device))
+            self.rope_table = self._rope(torch.arange(config.seq_len, device=device))
         self.cache_batch_size = max_batch_size
 
     def forward_cached(
