@@ -130,7 +130,7 @@ def test_the_sampling_flags_are_one_family_in_every_script():
     assert sampling_overrides(sample.parse_args(["--ckpt", "m", "--top-k", "7"])) == {"top_k": 7}
     assert sampling_overrides(veval.parse_args(["recall", "--ckpt", "m", *flags])) == given
     several = veval.parse_args(["adherence", "--ckpt", "m", "--cfg", "1", "3", *flags[2:]])  # --cfg: scales to score
-    assert several.cfg == [1.0, 3.0] and sampling_overrides(several, cfg=False) == {
+    assert several.cfg == [1.0, 3.0] and sampling_overrides(several, cfg_flag=False) == {
         k: v for k, v in given.items() if k != "cfg_scale"}
 
     _, args = script("train.py").parse_args(["gpt", *(f"--sample-{a[2:]}" if a[:2] == "--" else a for a in flags)])

@@ -25,7 +25,7 @@ USER_ERRORS = (ValueError, FileNotFoundError, OSError, RuntimeError)
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
     """The module docstring as written (example commands), and "(default: X)" after every flag's help,
-    unless the help already says what its default is (e.g. "default: the checkpoint's" for a None)."""
+    unless the help already says what its default is (e.g. "default: the model's" for a None)."""
 
     def _get_help_string(self, action):
         if "default" in (action.help or "") or action.required:
@@ -51,13 +51,13 @@ SAMPLING_FLAGS = {
 }
 
 
-def add_sampling_flags(parser: argparse.ArgumentParser, *, cfg: bool = True, saved: bool = False) -> None:
+def add_sampling_flags(parser: argparse.ArgumentParser, *, cfg_flag: bool = True, saved: bool = False) -> None:
     """The sampling flags (SAMPLING_FLAGS); unset ones are None, and `sampling_overrides` reads the set ones.
 
-    cfg=False leaves --cfg out, for a command whose --cfg takes several scales. saved=True: `train.py gpt`'s
+    cfg_flag=False leaves --cfg out, for a command whose --cfg takes several scales. saved=True: `train.py gpt`'s
     --sample-* flags, the defaults saved with the model (unset: the --init model's, else SamplingConfig's)."""
     defaults = SamplingConfig()
-    for field, (names, kind, called, does) in _sampling_flags(cfg):
+    for field, (names, kind, called, does) in _sampling_flags(cfg_flag):
         if saved:
             default = getattr(defaults, field)
             shown = "none" if default is None else f"{default:g}" if isinstance(default, float) else default
@@ -69,15 +69,15 @@ def add_sampling_flags(parser: argparse.ArgumentParser, *, cfg: bool = True, sav
                             help=text)
 
 
-def sampling_overrides(args: argparse.Namespace, *, cfg: bool = True, saved: bool = False) -> dict:
-    """{SamplingConfig field: value} for the sampling flags that were given (the same cfg and saved as
+def sampling_overrides(args: argparse.Namespace, *, cfg_flag: bool = True, saved: bool = False) -> dict:
+    """{SamplingConfig field: value} for the sampling flags that were given (the same cfg_flag and saved as
     `add_sampling_flags`)."""
-    values = {field: getattr(args, _dest(names[0], saved)) for field, (names, *_) in _sampling_flags(cfg)}
+    values = {field: getattr(args, _dest(names[0], saved)) for field, (names, *_) in _sampling_flags(cfg_flag)}
     return {field: value for field, value in values.items() if value is not None}
 
 
-def _sampling_flags(cfg: bool):
-    return [(field, flag) for field, flag in SAMPLING_FLAGS.items() if cfg or field != "cfg_scale"]
+def _sampling_flags(cfg_flag: bool):
+    return [(field, flag) for field, flag in SAMPLING_FLAGS.items() if cfg_flag or field != "cfg_scale"]
 
 
 def _dest(name: str, saved: bool) -> str:

@@ -427,7 +427,7 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--exclude", default=None, metavar="REGEX", help="leave out captions matching REGEX (default: none)")
     a.add_argument("--repeat", type=int, default=1, help="images per combination")
     add_rerank_flags(a)
-    add_sampling_flags(a, cfg=False)
+    add_sampling_flags(a, cfg_flag=False)
     r = sub.add_parser("recall", help="fraction of fixed training captions whose sample's nearest image is theirs",
                        formatter_class=HelpFormatter)
     _common_args(r, "TextToImage")
@@ -457,7 +457,7 @@ def build_parser() -> argparse.ArgumentParser:
     dv.add_argument("--rerank", type=int, nargs="+", default=[1], help="candidates per image, e.g. 1 8")
     dv.add_argument("--per-prompt", type=int, default=32, help="samples of each prompt")
     dv.add_argument("--seed", type=int, default=0, help="image i is drawn with seed + i")
-    add_sampling_flags(dv, cfg=False)
+    add_sampling_flags(dv, cfg_flag=False)
     return p
 
 
@@ -489,7 +489,7 @@ def run(args) -> dict:
         return eval_tokenizer(args.ckpt, args.data, args.split, args.limit, device, args.batch_size,
                               image_column=args.image_column, caption_column=args.caption_column)
     # adherence and diversity score several --cfg scales; recall and alignment take one, an override as --top-k
-    sampling = sampling_overrides(args, cfg=args.what in ("recall", "alignment"))
+    sampling = sampling_overrides(args, cfg_flag=args.what in ("recall", "alignment"))
     if args.what == "adherence":
         return eval_adherence(args.ckpt, args.cfg, args.seed, device, args.grid, args.include, args.exclude,
                               args.repeat, args.rerank, args.scorer, args.batch_size, **sampling)

@@ -181,6 +181,7 @@ def tokenizer_batches(args: argparse.Namespace, train_set, image_size: int, per_
 
 
 def train_tokenizer(args: argparse.Namespace) -> Path:
+    """Stage 1: the image tokenizer (VQ-VAE) on the images of --data, into --out; returns the run directory."""
     d = setup_distributed(args.device)
     out = Path(args.out)
     ckpts = CheckpointManager(out, keep=args.keep)
@@ -240,9 +241,9 @@ def train_tokenizer(args: argparse.Namespace) -> Path:
 
     batches = tokenizer_batches(args, train_set, config.image_size, per_rank, start, d)
     bar = progress(args.steps, start, d.main)
+    evaluate = (lambda done: report_tokenizer(model, held_out, out, done, wb, bar)) if d.main else None
     stage = Stage(model=model, optimizer=optimizer, batches=batches, loss=loss, save=save, rate_name="images_per_s",
-                  items=len, evaluate=(lambda done: report_tokenizer(model, held_out, out, done, wb, bar)) if d.main
-                  else None, after_update=loss.discriminator_step,
+                  items=len, evaluate=evaluate, after_update=loss.discriminator_step,
                   log_stats=lambda stats: {"train/rec_loss": stats["rec"].item()})
     fit(stage, schedule(args), start=start, d=d, guard=guard, bf16=bf16, wb=wb, bar=bar)
     bar.close()
@@ -471,6 +472,8 @@ def saved_sampling(args: argparse.Namespace, init, config):
 
 
 def train_gpt(args: argparse.Namespace) -> Path:
+    """Stage 2: the text-to-image GPT on the codes of --data under a locked image tokenizer (new, or fine-tuning
+    --init, fully or with LoRA adapters), into --out; returns the run directory."""
     from .finetune import adapter_state, peak_memory_mb, trainable_summary
     from .pipeline import TextToImage
 
@@ -569,6 +572,8 @@ def lit_text_and_config(args: argparse.Namespace, resume, image_tok: ImageTokeni
 
 
 def train_lit(args: argparse.Namespace) -> Path:
+    """Stage 3 (optional): a LiT scorer, a text tower trained contrastively against the locked image tokenizer;
+    one process (the contrastive batch is not gathered across ranks). Returns the run directory."""
     from .lit import ImageTextScorer, retrieval_recall
 
     d = setup_distributed(args.device)
