@@ -89,17 +89,17 @@ def _data_captions(data: str) -> list[str]:
 
 def model_facts(pipe, ckpt: str) -> str:
     """The model card's facts as Markdown: size, data and licence, tokenizers, sampling defaults."""
-    cfg, tok, own = pipe.gpt.config, pipe.image_tokenizer, pipe.trained_on or {}
+    config, tok, own = pipe.gpt.config, pipe.image_tokenizer, pipe.trained_on or {}
     card = _card_metadata(Path(ckpt) / "README.md")
     rows = [
-        ("model", f"a {pipe.gpt.num_params() / 1e6:.1f}M-parameter text-to-image GPT ({cfg.n_layer} layers, width "
-                  f"{cfg.dim}), from {ckpt}"),
+        ("model", f"a {pipe.gpt.num_params() / 1e6:.1f}M-parameter text-to-image GPT ({config.n_layer} layers, width "
+                  f"{config.dim}), from {ckpt}"),
         ("images", f"{tok.image_size}x{tok.image_size} pixels, {tok.grid_size}x{tok.grid_size} codes of "
                    f"{tok.codebook_size}"),
         ("trained on", ", ".join(f"{k} {v}" for k, v in own.items() if k != "prompts" and v is not None) or
          "not recorded"),
         ("licence", card.get("license", "not recorded")),
-        ("text", f"up to {cfg.text_len} tokens of a {pipe.text_tokenizer.vocab_size}-token vocabulary"),
+        ("text", f"up to {config.text_len} tokens of a {pipe.text_tokenizer.vocab_size}-token vocabulary"),
         ("sampling defaults", ", ".join(f"{k} {v}" for k, v in asdict(pipe.sampling).items() if v is not None)),
     ]
     return "\n".join(f"- **{k}**: {v}" for k, v in rows)

@@ -17,7 +17,16 @@ import re
 import time
 from pathlib import Path
 
-from vqgpt.cli import DEVICES, HelpFormatter, add_debug_flag, pick_device, run_or_exit
+from vqgpt.cli import (
+    DEVICES,
+    HelpFormatter,
+    add_debug_flag,
+    add_rerank_flags,
+    add_sampling_flags,
+    pick_device,
+    run_or_exit,
+    sampling_overrides,
+)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -29,15 +38,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--negative-prompt", default=None,
                    help="the caption guidance pushes away from, instead of the null caption (needs --cfg != 1)")
     p.add_argument("--n", type=int, default=4, help="images per prompt")
-    p.add_argument("--cfg", "--cfg-scale", dest="cfg", type=float, default=None,
-                   help="guidance scale; 1 = no guidance (default: the checkpoint's)")
-    p.add_argument("--cfg-schedule", choices=["constant", "linear", "interval"], default=None,
-                   help="how guidance varies over the image (default: the checkpoint's)")
-    p.add_argument("--cfg-interval", type=int, default=None, help="image tokens guided, with --cfg-schedule interval")
-    p.add_argument("--top-k", type=int, default=None,
-                   help="sample among the k likeliest codes (default: the checkpoint's)")
-    p.add_argument("--top-p", type=float, default=None, help="nucleus mass, 1 = off (default: the checkpoint's)")
-    p.add_argument("--temperature", type=float, default=None, help="0 = greedy (default: the checkpoint's)")
+    add_sampling_flags(p)
     p.add_argument("--seed", type=int, default=0, help="image j of prompt i is drawn with seed + i * n + j")
     p.add_argument("--batch-size", type=int, default=64, help="images sampled and decoded at once (GPU memory)")
     p.add_argument("--device", default="auto", choices=DEVICES, help="auto: cuda when torch sees one, else cpu")
@@ -46,10 +47,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--compile", action="store_true",
                    help="torch.compile the decode step (CPU; pays off for many images: docs/BENCHMARKS.md)")
     p.add_argument("--cuda-graph", action="store_true", help="replay the decode step as a CUDA graph (GPU)")
-    p.add_argument("--rerank", type=int, default=1, metavar="N", help="keep the best of N candidates per image")
-    p.add_argument("--scorer", default=None, metavar="DIR|self",
-                   help="with --rerank: a LiT scorer (train.py lit) or 'self' (the GPT's own evidence); default: "
-                        "the checkpoint's saved scorer, else self")
+    add_rerank_flags(p)
     p.add_argument("--out", default="samples/grid.png", help="the grid's path; single images go beside it")
     add_debug_flag(p)
     return p
@@ -119,9 +117,7 @@ def sample(args) -> None:
 
     device = pick_device(args.device)
     pipe = TextToImage.from_pretrained(args.ckpt, device=device, revision=args.revision, torch_dtype=args.dtype)
-    sampling = {k: v for k, v in {"cfg_scale": args.cfg, "cfg_schedule": args.cfg_schedule,
-                                  "cfg_interval": args.cfg_interval, "top_k": args.top_k, "top_p": args.top_p,
-                                  "temperature": args.temperature}.items() if v is not None}
+    sampling = sampling_overrides(args)  # the flags given; the model's saved defaults for the rest
     rerank = {}
     if args.rerank != 1 or args.scorer is not None:
         from vqgpt.rerank import resolve_scorer

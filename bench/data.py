@@ -401,7 +401,7 @@ def growth(memory: dict) -> dict:
 def loader_section(args, env_threads: int) -> tuple[dict, dict]:
     import torch
 
-    from vqgpt import training as T
+    from vqgpt import training
     from vqgpt.data import load_captioned
     from vqgpt.loader import StepImages, image_batches
     from vqgpt.tokenizer import ImageTokenizer, tokenizer_config
@@ -447,14 +447,14 @@ def loader_section(args, env_threads: int) -> tuple[dict, dict]:
         config = tokenizer_config(args.train_preset, image_size=px)
         model = ImageTokenizer(config).to(device).train()
         opt = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95))
-        bf16 = T.use_bf16(device, "auto")
+        bf16 = training.use_bf16(device, "auto")
         x = torch.rand(args.batch_size, 3, px, px, device=device)
         times = []
         for step in range(args.train_steps + 1):
             if device.type == "cuda":
                 torch.cuda.synchronize()
             t0 = time.perf_counter()
-            with T.autocast(device, bf16):
+            with training.autocast(device, bf16):
                 recon, _, aux = model(x)
                 recon = recon.float()
                 loss = torch.nn.functional.l1_loss(recon, x) + torch.nn.functional.mse_loss(recon, x) + aux

@@ -34,7 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
 def make_optimizer(model, impl: str):
-    """train.make_optimizer's AdamW (the same groups and betas), with its implementation picked."""
+    """vqgpt.training.make_optimizer's AdamW (the same groups and betas), with its implementation picked."""
     params = [p for p in model.parameters() if p.requires_grad]
     groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": 0.0},
               {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
@@ -164,10 +164,11 @@ def measure(variants, batch_fn, args) -> dict:
 
 
 def time_gpt_evaluation(args) -> dict:
-    """What train.py's GPT evaluate() costs at the demo's sizes: held-out bits and the two sample grids."""
+    """What the GPT stage's evaluation (vqgpt/stages.py) costs at the demo's sizes: held-out bits and the two sample
+    grids."""
     import tempfile
 
-    import train
+    from vqgpt import stages
     from vqgpt.generate import SamplingConfig
     from vqgpt.model import GPT, gpt_config
     from vqgpt.pipeline import TextToImage
@@ -175,7 +176,7 @@ def time_gpt_evaluation(args) -> dict:
     from vqgpt.tokenizer import ImageTokenizer, tokenizer_config
 
     torch.manual_seed(0)
-    prompts = train.DEFAULT_PROMPTS["openmoji"]
+    prompts = stages.DEFAULT_PROMPTS["openmoji"]
     text_tok = TextTokenizer.train([f"{p} {i}" for p in prompts for i in range(50)], vocab_size=300)
     cfg = gpt_config("demo", text_vocab_size=text_tok.vocab_size, text_pad_id=text_tok.pad_id, text_len=args.text_len,
                      image_vocab_size=1000, image_grid=(8, 8))
@@ -184,11 +185,11 @@ def time_gpt_evaluation(args) -> dict:
     ids = torch.randint(1, 300, (108, args.text_len))
     codes = torch.randint(0, 1000, (108, 64))
     t0 = time.perf_counter()
-    train.held_out_bits(model, ids, codes)
+    stages.held_out_bits(model, ids, codes)
     t1 = time.perf_counter()
     with tempfile.TemporaryDirectory() as d:
         for scale in (1.0, 3.0):
-            train.sample_grid(pipe, prompts, scale, Path(d) / f"g{scale}.png")
+            stages.sample_grid(pipe, prompts, scale, Path(d) / f"g{scale}.png")
     t2 = time.perf_counter()
     return {"held_out_bits_s": round(t1 - t0, 2), "two_sample_grids_s": round(t2 - t1, 2),
             "per_evaluation_s": round(t2 - t0, 2), "evaluations_in_demo": 7}

@@ -107,3 +107,59 @@ def test_device_mps_is_offered_and_refused_where_torch_has_none():
     with pytest.raises(ValueError, match="torch sees no MPS device"):
         pick_device("mps")
     assert pick_device("cpu") == "cpu" and pick_device("auto") in ("cpu", "cuda")
+
+
+def test_the_sampling_flags_are_one_family_in_every_script():
+    """sample.py and `vqgpt.eval` take the same sampling flags with the same help (vqgpt/cli.py); train.py gpt
+    takes them as --sample-*, the defaults saved with the model, which become its SamplingConfig."""
+    from dataclasses import asdict
+    from types import SimpleNamespace
+
+    from vqgpt import eval as veval
+    from vqgpt.cli import SAMPLING_FLAGS, sampling_overrides
+    from vqgpt.generate import SamplingConfig
+    from vqgpt.stages import saved_sampling
+
+    flags = ["--cfg", "2", "--cfg-schedule", "interval", "--cfg-interval", "5", "--top-k", "7", "--top-p", "0.9",
+             "--temperature", "0.5"]
+    given = {"cfg_scale": 2.0, "cfg_schedule": "interval", "cfg_interval": 5, "top_k": 7, "top_p": 0.9,
+             "temperature": 0.5}
+    assert set(given) == set(SAMPLING_FLAGS)
+    sample = script("sample.py")
+    assert sampling_overrides(sample.parse_args(["--ckpt", "m", *flags])) == given
+    assert sampling_overrides(sample.parse_args(["--ckpt", "m", "--top-k", "7"])) == {"top_k": 7}
+    assert sampling_overrides(veval.parse_args(["recall", "--ckpt", "m", *flags])) == given
+    several = veval.parse_args(["adherence", "--ckpt", "m", "--cfg", "1", "3", *flags[2:]])  # --cfg: scales to score
+    assert several.cfg == [1.0, 3.0] and sampling_overrides(several, cfg_flag=False) == {
+        k: v for k, v in given.items() if k != "cfg_scale"}
+
+    _, args = script("train.py").parse_args(["gpt", *(f"--sample-{a[2:]}" if a[:2] == "--" else a for a in flags)])
+    assert sampling_overrides(args, saved=True) == given
+    assert asdict(saved_sampling(args, None, SimpleNamespace(image_vocab_size=64))) == given
+    _, unset = script("train.py").parse_args(["gpt"])
+    assert saved_sampling(unset, None, SimpleNamespace(image_vocab_size=64)) == SamplingConfig()
+
+    def helps(parser):
+        return {a.dest: a.help for a in parser._actions if a.dest in {"cfg", "cfg_schedule", "cfg_interval", "top_k",
+                                                                      "top_p", "temperature", "rerank", "scorer"}}
+
+    recall = next(p for p in parsers(veval.build_parser()) if p.prog.endswith(" recall"))
+    assert len(helps(recall)) == 8 and helps(recall) == helps(sample.build_parser())
+
+
+def test_scripts_stay_short_and_read_top_to_bottom():
+    """train.py is a command line over vqgpt/stages.py; no function of the scripts or of the modules they are
+    built from runs over 80 lines (nested functions count toward the one that holds them)."""
+    import ast
+
+    files = ["train.py", "sample.py", "app.py", "vqgpt/eval.py", "vqgpt/cli.py", "vqgpt/training.py",
+             "vqgpt/stages.py"]
+    long = []
+    for name in files:
+        for node in ast.walk(ast.parse((ROOT / name).read_text())):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                start = min([node.lineno] + [d.lineno for d in node.decorator_list])
+                if node.end_lineno - start + 1 > 80:
+                    long.append(f"{name}:{node.lineno} {node.name} ({node.end_lineno - start + 1} lines)")
+    assert long == []
+    assert len((ROOT / "train.py").read_text().splitlines()) <= 350

@@ -141,9 +141,9 @@ def test_mismatched_checkpoint_is_a_clear_error(trained, tmp_path):
     runs, _ = trained
     broken = tmp_path / "t2i"
     shutil.copytree(runs / "t2i", broken)
-    cfg = json.loads((broken / "image_tokenizer" / "config.json").read_text())
-    cfg["fsq_levels"] = [4, 4, 3]  # another codebook: 48 codes where the GPT predicts 60
-    (broken / "image_tokenizer" / "config.json").write_text(json.dumps(cfg))
+    config = json.loads((broken / "image_tokenizer" / "config.json").read_text())
+    config["fsq_levels"] = [4, 4, 3]  # another codebook: 48 codes where the GPT predicts 60
+    (broken / "image_tokenizer" / "config.json").write_text(json.dumps(config))
     with pytest.raises(ValueError, match="image tokenizer this GPT was trained with|codebook"):
         TextToImage.from_pretrained(broken)
     with pytest.raises(FileNotFoundError, match="not a TextToImage checkpoint"):

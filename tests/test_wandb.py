@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from vqgpt import training as T
+from vqgpt.training import WANDB_RUN_FILE, init_wandb, wandb_grid
 
 ROOT = Path(__file__).resolve().parents[1]
 wandb = pytest.importorskip("wandb")
@@ -24,35 +24,35 @@ def offline(monkeypatch):
 
 def test_names_come_from_flags_then_environment_and_resume_keeps_the_id(offline, tmp_path, monkeypatch):
     out = tmp_path / "run"
-    run = T.init_wandb(None, None, None, {"gpt": {"n_layer": 2}}, str(out), default_name="gpt-run")
+    run = init_wandb(None, None, None, {"gpt": {"n_layer": 2}}, str(out), default_name="gpt-run")
     assert (run.project, run.name) == ("vqgpt", "gpt-run") and dict(run.config)["gpt"] == {"n_layer": 2}
     first = run.id
     run.finish()
-    assert json.loads((out / T.WANDB_RUN_FILE).read_text()) == {"id": first, "project": "vqgpt", "name": "gpt-run"}
+    assert json.loads((out / WANDB_RUN_FILE).read_text()) == {"id": first, "project": "vqgpt", "name": "gpt-run"}
 
-    again = T.init_wandb(None, None, None, {}, str(out), resume=True, default_name="gpt-run")  # --resume
+    again = init_wandb(None, None, None, {}, str(out), resume=True, default_name="gpt-run")  # --resume
     assert again.id == first and again.project == "vqgpt"
     again.finish()
-    fresh = T.init_wandb(None, None, None, {}, str(out), default_name="gpt-run")  # a new run, not a resume
+    fresh = init_wandb(None, None, None, {}, str(out), default_name="gpt-run")  # a new run, not a resume
     assert fresh.id != first
     fresh.finish()
 
     monkeypatch.setenv("WANDB_PROJECT", "env-project")
     monkeypatch.setenv("WANDB_NAME", "env-name")
-    env = T.init_wandb(None, None, None, {}, str(tmp_path / "env"), default_name="gpt-env")
+    env = init_wandb(None, None, None, {}, str(tmp_path / "env"), default_name="gpt-env")
     assert (env.project, env.name) == ("env-project", "env-name")
     env.finish()
-    flags = T.init_wandb("offline", "flag-project", "flag-name", {}, str(tmp_path / "flags"), default_name="x")
+    flags = init_wandb("offline", "flag-project", "flag-name", {}, str(tmp_path / "flags"), default_name="x")
     assert (flags.project, flags.name) == ("flag-project", "flag-name")
     flags.finish()
-    assert T.init_wandb("disabled", "p", "n", {}, str(tmp_path / "off")) is None
+    assert init_wandb("disabled", "p", "n", {}, str(tmp_path / "off")) is None
     assert not (tmp_path / "off").exists()
 
 
 def test_sample_grids_carry_their_prompts(offline, tmp_path):
     path = tmp_path / "grid.png"
     Image.new("RGB", (8, 16), "white").save(path)
-    image = T.wandb_grid(path, ["a green apple", "a red heart"])
+    image = wandb_grid(path, ["a green apple", "a red heart"])
     assert image._caption == "1. a green apple\n2. a red heart"
 
 
@@ -82,7 +82,7 @@ def test_resumed_training_continues_the_same_offline_run(offline, tmp_path, monk
               "--save-every", "2", "--device", "cpu", "--workers", "0"]
     train.main([*common, "--out", str(out), "--steps", "2", "--wandb-project", "vqgpt-test", "--wandb-name", "tiny"])
     train.main([*common, "--resume", str(out), "--steps", "4"])
-    record = json.loads((out / T.WANDB_RUN_FILE).read_text())
+    record = json.loads((out / WANDB_RUN_FILE).read_text())
     assert record["project"] == "vqgpt-test" and record["name"] == "tiny"
     runs = sorted((out / "wandb").glob("offline-run-*"))
     # one wandb run, written twice (a second start within the same second gets a "-1" folder, same run id)

@@ -1,5 +1,6 @@
 """What train.py, sample.py and `python -m vqgpt.eval` share on the command line: help that shows every
-default, the --device choice, and user errors as one line (exit 2) with --debug for the traceback.
+default, the --device choice, the sampling and reranking flags, and user errors as one line (exit 2) with
+--debug for the traceback.
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     add_debug_flag(p)
@@ -15,6 +16,8 @@ import sys
 
 import torch
 
+from .generate import CFG_SCHEDULES, SamplingConfig
+
 DEVICES = ("auto", "cpu", "cuda", "mps")
 # Errors that are the user's input or run (a bad path, a bad value, a model that does not fit): one line.
 USER_ERRORS = (ValueError, FileNotFoundError, OSError, RuntimeError)
@@ -22,7 +25,7 @@ USER_ERRORS = (ValueError, FileNotFoundError, OSError, RuntimeError)
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
     """The module docstring as written (example commands), and "(default: X)" after every flag's help,
-    unless the help already says what its default is (e.g. "default: the checkpoint's" for a None)."""
+    unless the help already says what its default is (e.g. "default: the model's" for a None)."""
 
     def _get_help_string(self, action):
         if "default" in (action.help or "") or action.required:
@@ -33,6 +36,60 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescript
 def add_debug_flag(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--debug", action="store_true",
                         help="show the full traceback of an error (also VQGPT_DEBUG=1) instead of one line")
+
+
+# The sampling flags, one per SamplingConfig field: (flags, type, what it is called, what it does). sample.py and
+# `vqgpt.eval` take them as overrides of the model's saved defaults (--top-k); `train.py gpt` takes them as the
+# defaults it saves with the model (--sample-top-k), which TextToImage then uses unless told otherwise.
+SAMPLING_FLAGS = {
+    "cfg_scale": (("cfg", "cfg-scale"), float, "guidance scale", "guidance scale; 1 = no guidance"),
+    "cfg_schedule": (("cfg-schedule",), str, "guidance schedule", "how guidance varies over the image"),
+    "cfg_interval": (("cfg-interval",), int, "guidance interval", "image tokens guided, with --cfg-schedule interval"),
+    "top_k": (("top-k",), int, "top-k", "sample among the k likeliest codes"),
+    "top_p": (("top-p",), float, "top-p", "nucleus mass, 1 = off"),
+    "temperature": (("temperature",), float, "temperature", "0 = greedy"),
+}
+
+
+def add_sampling_flags(parser: argparse.ArgumentParser, *, cfg_flag: bool = True, saved: bool = False) -> None:
+    """The sampling flags (SAMPLING_FLAGS); unset ones are None, and `sampling_overrides` reads the set ones.
+
+    cfg_flag=False leaves --cfg out, for a command whose --cfg takes several scales. saved=True: `train.py gpt`'s
+    --sample-* flags, the defaults saved with the model (unset: the --init model's, else SamplingConfig's)."""
+    defaults = SamplingConfig()
+    for field, (names, kind, called, does) in _sampling_flags(cfg_flag):
+        if saved:
+            default = getattr(defaults, field)
+            shown = "none" if default is None else f"{default:g}" if isinstance(default, float) else default
+            text = f"the saved {called} (default: {shown})"
+        else:
+            text = f"{does} (default: the model's)"
+        parser.add_argument(*(f"--{'sample-' if saved else ''}{name}" for name in names), dest=_dest(names[0], saved),
+                            type=kind, default=None, choices=CFG_SCHEDULES if field == "cfg_schedule" else None,
+                            help=text)
+
+
+def sampling_overrides(args: argparse.Namespace, *, cfg_flag: bool = True, saved: bool = False) -> dict:
+    """{SamplingConfig field: value} for the sampling flags that were given (the same cfg_flag and saved as
+    `add_sampling_flags`)."""
+    values = {field: getattr(args, _dest(names[0], saved)) for field, (names, *_) in _sampling_flags(cfg_flag)}
+    return {field: value for field, value in values.items() if value is not None}
+
+
+def _sampling_flags(cfg_flag: bool):
+    return [(field, flag) for field, flag in SAMPLING_FLAGS.items() if cfg_flag or field != "cfg_scale"]
+
+
+def _dest(name: str, saved: bool) -> str:
+    return ("sample_" if saved else "") + name.replace("-", "_")
+
+
+def add_rerank_flags(parser: argparse.ArgumentParser) -> None:
+    """--rerank N and --scorer, of sample.py and `vqgpt.eval adherence|recall` (vqgpt/rerank.py)."""
+    parser.add_argument("--rerank", type=int, default=1, metavar="N", help="keep the best of N candidates per image")
+    parser.add_argument("--scorer", default=None, metavar="DIR|self",
+                        help="with --rerank: a LiT scorer directory (train.py lit) or 'self' (the GPT's own "
+                             "evidence); default: the model's saved scorer, else self")
 
 
 def pick_device(name: str) -> str:

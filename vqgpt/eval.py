@@ -22,7 +22,16 @@ import time
 
 import torch
 
-from .cli import DEVICES, HelpFormatter, add_debug_flag, pick_device, run_or_exit
+from .cli import (
+    DEVICES,
+    HelpFormatter,
+    add_debug_flag,
+    add_rerank_flags,
+    add_sampling_flags,
+    pick_device,
+    run_or_exit,
+    sampling_overrides,
+)
 from .hub import record_evaluation
 
 
@@ -387,27 +396,6 @@ def eval_diversity(ckpt: str, scorer: str | None = None, cfg_scales: list[float]
     return result
 
 
-def _sampling_args(p):
-    p.add_argument("--top-k", type=int, default=None, help="sample among the k likeliest codes (default: the model's)")
-    p.add_argument("--top-p", type=float, default=None, help="nucleus mass, 1 = off (default: the model's)")
-    p.add_argument("--temperature", type=float, default=None, help="0 = greedy (default: the model's)")
-    p.add_argument("--cfg-schedule", default=None, choices=["constant", "linear", "interval"],
-                   help="how guidance varies over the image (default: the model's)")
-    p.add_argument("--cfg-interval", type=int, default=None, help="image tokens guided, with --cfg-schedule interval")
-
-
-def _rerank_args(p):
-    p.add_argument("--rerank", type=int, default=1, metavar="N", help="the best of N candidates per image")
-    p.add_argument("--scorer", default=None, metavar="DIR|self",
-                   help="a LiT scorer directory, or 'self' (the GPT's own evidence); default: the model's saved "
-                        "scorer, else self")
-
-
-def _sampling_kwargs(args) -> dict:
-    keys = ("top_k", "top_p", "temperature", "cfg_schedule", "cfg_interval")
-    return {k: getattr(args, k) for k in keys if getattr(args, k) is not None}
-
-
 def _common_args(p, what: str):
     p.add_argument("--ckpt", required=True, help=f"the {what} directory, or a hub repo owner/name")
     p.add_argument("--device", default="auto", choices=DEVICES, help="auto: cuda when torch sees one, else cpu")
@@ -438,8 +426,8 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--include", default=None, metavar="REGEX", help="score only captions matching REGEX (default: all)")
     a.add_argument("--exclude", default=None, metavar="REGEX", help="leave out captions matching REGEX (default: none)")
     a.add_argument("--repeat", type=int, default=1, help="images per combination")
-    _rerank_args(a)
-    _sampling_args(a)
+    add_rerank_flags(a)
+    add_sampling_flags(a, cfg_flag=False)
     r = sub.add_parser("recall", help="fraction of fixed training captions whose sample's nearest image is theirs",
                        formatter_class=HelpFormatter)
     _common_args(r, "TextToImage")
@@ -447,10 +435,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--n", type=int, default=16, help="training captions sampled")
     r.add_argument("--seed", type=int, default=0, help="image i is drawn with seed + i")
     r.add_argument("--grid", default=None, help="write a PNG of samples and their nearest images here (default: none)")
-    r.add_argument("--cfg", "--cfg-scale", dest="cfg", type=float, default=None,
-                   help="guidance scale (default: the model's)")
-    _rerank_args(r)
-    _sampling_args(r)
+    add_sampling_flags(r)
+    add_rerank_flags(r)
     al = sub.add_parser("alignment", help="LiT scorer agreement of samples and true held-out images, retrieval",
                         formatter_class=HelpFormatter)
     _common_args(al, "TextToImage")
@@ -458,10 +444,8 @@ def build_parser() -> argparse.ArgumentParser:
     al.add_argument("--data", default=None, help="default: the data the model was trained on (else openmoji)")
     al.add_argument("--n", type=int, default=512, help="held-out images (spread over the test split)")
     al.add_argument("--seed", type=int, default=0, help="image i is drawn with seed + i")
-    al.add_argument("--cfg", "--cfg-scale", dest="cfg", type=float, default=None,
-                    help="guidance scale (default: the model's)")
     al.add_argument("--rerank", type=int, default=1, help="score the best of N samples per caption")
-    _sampling_args(al)
+    add_sampling_flags(al)
     dv = sub.add_parser("diversity", help="variety of the unsaid attributes of partial shapes prompts",
                         formatter_class=HelpFormatter)
     _common_args(dv, "TextToImage (trained on shapes)")
@@ -473,7 +457,7 @@ def build_parser() -> argparse.ArgumentParser:
     dv.add_argument("--rerank", type=int, nargs="+", default=[1], help="candidates per image, e.g. 1 8")
     dv.add_argument("--per-prompt", type=int, default=32, help="samples of each prompt")
     dv.add_argument("--seed", type=int, default=0, help="image i is drawn with seed + i")
-    _sampling_args(dv)
+    add_sampling_flags(dv, cfg_flag=False)
     return p
 
 
@@ -502,26 +486,21 @@ def main(argv=None):
 def run(args) -> dict:
     device = pick_device(args.device)
     if args.what == "tokenizer":
-        result = eval_tokenizer(args.ckpt, args.data, args.split, args.limit, device, args.batch_size,
-                                image_column=args.image_column, caption_column=args.caption_column)
-    elif args.what == "adherence":
-        result = eval_adherence(args.ckpt, args.cfg, args.seed, device, args.grid, args.include, args.exclude,
-                                args.repeat, args.rerank, args.scorer, args.batch_size, **_sampling_kwargs(args))
-    elif args.what == "alignment":
-        extra = {"cfg_scale": args.cfg} if args.cfg is not None else {}
-        result = eval_alignment(args.ckpt, args.scorer, args.data, args.n, args.seed, device, args.rerank,
-                                **_sampling_kwargs(args), **extra)
-    elif args.what == "diversity":
-        kw = _sampling_kwargs(args)
-        temps = args.temperatures or ([kw.pop("temperature")] if "temperature" in kw else None)
-        result = eval_diversity(args.ckpt, args.scorer, args.cfg, temps, args.rerank, args.per_prompt, args.seed,
-                                device, **kw)
-    else:
-        extra = {"cfg_scale": args.cfg} if args.cfg is not None else {}
-        result = eval_recall(args.ckpt, args.data, args.n, args.seed, device, args.grid, args.rerank, args.scorer,
-                             args.batch_size,
-                             **_sampling_kwargs(args), **extra)
-    return result
+        return eval_tokenizer(args.ckpt, args.data, args.split, args.limit, device, args.batch_size,
+                              image_column=args.image_column, caption_column=args.caption_column)
+    # adherence and diversity score several --cfg scales; recall and alignment take one, an override as --top-k
+    sampling = sampling_overrides(args, cfg_flag=args.what in ("recall", "alignment"))
+    if args.what == "adherence":
+        return eval_adherence(args.ckpt, args.cfg, args.seed, device, args.grid, args.include, args.exclude,
+                              args.repeat, args.rerank, args.scorer, args.batch_size, **sampling)
+    if args.what == "alignment":
+        return eval_alignment(args.ckpt, args.scorer, args.data, args.n, args.seed, device, args.rerank, **sampling)
+    if args.what == "diversity":
+        temps = args.temperatures or ([sampling.pop("temperature")] if "temperature" in sampling else None)
+        return eval_diversity(args.ckpt, args.scorer, args.cfg, temps, args.rerank, args.per_prompt, args.seed,
+                              device, **sampling)
+    return eval_recall(args.ckpt, args.data, args.n, args.seed, device, args.grid, args.rerank, args.scorer,
+                       args.batch_size, **sampling)
 
 
 if __name__ == "__main__":

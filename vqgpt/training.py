@@ -1,6 +1,8 @@
-"""What both training stages share: the schedule, distributed setup, per-step seeding, tracking, faults.
+"""The one training loop (`fit`) and what every stage builds it from: the schedule, distributed setup,
+per-step seeding, the optimizer, checkpoint state and resumption, tracking, faults.
 
-Kept as small functions so train.py reads top to bottom (nanoGPT's `get_lr`, not a Trainer class).
+Kept as small functions so the stages (vqgpt/stages.py) read top to bottom (nanoGPT's `get_lr`, not a
+Trainer class).
 """
 
 from __future__ import annotations
@@ -328,6 +330,104 @@ def wandb_grid(path, prompts: list[str]):
     import wandb
 
     return wandb.Image(str(path), caption="\n".join(f"{i + 1}. {p}" for i, p in enumerate(prompts)))
+
+
+# --- optimizer, wrapping, checkpoint state ------------------------------------------------------------------
+def make_optimizer(model: torch.nn.Module, lr: float, weight_decay: float) -> torch.optim.AdamW:
+    """AdamW over the trainable parameters; no weight decay on norms, biases and other vectors (the usual GPT-2
+    split)."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    decay = [p for p in params if p.dim() >= 2]
+    no_decay = [p for p in params if p.dim() < 2]
+    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.95), fused=False)  # fused: no faster (bench/demo_levers.py)
+
+
+def wrap_for_training(module: torch.nn.Module, d: Dist, compile: bool, shard=None) -> torch.nn.Module:
+    """DDP across ranks when launched by torchrun (gradients all-reduced in backward), then compile.
+
+    With `shard` (a list of blocks), FSDP2 instead: each block and then the root are sharded over the ranks,
+    so parameters, gradients and optimizer state take 1/world of the memory each (for the L/XL presets).
+    """
+    if shard is not None:
+        from torch.distributed.fsdp import fully_shard
+
+        for block in shard:
+            fully_shard(block)
+        fully_shard(module)
+    elif d.enabled:
+        ids = [d.local_rank] if d.device.type == "cuda" else None
+        module = torch.nn.parallel.DistributedDataParallel(module, device_ids=ids)
+    return torch.compile(module) if compile else module
+
+
+def rank_batch_size(batch_size: int, grad_accum: int, d: Dist) -> int:
+    """This rank's share of the global batch, which must split evenly over the ranks and micro-batches."""
+    per_rank = batch_size // d.world
+    if per_rank * d.world != batch_size or per_rank % grad_accum:
+        raise ValueError(f"--batch-size {batch_size} must split evenly over {d.world} ranks x "
+                         f"{grad_accum} micro-batches")
+    return per_rank
+
+
+def trainer_state(step: int, optimizer: torch.optim.Optimizer, guard: NonFiniteGuard, extra: dict | None = None
+                  ) -> dict:
+    """What a checkpoint holds beside the weights: the step, the optimizer and the guard's count."""
+    return {"step": step, "optimizer": optimizer.state_dict(), "skipped": guard.skipped, **(extra or {})}
+
+
+def full_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer, fsdp: bool) -> tuple[dict, dict]:
+    """Unsharded (weights, optimizer state) on the CPU; under FSDP a collective that every rank must call."""
+    if not fsdp:
+        return model.state_dict(), optimizer.state_dict()
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
+
+    return get_state_dict(model, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+def restore(resume, model: torch.nn.Module, optimizer: torch.optim.Optimizer, guard: NonFiniteGuard, d: Dist,
+            adapter=None) -> tuple[int, dict]:
+    """Load weights (the adapter's only, for LoRA) and optimizer from a verified checkpoint (`resume`, or None
+    for a fresh run); returns (step to start at, trainer state)."""
+    if resume is None:
+        return 0, {}
+    from .finetune import load_adapter_state
+    from .tokenizer import load_state_strict
+
+    if adapter is not None:
+        load_adapter_state(adapter.peft_model, resume.weights(), str(resume.path))
+    else:
+        load_state_strict(model, str(resume.file("model.safetensors")))
+    state = resume.trainer_state()
+    optimizer.load_state_dict(state["optimizer"])
+    guard.skipped = state["skipped"]
+    if d.main:
+        print(f"resuming {resume.path.parent.parent} from step {state['step']}", flush=True)
+    return state["step"], state
+
+
+def restore_sharded(resume, model: torch.nn.Module, optimizer: torch.optim.Optimizer, guard: NonFiniteGuard,
+                    d: Dist) -> int:
+    """restore() for an FSDP run: every rank reads the full checkpoint and keeps its shards."""
+    if resume is None:
+        return 0
+    from safetensors.torch import load_file
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
+
+    state = resume.trainer_state()
+    set_state_dict(model, optimizer, model_state_dict=load_file(str(resume.file("model.safetensors"))),
+                   optim_state_dict=state["optimizer"], options=StateDictOptions(full_state_dict=True))
+    guard.skipped = state["skipped"]
+    if d.main:
+        print(f"resuming {resume.path.parent.parent} from step {state['step']} (FSDP)", flush=True)
+    return state["step"]
+
+
+def progress(total: int, start: int, enabled: bool):
+    """The step progress bar (rank 0 only); evaluations write their lines above it."""
+    from tqdm import tqdm
+
+    return tqdm(total=total, initial=start, disable=not enabled, dynamic_ncols=True, unit="step")
 
 
 # --- the training loop -------------------------------------------------------------------------------------
