@@ -23,7 +23,7 @@ import time
 import torch
 
 from .cli import DEVICES, HelpFormatter, add_debug_flag, pick_device, run_or_exit
-from .hub import record_evaluation
+from .records import record_evaluation
 
 
 # ----------------------------------------------------------------------------------------------------
