@@ -95,6 +95,22 @@ def codebook_stats(codes: Tensor, codebook_size: int) -> dict:
     return {"usage": (p > 0).sum().item() / codebook_size, "perplexity": entropy.exp().item()}
 
 
+def trainable_summary(module: torch.nn.Module) -> dict:
+    """How much of a model trains: all of it in a full run, the adapters (and new token rows) under LoRA."""
+    total = sum(p.numel() for p in module.parameters())
+    trainable = sum(p.numel() for p in module.parameters() if p.requires_grad)
+    return {"trainable_params": trainable, "total_params": total, "trainable_fraction": trainable / max(total, 1)}
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    """Peak memory of this process so far: CUDA allocations on a GPU, resident set size on a CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
 # ---------------------------------------------------------------------------------------------------
 # the shapes judge
 # ---------------------------------------------------------------------------------------------------
