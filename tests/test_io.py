@@ -6,10 +6,12 @@ adapter records its base GPT's. A change to any scheme orphans those files, so e
 tiny model whose every value is set by hand (no RNG, exact in float32).
 """
 
+import pytest
 import torch
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
+from vqgpt.io import atomic_write, atomic_write_bytes, state_problems, weights_fingerprint
 from vqgpt.text import TextTokenizer
 from vqgpt.tokenizer import ImageTokenizer, tokenizer_config
 
@@ -36,8 +38,6 @@ def test_image_tokenizer_fingerprint_is_frozen():
 
 
 def test_gpt_weights_fingerprint_is_frozen():
-    from vqgpt.finetune import weights_fingerprint
-
     net = _fill(torch.nn.Sequential(torch.nn.Linear(3, 2), torch.nn.LayerNorm(2), torch.nn.Embedding(4, 2)))
     assert weights_fingerprint(net) == "ddc14f264075fd5c"
     assert weights_fingerprint(net.to(torch.bfloat16)) != "ddc14f264075fd5c"  # dtypes count here
@@ -60,3 +60,26 @@ def test_codes_cache_keys_are_frozen(tmp_cache):
     assert store_dir("shapes", "test", tok).name == "shapes-test-32px-" + "1a43d01ee004da14148b"
     load_codes("shapes", "test", tok, limit=2)
     assert [p.name for p in (tmp_cache / "codes").iterdir()] == ["shapes-test-32px-" + "6750322155eba7e52b68.pt"]
+
+
+def test_a_write_that_fails_leaves_the_old_file_and_no_temporary(tmp_path):
+    path = tmp_path / "sub" / "config.json"
+    atomic_write_bytes(path, b"old")
+
+    def half_then_fail(f):
+        f.write(b"ne")
+        raise OSError("disk full")
+
+    with pytest.raises(OSError, match="disk full"):
+        atomic_write(path, half_then_fail)
+    assert path.read_bytes() == b"old" and [p.name for p in path.parent.iterdir()] == ["config.json"]
+
+
+def test_state_problems_name_every_misfit():
+    expected = {"w": torch.zeros(2, 3), "step": torch.zeros((), dtype=torch.long), "b": torch.zeros(3)}
+    assert state_problems(expected, dict(expected)) == []
+    problems = state_problems(expected, {"w": torch.zeros(3, 2), "step": expected["step"], "extra": torch.zeros(1)})
+    assert problems == ["missing 1 (b)", "unexpected 1 (extra)", "misshapen 1 (w: checkpoint (3, 2) vs model (2, 3))"]
+    values = {"w": torch.full((2, 3), float("nan")), "step": torch.zeros((), dtype=torch.int32), "b": torch.zeros(3)}
+    assert state_problems(expected, values) == ["wrong dtype 1 (step: torch.int32 vs torch.int64)",
+                                                "non-finite values (NaN or inf) in 1 (w)"]

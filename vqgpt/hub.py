@@ -1,7 +1,9 @@
-"""The Hugging Face Hub round trip: repo ids to local snapshots, pushes, model cards, recorded evaluations.
+"""The Hugging Face Hub round trip: repo ids to local snapshots, pushes, model cards (the figures in a card are
+recorded by vqgpt/records.py).
 
     path = snapshot("owner/name", what="text-to-image model", revision="v1")   # a local directory
     push_folder("saved/dir", "owner/name")                                     # upload a save_pretrained dir
+    push_pretrained(model, "owner/name", commit_message="...")                 # save_pretrained, then push
     model_card(config, kind="text-to-image")                                   # README.md with YAML metadata
 
 Only the standard library is imported here: huggingface_hub is imported where a hub repo is used, so the
@@ -123,6 +125,16 @@ def push_folder(folder: str | os.PathLike, repo_id: str, *, token: str | bool | 
                       f"({type(e).__name__}: {_first_line(e)}): check the network and that you are logged in "
                       f"with write access (`hf auth login`, or token=...)") from e
     return info.commit_url
+
+
+def push_pretrained(model, repo_id: str, *, commit_message: str, **push) -> str:
+    """`model.save_pretrained` into a fresh directory (the model card names `repo_id`), then push_folder it
+    (push: token, private, revision, commit_message) -> the commit's URL."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        model.save_pretrained(tmp, repo_id=repo_id)
+        return push_folder(tmp, repo_id, commit_message=commit_message, **push)
 
 
 # ----------------------------------------------------------------------------------------------------

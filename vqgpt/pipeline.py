@@ -236,16 +236,12 @@ class TextToImage:
                     revision: str | None = None, commit_message: str | None = None) -> str:
         """save_pretrained into a fresh directory (the model, its tokenizers and card; no training state) and
         upload it to the hub repo `repo_id`, created if need be -> the commit's URL."""
-        import tempfile
-
-        from .hub import push_folder
+        from .hub import push_pretrained
 
         if self.adapter is not None:
             raise ValueError("this pipeline holds LoRA adapters over a local base model: merge_adapter() first, "
                              "so that the hub repo holds a model that loads on its own")
-        with tempfile.TemporaryDirectory() as tmp:
-            self.save_pretrained(tmp, repo_id=repo_id)
-            return push_folder(tmp, repo_id, token=token, private=private, revision=revision,
+        return push_pretrained(self, repo_id, token=token, private=private, revision=revision,
                                commit_message=commit_message or "Upload vqgpt text-to-image model")
 
     @classmethod

@@ -373,13 +373,9 @@ class ImageTokenizer(nn.Module):
     def push_to_hub(self, repo_id: str, *, token: str | bool | None = None, private: bool | None = None,
                     revision: str | None = None, commit_message: str | None = None) -> str:
         """save_pretrained into a fresh directory and upload it to the hub repo `repo_id` -> the commit URL."""
-        import tempfile
+        from .hub import push_pretrained
 
-        from .hub import push_folder
-
-        with tempfile.TemporaryDirectory() as tmp:
-            self.save_pretrained(tmp, repo_id=repo_id)
-            return push_folder(tmp, repo_id, token=token, private=private, revision=revision,
+        return push_pretrained(self, repo_id, token=token, private=private, revision=revision,
                                commit_message=commit_message or "Upload vqgpt image tokenizer")
 
     @classmethod

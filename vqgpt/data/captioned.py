@@ -46,7 +46,7 @@ from .splits import _check_split, is_held_out_key
 if TYPE_CHECKING:
     import datasets
 
-log = logging.getLogger("vqgpt.data")  # one logger for the package (tests listen to it)
+log = logging.getLogger("vqgpt.data")  # one logger for the whole package
 
 DEFAULT_RENDER_SIZE = 64  # embedded sets are rendered at this size unless a size is asked for
 

@@ -1,5 +1,5 @@
-"""One image, from stored bytes or a path to RGB pixels: decoded in full and checked, so that a truncated, huge or
-absurdly shaped file is skipped when a set is read, not met in the middle of training."""
+"""One image at a time: stored bytes or a file decoded in full, checked, and turned into RGB pixels, so that a
+truncated, huge or absurdly shaped file is skipped when a set is read, not met in the middle of training."""
 
 from __future__ import annotations
 

@@ -15,7 +15,7 @@ from PIL import Image
 
 from .images import _png
 
-log = logging.getLogger("vqgpt.data")  # one logger for the package (tests listen to it)
+log = logging.getLogger("vqgpt.data")  # one logger for the whole package
 
 OPENMOJI_CREDIT = "OpenMoji (openmoji.org), CC BY-SA 4.0"
 _SKIN_TONE = re.compile(r"(?:^|_)((?:light|medium-light|medium|medium-dark|dark)_skin_tone)(?=_|$)")

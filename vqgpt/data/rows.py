@@ -21,7 +21,7 @@ from .splits import HELD_OUT_FRACTION, is_held_out_key
 if TYPE_CHECKING:
     import datasets
 
-log = logging.getLogger("vqgpt.data")  # one logger for the package (tests listen to it)
+log = logging.getLogger("vqgpt.data")  # one logger for the whole package
 
 _SPLIT_DIR_NAMES = {"train", "test", "validation", "valid", "val", "dev", "eval"}
 _FORMAT_HELP = (

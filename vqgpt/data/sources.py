@@ -20,7 +20,7 @@ from PIL import Image
 from ..io import is_regular_file
 from .shapes import UNSAID_PROB
 
-log = logging.getLogger("vqgpt.data")  # one logger for the package (tests listen to it)
+log = logging.getLogger("vqgpt.data")  # one logger for the whole package
 
 EMBEDDED = ("openmoji", "shapes")
 CACHE_VERSION = 1  # bump when rendering or captioning changes: it invalidates every cached set and code

@@ -14,7 +14,7 @@ from .rows import _pair_getter, _skipped_summary, _undecoded
 from .sources import EMBEDDED, _check_revision, _resolve
 from .splits import _check_split, is_held_out_key
 
-log = logging.getLogger("vqgpt.data")  # one logger for the package (tests listen to it)
+log = logging.getLogger("vqgpt.data")  # one logger for the whole package
 
 def iter_captioned(
     spec: str,

@@ -20,7 +20,7 @@ from .images import _open_image, square_tensor, to_rgb
 from .sources import EMBEDDED, _embedded_version, _resolve, cache_root, source_identity
 from .splits import _check_split
 
-log = logging.getLogger("vqgpt.data")  # one logger for the package (tests listen to it)
+log = logging.getLogger("vqgpt.data")  # one logger for the whole package
 
 def load_image_tensors(
     spec: str,
