@@ -31,19 +31,20 @@ import torch
 
 from .adapters import ADAPTER_DIR, Adapter, grow_text_vocab, load_adapter, save_adapter
 from .generate import SamplingConfig, generate
+from .io import MAX_LABEL as MAX_LABEL  # re-exported, as image_grid: sample.py, train.py, vqgpt.eval get them here
 from .io import (
-    MAX_LABEL,  # noqa: F401  (with image_grid, importable from here: sample.py, train.py and vqgpt.eval use it)
     atomic_write_bytes,
     atomic_write_json,
-    image_grid,  # noqa: F401
     load_state_strict,
     read_json_file,
     save_weights,
     to_pil_list,
     weights_fingerprint,
 )
+from .io import image_grid as image_grid
 from .model import GPT, GPTConfig
-from .seeds import FRESH_SEEDS, _check_num_images, _text_list, image_seeds, negative_rows  # noqa: F401 (app.py)
+from .seeds import FRESH_SEEDS as FRESH_SEEDS  # re-exported: app.py gets it here
+from .seeds import _check_num_images, _text_list, image_seeds, negative_rows
 from .tokenizer import ImageTokenizer
 
 MODEL_TYPE = "vqgpt-text-to-image"
