@@ -16,6 +16,7 @@ from .splits import _check_split, is_held_out_key
 
 log = logging.getLogger("vqgpt.data")  # one logger for the whole package
 
+
 def iter_captioned(
     spec: str,
     split: str = "train",

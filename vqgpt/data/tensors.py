@@ -22,6 +22,7 @@ from .splits import _check_split
 
 log = logging.getLogger("vqgpt.data")  # one logger for the whole package
 
+
 def load_image_tensors(
     spec: str,
     split: str = "train",
