@@ -242,7 +242,7 @@ def test_a_lora_adapter_naming_itself_as_its_base_is_refused(tmp_path):
         "model_type": "vqgpt-text-to-image", "gpt": {}, "base": {"path": ".", "gpt": "0" * 16}}))
     with pytest.raises((ValueError, FileNotFoundError)):
         TextToImage.from_pretrained(tmp_path / "m")
-    from vqgpt.finetune import load_base_gpt
+    from vqgpt.pipeline import load_base_gpt
 
     with pytest.raises(ValueError, match="not a plain model"):
         load_base_gpt(tmp_path / "m", {"base": {"path": ".", "gpt": "0"}}, None, "cpu")

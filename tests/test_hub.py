@@ -142,7 +142,7 @@ def test_model_card_metadata_and_config_versions(tmp_path):
 
 
 def test_recorded_evaluations_reach_config_and_card(tmp_path):
-    from vqgpt.hub import record_evaluation
+    from vqgpt.records import record_evaluation
 
     tiny_pipeline({"data": "openmoji"}).save_pretrained(tmp_path / "t2i")
     result = {"recall": 0.9375, "hits": 15, "n": 16, "prompts": ["a", "b"], "sampling": {"cfg_scale": 1.0}}

@@ -4,9 +4,9 @@
 (which needs transformers) is imported on first use of `vqgpt.TextToImage`.
 """
 
+from ._version import __version__ as __version__
 from .tokenizer import ImageTokenizer, TokenizerConfig
 
-__version__ = "0.1.0"
 __all__ = ["ImageTokenizer", "TokenizerConfig", "TextToImage", "ImageTextScorer"]
 
 

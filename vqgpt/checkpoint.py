@@ -33,6 +33,10 @@ from pathlib import Path
 
 import torch
 
+# atomic_write_bytes, read_json_file and save_weights live in vqgpt.io; they stay importable from here, where
+# lit.py and training.py get them.
+from .io import atomic_write_bytes, fsync_dir, read_json_file, save_weights  # noqa: F401
+
 MANIFEST = "manifest.json"
 WEIGHTS = "model.safetensors"
 TRAINER_STATE = "trainer.pt"
@@ -42,71 +46,12 @@ class CheckpointError(RuntimeError):
     """No usable checkpoint where one was expected."""
 
 
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
 def _sha256(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
     return h.hexdigest()
-
-
-def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
-    """Write `data` to `path` through a temporary file and a rename, so readers never see half a file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)
-
-
-MAX_JSON_BYTES = 16 << 20  # a config or manifest is a few KB; anything near this size is not one
-
-
-def read_json_file(path: str | os.PathLike, what: str = "config") -> dict:
-    """A JSON object from a regular file, or a ValueError naming the file: a FIFO or a device (which would
-    block or never end), a huge file, invalid JSON, or JSON that is not an object are all refused."""
-    path = Path(path)
-    try:
-        st = os.stat(path)
-    except OSError as e:
-        raise FileNotFoundError(f"cannot read {what} {path}: {e.strerror}") from None
-    import stat
-
-    if not stat.S_ISREG(st.st_mode):
-        raise ValueError(f"{what} {path} is not a regular file")
-    if st.st_size > MAX_JSON_BYTES:
-        raise ValueError(f"{what} {path} is {st.st_size} bytes: too large to be a {what}")
-    try:
-        value = json.loads(path.read_bytes().decode("utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ValueError(f"cannot read {what} {path}: {e}") from e
-    if not isinstance(value, dict):
-        raise ValueError(f"{what} {path} holds a JSON {type(value).__name__}, not an object")
-    return value
-
-
-def save_weights(path: str | os.PathLike, state: dict[str, torch.Tensor], metadata: dict | None = None) -> None:
-    from safetensors.torch import save
-
-    state = {k: v.detach().contiguous().cpu() for k, v in state.items()}
-    atomic_write_bytes(path, save(state, metadata={"format": "pt", **(metadata or {})}))
 
 
 @dataclass
@@ -175,11 +120,11 @@ class CheckpointManager:
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
         with open(tmp / MANIFEST, "rb+") as fh:
             os.fsync(fh.fileno())
-        _fsync_dir(tmp)
+        fsync_dir(tmp)
         if final.exists():  # re-saving the same step (e.g. after a resume): replace it
             shutil.rmtree(final)
         os.replace(tmp, final)
-        _fsync_dir(self.root)
+        fsync_dir(self.root)
         if export is not None:
             export(self.run_dir)
         self._prune()

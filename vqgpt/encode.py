@@ -36,7 +36,7 @@ import numpy as np
 import torch
 
 from . import data as vdata
-from .checkpoint import atomic_write_bytes
+from .io import atomic_write, atomic_write_bytes, atomic_write_json, cache_key
 from .training import barrier, rank_zero_first
 
 log = logging.getLogger(__name__)
@@ -59,8 +59,7 @@ def store_dir(spec: str, split: str, tokenizer, image_size: int | None = None, *
     """The default home of a store: under the cache, keyed by the tokenizer fingerprint and the data."""
     size = image_size or tokenizer.image_size
     identity = data_identity(spec, split, size, **spec_kwargs)
-    key = hashlib.sha1(json.dumps({"tokenizer": tokenizer.fingerprint(), "data": identity},
-                                  sort_keys=True).encode()).hexdigest()
+    key = cache_key({"tokenizer": tokenizer.fingerprint(), "data": identity})
     kind, value = vdata._resolve(spec)
     slug = re.sub(r"[^\w.-]+", "_", Path(value).name if kind == "folder" else value)[-40:]
     return vdata.cache_root() / "stores" / f"{slug}-{split}-{size}px-{key[:20]}"
@@ -172,11 +171,7 @@ def _codes_sha256(codes: np.ndarray) -> str:
 
 
 def _atomic_npy(path: Path, array: np.ndarray) -> None:
-    import io
-
-    buf = io.BytesIO()
-    np.save(buf, array)
-    atomic_write_bytes(path, buf.getvalue())
+    atomic_write(path, lambda f: np.save(f, array))
 
 
 def _shard_done(out: Path, name: str, key: str, rows: list) -> dict | None:
@@ -309,7 +304,7 @@ def encode(spec: str, split: str, tokenizer, out: str | os.PathLike | None = Non
     row_ids, shard_rows, stream = _source(spec, split, size, shard_size, batch_size, streaming, spec_kwargs)
     dtype = np.int16 if tokenizer.codebook_size <= np.iinfo(np.int16).max else np.int32
     names = [f"shard-{k:05d}" for k in range(len(row_ids))]
-    key = hashlib.sha1(json.dumps({"tokenizer": fingerprint, "data": identity}, sort_keys=True).encode()).hexdigest()
+    key = cache_key({"tokenizer": fingerprint, "data": identity})
 
     out.mkdir(parents=True, exist_ok=True)
     was_training = tokenizer.training
@@ -363,7 +358,7 @@ def _write_manifest(out: Path, names: list[str], rows: list[list], key: str, ide
                 "shards": shards}
     if skipped:
         log.warning("encode: skipped %d images of %s: %s", sum(skipped.values()), identity["spec"], dict(skipped))
-    atomic_write_bytes(out / MANIFEST, (json.dumps(manifest, indent=1) + "\n").encode())
+    atomic_write_json(out / MANIFEST, manifest, indent=1)
 
 
 # --- command line -------------------------------------------------------------------------------------------

@@ -32,7 +32,7 @@ from .cli import (
     run_or_exit,
     sampling_overrides,
 )
-from .hub import record_evaluation
+from .records import record_evaluation
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -1,7 +1,9 @@
-"""The Hugging Face Hub round trip: repo ids to local snapshots, pushes, model cards, recorded evaluations.
+"""The Hugging Face Hub round trip: repo ids to local snapshots, pushes, model cards (the figures in a card are
+recorded by vqgpt/records.py).
 
     path = snapshot("owner/name", what="text-to-image model", revision="v1")   # a local directory
     push_folder("saved/dir", "owner/name")                                     # upload a save_pretrained dir
+    push_pretrained(model, "owner/name", commit_message="...")                 # save_pretrained, then push
     model_card(config, kind="text-to-image")                                   # README.md with YAML metadata
 
 Only the standard library is imported here: huggingface_hub is imported where a hub repo is used, so the
@@ -59,7 +61,7 @@ def snapshot(name: str | os.PathLike, *, what: str, revision: str | None = None,
     except ImportError:
         raise FileNotFoundError(f"{str(name)!r} is not a local directory, and loading hub repos needs "
                                 f"huggingface_hub: pip install huggingface_hub") from None
-    from . import __version__
+    from ._version import __version__
 
     try:
         return Path(snapshot_download(str(name), revision=revision, token=token, cache_dir=cache_dir,
@@ -125,6 +127,16 @@ def push_folder(folder: str | os.PathLike, repo_id: str, *, token: str | bool | 
     return info.commit_url
 
 
+def push_pretrained(model, repo_id: str, *, commit_message: str, **push) -> str:
+    """`model.save_pretrained` into a fresh directory (the model card names `repo_id`), then push_folder it
+    (push: token, private, revision, commit_message) -> the commit's URL."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        model.save_pretrained(tmp, repo_id=repo_id)
+        return push_folder(tmp, repo_id, commit_message=commit_message, **push)
+
+
 # ----------------------------------------------------------------------------------------------------
 # Versions, evaluations and model cards
 
@@ -133,7 +145,7 @@ def versions() -> dict:
     """The versions a checkpoint was written with (config.json "versions"; readers never need them)."""
     from importlib.metadata import PackageNotFoundError, version
 
-    from . import __version__
+    from ._version import __version__
 
     out = {"vqgpt": __version__}
     for name in ("vector-quantize-pytorch", "torch"):
@@ -142,34 +154,6 @@ def versions() -> dict:
         except PackageNotFoundError:
             out[name] = None
     return out
-
-
-def evaluation_figures(result: dict, prefix: str = "", depth: int = 3) -> dict:
-    """The numbers of a `vqgpt.eval` JSON result, flattened to dotted keys: {"cfg.3.mean": 0.8, ...}."""
-    out = {}
-    for key, value in result.items():
-        name = f"{prefix}{key}"
-        if isinstance(value, bool):
-            continue
-        if isinstance(value, (int, float)):
-            out[name] = value
-        elif isinstance(value, dict) and depth > 1:
-            out.update(evaluation_figures(value, f"{name}.", depth - 1))
-    return out
-
-
-def record_evaluation(model_dir: str | os.PathLike, what: str, result: dict, command: str) -> None:
-    """Keep an evaluation's figures in a model directory's config.json ("evaluation") and refresh its card."""
-    from .checkpoint import atomic_write_bytes, read_json_file
-
-    path = Path(model_dir)
-    if not (path / "config.json").is_file():
-        raise FileNotFoundError(f"--record writes into a local model directory; {model_dir} has no config.json")
-    config = read_json_file(path / "config.json")
-    config.setdefault("evaluation", {})[what] = {"figures": evaluation_figures(result), "command": command}
-    atomic_write_bytes(path / "config.json", (json.dumps(config, indent=2, default=list) + "\n").encode())
-    kind = "image-tokenizer" if config.get("model_type") == "vqgpt-image-tokenizer" else "text-to-image"
-    atomic_write_bytes(path / CARD_NAME, model_card(config, kind=kind, where=str(model_dir)).encode())
 
 
 def data_license(trained_on: dict | None) -> tuple[str, str]:
@@ -186,7 +170,7 @@ def model_card(config: dict, *, kind: str, repo_id: str | None = None, where: st
                n_params: int | None = None) -> str:
     """A model card (README.md: YAML metadata, then what the model is, its data, figures, defaults, usage)
     from what its config.json holds. kind: "text-to-image" or "image-tokenizer"; the usage snippet loads
-    repo_id, else `where` (a local directory)."""
+    repo_id, else `where` (a local directory); n_params: the model's size, when known."""
     trained_on = config.get("trained_on")
     license_id, credit = data_license(trained_on)
     data = (trained_on or {}).get("data")
@@ -197,7 +181,7 @@ def model_card(config: dict, *, kind: str, repo_id: str | None = None, where: st
         meta["datasets"] = [data]
     name = repo_id or ("a vqgpt text-to-image model" if kind == "text-to-image" else "a vqgpt image tokenizer")
     parts = ["---", *(_yaml_line(k, v) for k, v in meta.items()), "---", "", f"# {name}", "",
-             _summary(config, kind, n_params or count_params(config, kind)), "",
+             _summary(config, kind, n_params), "",
              "## Training data", "", _data_line(trained_on, credit), ""]
     parts += ["## Evaluation", "", *_evaluation_lines(config.get("evaluation")), ""]
     if kind == "text-to-image":
@@ -209,26 +193,6 @@ def model_card(config: dict, *, kind: str, repo_id: str | None = None, where: st
     if v:
         parts += ["## Versions", "", ", ".join(f"{k} {ver}" for k, ver in v.items() if ver), ""]
     return "\n".join(parts)
-
-
-def count_params(config: dict, kind: str) -> int | None:
-    """Parameters of the model a config.json describes (the GPT built on the meta device: no memory, no init;
-    vector-quantize-pytorch's FSQ reads its tensors while it is built, so the tokenizer on the CPU)."""
-    import torch
-
-    try:
-        if kind == "image-tokenizer":
-            from .tokenizer import METADATA, ImageTokenizer, TokenizerConfig
-
-            model = ImageTokenizer(TokenizerConfig.from_dict({k: v for k, v in config.items() if k not in METADATA}))
-        else:
-            from .model import GPT, GPTConfig
-
-            with torch.device("meta"):
-                model = GPT(GPTConfig.from_dict(config["gpt"]))
-    except (ValueError, TypeError, KeyError, RuntimeError):  # still a card for a config this version cannot build
-        return None
-    return sum(p.numel() for p in model.parameters())
 
 
 def looks_hub_dataset(data: str) -> bool:

@@ -168,7 +168,7 @@ def decode(values: list[dict], image_size: int, where: str = "") -> torch.Tensor
 
 def decode_one(value: dict, image_size: int) -> torch.Tensor | None:
     """One undecoded `datasets` image -> uint8 (3, S, S), or None when it cannot be decoded."""
-    from .data import _open_image, square_tensor, to_rgb
+    from .data.images import _open_image, square_tensor, to_rgb
 
     try:
         return square_tensor(to_rgb(_open_image(value)), image_size)
@@ -182,7 +182,7 @@ def decode_views(value: dict, image_size: int, views: int, seed: int) -> list[to
     `seed` (extraction-time augmentation for photos, as LlamaGen's ten-crop codes)."""
     import random
 
-    from .data import _open_image, square_tensor, to_rgb
+    from .data.images import _open_image, square_tensor, to_rgb
 
     try:
         image = to_rgb(_open_image(value))

@@ -17,33 +17,41 @@ Layout of a saved pipeline (what `train.py gpt --out DIR` writes):
     DIR/text_tokenizer/      TextTokenizer.save_pretrained
 
 A LoRA fine-tune (`train.py gpt --init BASE --lora-rank R`) saves `adapter/` and a "base" entry in
-config.json instead of model.safetensors; loading it loads the base too (see vqgpt/finetune.py).
+config.json instead of model.safetensors; loading it loads the base too (see vqgpt/adapters.py).
 """
 
 from __future__ import annotations
 
-import json
-import numbers
 import os
-import secrets
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from .checkpoint import atomic_write_bytes, read_json_file, save_weights
+from .adapters import ADAPTER_DIR, Adapter, grow_text_vocab, load_adapter, save_adapter
 from .generate import SamplingConfig, generate
+from .io import MAX_LABEL as MAX_LABEL  # re-exported, as image_grid: sample.py, train.py, vqgpt.eval get them here
+from .io import (
+    atomic_write_bytes,
+    atomic_write_json,
+    load_state_strict,
+    read_json_file,
+    save_weights,
+    to_pil_list,
+    weights_fingerprint,
+)
+from .io import image_grid as image_grid
 from .model import GPT, GPTConfig
-from .tokenizer import ImageTokenizer, load_state_strict
+from .seeds import FRESH_SEEDS as FRESH_SEEDS  # re-exported: app.py gets it here
+from .seeds import _check_num_images, _text_list, image_seeds, negative_rows
+from .tokenizer import ImageTokenizer
 
 MODEL_TYPE = "vqgpt-text-to-image"
 OUTPUT_TYPES = ("pil", "pt", "np")
 # What a hub snapshot of a pipeline fetches: the public format, never a pushed run's checkpoints/ or samples/.
 HUB_FILES = ["config.json", "model.safetensors", "README.md", "image_tokenizer/*", "text_tokenizer/*", "adapter/*",
              "scorer/*"]
-SEED_LIMIT = 2**62  # every image's seed is an int in [0, SEED_LIMIT): int64 arithmetic never overflows
-FRESH_SEEDS = 2**31  # seed=None draws from [0, FRESH_SEEDS): short enough to read back and type
 
 
 @dataclass
@@ -69,7 +77,7 @@ class TextToImage:
         self.image_tokenizer = image_tokenizer
         self.text_tokenizer = text_tokenizer
         self.sampling = sampling or SamplingConfig()
-        self.adapter = adapter  # finetune.Adapter when the GPT carries unmerged LoRA adapters
+        self.adapter = adapter  # an adapters.Adapter when the GPT carries unmerged LoRA adapters
         self.trained_on = trained_on  # the training data and caption filter, for evaluations (vqgpt/eval.py)
         self.scorer = None  # an ImageTextScorer (vqgpt/lit.py) saved in DIR/scorer/: the default for rerank=N
         self.evaluation: dict | None = None  # recorded evaluation figures (`python -m vqgpt.eval ... --record`)
@@ -211,8 +219,6 @@ class TextToImage:
         self.text_tokenizer.save_pretrained(path / "text_tokenizer")
         config = self.config_dict()
         if self.adapter is not None:
-            from .finetune import ADAPTER_DIR, save_adapter
-
             save_adapter(path / ADAPTER_DIR, self.adapter.peft_model, gpt_state)
             base = os.path.relpath(Path(self.adapter.base_path).resolve(), path.resolve())
             config["base"] = {"path": base, "gpt": self.adapter.base_fingerprint}
@@ -225,22 +231,18 @@ class TextToImage:
                           n_params=self.gpt.num_params())
         atomic_write_bytes(path / CARD_NAME, card.encode())
         # config.json last: a directory with a config names weights that are already in place.
-        atomic_write_bytes(path / "config.json", (json.dumps(config, indent=2) + "\n").encode())
+        atomic_write_json(path / "config.json", config)
 
     def push_to_hub(self, repo_id: str, *, token: str | bool | None = None, private: bool | None = None,
                     revision: str | None = None, commit_message: str | None = None) -> str:
         """save_pretrained into a fresh directory (the model, its tokenizers and card; no training state) and
         upload it to the hub repo `repo_id`, created if need be -> the commit's URL."""
-        import tempfile
-
-        from .hub import push_folder
+        from .hub import push_pretrained
 
         if self.adapter is not None:
             raise ValueError("this pipeline holds LoRA adapters over a local base model: merge_adapter() first, "
                              "so that the hub repo holds a model that loads on its own")
-        with tempfile.TemporaryDirectory() as tmp:
-            self.save_pretrained(tmp, repo_id=repo_id)
-            return push_folder(tmp, repo_id, token=token, private=private, revision=revision,
+        return push_pretrained(self, repo_id, token=token, private=private, revision=revision,
                                commit_message=commit_message or "Upload vqgpt text-to-image model")
 
     @classmethod
@@ -255,47 +257,88 @@ class TextToImage:
         (bfloat16 on CUDA, float32 elsewhere), a torch dtype or one of its names ("fp32", "bf16", "fp16", ...);
         the image tokenizer stays in float32."""
         from .hub import snapshot
-        from .text import TextTokenizer
 
         dtype = resolve_dtype(torch_dtype, device)  # a bad name fails before anything is loaded
         path = snapshot(path, what="text-to-image model", revision=revision, token=token, cache_dir=cache_dir,
                         allow_patterns=HUB_FILES)
         config = read_config(path)
-        image_tok = ImageTokenizer.from_pretrained(path / "image_tokenizer", device=device)
-        text_tok = TextTokenizer.from_pretrained(path / "text_tokenizer")
-        for name, tok in (("image_tokenizer", image_tok), ("text_tokenizer", text_tok)):
-            if config.get(name) and config[name] != tok.fingerprint():
-                raise ValueError(
-                    f"{path / name} is not the {name.replace('_', ' ')} this GPT was trained with "
-                    f"(fingerprint {tok.fingerprint()}, config.json expects {config[name]})"
-                )
-        known = {f.name for f in fields(SamplingConfig)}
-        unknown = sorted(set(config.get("sampling") or {}) - known)
-        if unknown:
-            raise ValueError(f"{path / 'config.json'}: unknown sampling settings {unknown}; known: {sorted(known)}")
-        sampling = SamplingConfig(**(config.get("sampling") or {}))
-        try:
-            sampling.validate(image_tok.codebook_size)
-        except ValueError as e:
-            raise ValueError(f"{path / 'config.json'}: saved sampling defaults are invalid: {e}") from None
-        trained_on = config.get("trained_on")
-        if "base" not in config:
-            gpt = GPT(GPTConfig.from_dict(config["gpt"]))
+        image_tok, text_tok = _load_tokenizers(path, config, device)
+        sampling = _saved_sampling(path, config, image_tok.codebook_size)
+        if "base" in config:
+            gpt, adapter = _load_lora_gpt(path, config, base, device)
+        else:
+            gpt, adapter = GPT(GPTConfig.from_dict(config["gpt"])), None
             load_state_strict(gpt, str(path / "model.safetensors"))
-            pipe = cls(gpt.to(device, dtype).eval(), image_tok, text_tok, sampling, trained_on=trained_on)
-            pipe.evaluation = config.get("evaluation")
-            return _with_scorer(pipe, path, device)
-        from .finetune import ADAPTER_DIR, Adapter, grow_text_vocab, load_adapter, load_base_gpt, weights_fingerprint
-
-        gpt, base_path = load_base_gpt(path, config, base, device)
-        fingerprint = weights_fingerprint(gpt)
-        gpt = grow_text_vocab(gpt, config["gpt"]["text_vocab_size"])  # new rows come from the adapter
-        gpt.config.cfg_dropout = config["gpt"]["cfg_dropout"]
-        peft_model = load_adapter(gpt, path / ADAPTER_DIR)
-        pipe = cls(gpt.to(device).eval(), image_tok, text_tok, sampling, Adapter(peft_model, base_path, fingerprint),
-                   trained_on)
+        pipe = cls(gpt.to(device).eval(), image_tok, text_tok, sampling, adapter, config.get("trained_on"))
         pipe.evaluation = config.get("evaluation")
-        return _with_scorer((pipe.merge_adapter() if merge else pipe).to(dtype=dtype), path, device)
+        if merge:
+            pipe.merge_adapter()
+        return _with_scorer(pipe.to(dtype=dtype), path, device)
+
+
+def _load_tokenizers(path: Path, config: dict, device):
+    """The image and text tokenizers of a pipeline directory, each checked against the fingerprint its
+    config.json recorded at training time."""
+    from .text import TextTokenizer
+
+    image_tok = ImageTokenizer.from_pretrained(path / "image_tokenizer", device=device)
+    text_tok = TextTokenizer.from_pretrained(path / "text_tokenizer")
+    for name, tok in (("image_tokenizer", image_tok), ("text_tokenizer", text_tok)):
+        if config.get(name) and config[name] != tok.fingerprint():
+            raise ValueError(
+                f"{path / name} is not the {name.replace('_', ' ')} this GPT was trained with "
+                f"(fingerprint {tok.fingerprint()}, config.json expects {config[name]})"
+            )
+    return image_tok, text_tok
+
+
+def _saved_sampling(path: Path, config: dict, codebook_size: int) -> SamplingConfig:
+    """The sampling defaults a config.json holds, checked as a call's own settings would be."""
+    known = {f.name for f in fields(SamplingConfig)}
+    unknown = sorted(set(config.get("sampling") or {}) - known)
+    if unknown:
+        raise ValueError(f"{path / 'config.json'}: unknown sampling settings {unknown}; known: {sorted(known)}")
+    sampling = SamplingConfig(**(config.get("sampling") or {}))
+    try:
+        sampling.validate(codebook_size)
+    except ValueError as e:
+        raise ValueError(f"{path / 'config.json'}: saved sampling defaults are invalid: {e}") from None
+    return sampling
+
+
+def _load_lora_gpt(path: Path, config: dict, base: str | os.PathLike | None, device) -> tuple[GPT, Adapter]:
+    """A LoRA fine-tune's GPT: its base (checked), the text vocabulary grown to the fine-tune's (the new rows
+    come from the adapter), the adapter attached unmerged."""
+    gpt, base_path = load_base_gpt(path, config, base, device)
+    gpt = grow_text_vocab(gpt, config["gpt"]["text_vocab_size"])
+    gpt.config.cfg_dropout = config["gpt"]["cfg_dropout"]
+    peft_model = load_adapter(gpt, path / ADAPTER_DIR)
+    return gpt, Adapter(peft_model, base_path, config["base"]["gpt"])
+
+
+def load_base_gpt(adapter_dir: Path, config: dict, base: str | os.PathLike | None, device) -> tuple[GPT, str]:
+    """The base GPT a LoRA adapter was trained on, checked against the fingerprint recorded in config.json."""
+    recorded = config["base"]
+    base_path = Path(base) if base is not None else (adapter_dir / recorded["path"])
+    if base_path.resolve() == Path(adapter_dir).resolve() or \
+            (base_path / "config.json").is_file() and "base" in read_config(base_path):
+        # a base that is itself an adapter (or this very directory) would recurse without end
+        raise ValueError(f"the base of the LoRA adapter in {adapter_dir}, {base_path}, is not a plain model; "
+                         f"an adapter's base must be one (merge a LoRA base first: python -m vqgpt.finetune merge)")
+    try:
+        base_pipe = TextToImage.from_pretrained(base_path, device=device)
+    except FileNotFoundError as e:
+        raise FileNotFoundError(
+            f"the LoRA adapter in {adapter_dir} needs its base model, expected at {base_path}: {e}. "
+            "Pass the base's directory: TextToImage.from_pretrained(DIR, base=BASE_DIR)"
+        ) from e
+    fp = weights_fingerprint(base_pipe.gpt)
+    if fp != recorded["gpt"]:
+        raise ValueError(
+            f"{base_path} is not the base the adapter in {adapter_dir} was trained on (its GPT weights have "
+            f"fingerprint {fp}, the adapter expects {recorded['gpt']}); pass the right base directory"
+        )
+    return base_pipe.gpt, str(base_path)
 
 
 SCORER_DIR = "scorer"  # a LiT scorer saved inside a pipeline directory is loaded with it
@@ -317,84 +360,13 @@ def _one_of(name: str, value, alias: str, alias_value, default):
     return value if value is not None else alias_value if alias_value is not None else default
 
 
-def _text_list(texts, what: str) -> list[str]:
-    """A string or a list of strings -> a non-empty list of valid UTF-8 strings (else ValueError)."""
-    if isinstance(texts, str):
-        texts = [texts]
-    if not isinstance(texts, (list, tuple)):
-        raise ValueError(f"{what} must be a string or a list of strings, got {type(texts).__name__}")
-    if not texts:
-        raise ValueError(f"{what} is empty: pass at least one prompt (use '' for an unconditional image)")
-    for t in texts:
-        if not isinstance(t, str):
-            raise ValueError(f"{what} must be strings, got {type(t).__name__} {t!r:.60}")
-        try:
-            t.encode("utf-8")
-        except UnicodeEncodeError:
-            raise ValueError(f"{what} {t!r:.80} is not valid text (lone surrogates: bytes that were not "
-                             f"UTF-8)") from None
-    return list(texts)
-
-
-def negative_rows(negative_prompt, n_prompts: int, num_images: int) -> list[str] | None:
-    """One negative prompt per image (prompt-major), from one for all prompts or one per prompt; None stays."""
-    if negative_prompt is None:
-        return None
-    negatives = _text_list(negative_prompt, "negative_prompt")
-    if len(negatives) == 1:
-        negatives = negatives * n_prompts
-    if len(negatives) != n_prompts:
-        raise ValueError(f"negative_prompt has {len(negatives)} entries for {n_prompts} prompts: "
-                         f"give one string, or one per prompt")
-    return [t for t in negatives for _ in range(num_images)]
-
-
-def image_seeds(seed, generator, count: int) -> list[int]:
-    """One seed per image: seed + k for an int, the list itself (one per image), drawn from `generator`
-    (a torch.Generator: seed + k from one draw; a list of them: one draw each), or, for None, fresh."""
-    if seed is not None and generator is not None:
-        raise ValueError("pass seed or generator (two ways to fix the seeds), not both")
-    if generator is not None:
-        gens = list(generator) if isinstance(generator, (list, tuple)) else [generator]
-        if not all(isinstance(g, torch.Generator) for g in gens):
-            raise ValueError(f"generator must be a torch.Generator or a list of them, got {generator!r:.80}")
-        drawn = [int(torch.randint(FRESH_SEEDS, (), generator=g, device=g.device)) for g in gens]
-        if isinstance(generator, (list, tuple)):
-            if len(drawn) != count:
-                raise ValueError(f"{len(drawn)} generators for {count} images: give one, or one per image")
-            return drawn
-        seed = drawn[0]
-    if seed is None:
-        seed = secrets.randbelow(FRESH_SEEDS)
-    if isinstance(seed, (list, tuple)):
-        if len(seed) != count:
-            raise ValueError(f"{len(seed)} seeds for {count} images: give one int, or one seed per image")
-        seeds = list(seed)
-    else:
-        seeds = [seed + k for k in range(count)] if _is_seed(seed) else [seed]
-    bad = [s for s in seeds if not _is_seed(s) or not 0 <= s < SEED_LIMIT]
-    if bad:
-        raise ValueError(f"seeds must be ints in [0, 2**62), got {bad[0]!r:.40}")
-    return [int(s) for s in seeds]
-
-
-def _check_num_images(n) -> int:
-    if not isinstance(n, int) or isinstance(n, bool) or n < 1:
-        raise ValueError(f"num_images must be an int >= 1, got {n!r}")
-    return n
-
-
-def _is_seed(x) -> bool:
-    return isinstance(x, numbers.Integral) and not isinstance(x, bool)
-
-
 def _pixels_as(pixels: torch.Tensor, output_type: str):
     """float (b, 3, H, W) in [0, 1] -> a list of PIL images, the tensor itself, or float32 (b, H, W, 3)."""
     if output_type == "pt":
         return pixels
     if output_type == "np":
         return pixels.permute(0, 2, 3, 1).float().cpu().numpy()
-    return _to_pil_list(pixels)
+    return to_pil_list(pixels)
 
 
 DTYPE_NAMES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
@@ -417,39 +389,6 @@ def resolve_dtype(torch_dtype: torch.dtype | str, device: str | torch.device) ->
     if dtype not in (torch.float32, torch.bfloat16, torch.float16):
         raise ValueError(f"torch_dtype must be float32, bfloat16 or float16, got {dtype}")
     return dtype
-
-
-MAX_LABEL = 60  # characters of a grid row's label
-
-
-def image_grid(rows: list, labels: list[str] | None = None, pad: int = 2):
-    """Tile rows of images (lists of PIL images, or float tensors (n, 3, H, W) in [0, 1]) into one PIL
-    image, one row per entry, with an optional text label at the left of each row."""
-    from PIL import Image, ImageDraw
-
-    rows = [_to_pil_list(r) for r in rows]
-    W, H = rows[0][0].size
-    n = max(len(r) for r in rows)
-    if labels:  # a label is one line of the default font, 6 px a character: long prompts are cut short
-        labels = [s if len(s) <= MAX_LABEL else s[:MAX_LABEL - 3] + "..." for s in labels]
-    label_w = 0 if not labels else 8 + 6 * max(len(s) for s in labels)
-    grid = Image.new("RGB", (label_w + n * (W + pad) + pad, len(rows) * (H + pad) + pad), "white")
-    draw = ImageDraw.Draw(grid)
-    for r, images in enumerate(rows):
-        for c, im in enumerate(images):
-            grid.paste(im, (label_w + pad + c * (W + pad), pad + r * (H + pad)))
-        if labels:
-            draw.text((4, pad + r * (H + pad) + H // 2 - 5), labels[r], fill="black")
-    return grid
-
-
-def _to_pil_list(images) -> list:
-    from PIL import Image
-
-    if torch.is_tensor(images):
-        arr = (images.detach().float().clamp(0, 1).permute(0, 2, 3, 1) * 255).round().to(torch.uint8)
-        return [Image.fromarray(a) for a in arr.cpu().numpy()]
-    return list(images)
 
 
 def read_config(path: Path) -> dict:

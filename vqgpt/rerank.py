@@ -20,7 +20,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .pipeline import SEED_LIMIT
+from .seeds import SEED_LIMIT
 
 SELF = "self"  # scorer="self": the GPT's own evidence for the caption, no second model
 CANDIDATE_STRIDE = 2**40  # seed distance between a row's candidates
@@ -85,7 +85,7 @@ def rerank_codes(pipe, prompts: str | list[str], num_images: int = 1, *, seed: i
     seed: an int (row r's plain seed is seed + r) or one seed per row, as for the pipeline. With min_score,
     rows whose best is still below it get `rerank` fresh candidates again, up to max_rounds rounds in all; a row
     keeps its best candidate so far. kw: sampling settings and generate_codes' options (compile, progress)."""
-    from .pipeline import _text_list, image_seeds, negative_rows
+    from .seeds import _text_list, image_seeds, negative_rows
 
     prompts = _text_list(prompts, "prompts")
     for name, value in (("rerank", rerank), ("max_rounds", max_rounds)):

@@ -14,13 +14,14 @@ transformers and tokenizers are imported inside the functions that use them so `
 
 from __future__ import annotations
 
-import hashlib
 import json
 import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
+
+from .io import json_fingerprint
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -130,8 +131,7 @@ class TextTokenizer:
             "merges": model.get("merges"),
             "pad_id": self.pad_id,
         }
-        blob = json.dumps(state, ensure_ascii=True, separators=(",", ":")).encode()
-        return hashlib.sha256(blob).hexdigest()[:16]
+        return json_fingerprint(state)
 
     def __repr__(self) -> str:
         return f"TextTokenizer(vocab_size={self.vocab_size}, pad_id={self.pad_id}, {type(self.hf).__name__})"

@@ -15,8 +15,6 @@ This module needs only torch, vector-quantize-pytorch and safetensors (huggingfa
 
 from __future__ import annotations
 
-import hashlib
-import json
 import math
 import os
 from dataclasses import dataclass, field, fields
@@ -25,6 +23,15 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from .io import (
+    atomic_write_bytes,
+    atomic_write_json,
+    load_state_strict,
+    model_fingerprint,
+    read_json_file,
+    save_weights,
+)
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
@@ -344,16 +351,11 @@ class ImageTokenizer(nn.Module):
     # --- persistence ------------------------------------------------------------------------------------
     def fingerprint(self) -> str:
         """A short hash of config and weights: code caches and GPT checkpoints are keyed by it."""
-        h = hashlib.sha256(json.dumps(self.config.to_dict(), sort_keys=True, default=list).encode())
-        for name, t in sorted(self.state_dict().items()):
-            h.update(name.encode())
-            h.update(t.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
-        return h.hexdigest()[:16]
+        return model_fingerprint(self.config.to_dict(), self.state_dict())
 
     def save_pretrained(self, path: str | os.PathLike, *, model_card: bool = True, repo_id: str | None = None) -> None:
         """Write config.json + model.safetensors (+ README.md, a model card) into the directory `path`
         (atomically, file by file). repo_id: the hub repo the card's usage snippet names."""
-        from .checkpoint import atomic_write_bytes, save_weights
         from .hub import CARD_NAME, versions
         from .hub import model_card as card
 
@@ -366,18 +368,14 @@ class ImageTokenizer(nn.Module):
             atomic_write_bytes(path / CARD_NAME, card(config, kind="image-tokenizer", repo_id=repo_id,
                                                       where=str(path), n_params=n_params).encode())
         # config.json last: a directory with a config names weights that are already in place.
-        atomic_write_bytes(path / CONFIG_NAME, (json.dumps(config, indent=2, default=list) + "\n").encode())
+        atomic_write_json(path / CONFIG_NAME, config)
 
     def push_to_hub(self, repo_id: str, *, token: str | bool | None = None, private: bool | None = None,
                     revision: str | None = None, commit_message: str | None = None) -> str:
         """save_pretrained into a fresh directory and upload it to the hub repo `repo_id` -> the commit URL."""
-        import tempfile
+        from .hub import push_pretrained
 
-        from .hub import push_folder
-
-        with tempfile.TemporaryDirectory() as tmp:
-            self.save_pretrained(tmp, repo_id=repo_id)
-            return push_folder(tmp, repo_id, token=token, private=private, revision=revision,
+        return push_pretrained(self, repo_id, token=token, private=private, revision=revision,
                                commit_message=commit_message or "Upload vqgpt image tokenizer")
 
     @classmethod
@@ -387,8 +385,6 @@ class ImageTokenizer(nn.Module):
         """Load from a local directory, or from a hub repo id "owner/name" (huggingface_hub's snapshot_download:
         revision a branch, tag or commit; token for private repos; cache_dir instead of the hub cache)."""
         config_file, weights_file = _resolve_files(path, revision=revision, token=token, cache_dir=cache_dir)
-        from .checkpoint import read_json_file
-
         raw = read_json_file(config_file, "tokenizer config")
         if raw.get("model_type", MODEL_TYPE) != MODEL_TYPE:
             raise ValueError(f"{config_file} describes a {raw['model_type']!r}, not an image tokenizer")
@@ -413,46 +409,5 @@ def _resolve_files(path, **hub) -> tuple[str, str]:
     return str(local / CONFIG_NAME), str(local / WEIGHTS_NAME)
 
 
-def load_state_strict(model: nn.Module, weights_file: str) -> None:
-    """Load safetensors weights, failing with the names of missing, unexpected or misshapen tensors."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
-    try:
-        state = load_file(weights_file)
-    except (SafetensorError, OSError, ValueError) as e:
-        raise ValueError(f"cannot read weights {weights_file}: {e} (truncated or not a safetensors file?)") from e
-    expected = model.state_dict()
-    missing = sorted(set(expected) - set(state))
-    unexpected = sorted(set(state) - set(expected))
-    misshapen = [
-        f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(v.shape)}"
-        for k, v in expected.items()
-        if k in state and state[k].shape != v.shape
-    ]
-    problems = []
-    if missing:
-        problems.append(f"missing {len(missing)} ({', '.join(missing[:5])}{', ...' if len(missing) > 5 else ''})")
-    if unexpected:
-        problems.append(
-            f"unexpected {len(unexpected)} ({', '.join(unexpected[:5])}{', ...' if len(unexpected) > 5 else ''})"
-        )
-    if misshapen:
-        problems.append(f"misshapen {len(misshapen)} ({'; '.join(misshapen[:3])})")
-    if not problems:  # the right names and shapes: now the values (NaN or int weights would draw garbage)
-        wrong = [f"{k}: {state[k].dtype} vs {v.dtype}" for k, v in expected.items()
-                 if state[k].dtype != v.dtype and not (state[k].is_floating_point() and v.is_floating_point())]
-        if wrong:
-            problems.append(f"wrong dtype {len(wrong)} ({'; '.join(wrong[:3])})")
-        bad = [k for k, v in state.items() if v.is_floating_point() and not torch.isfinite(v).all()]
-        if bad:
-            problems.append(f"non-finite values (NaN or inf) in {len(bad)} ({', '.join(bad[:5])})")
-    if problems:
-        raise ValueError(
-            f"weights in {weights_file} do not match the {type(model).__name__} described by its config: "
-            + "; ".join(problems)
-        )
-    model.load_state_dict(state, strict=True)
-
-
+# load_state_strict lives in vqgpt.io; it stays importable from here, where lit.py, perceptual.py and train.py get it.
 __all__ = ["ImageTokenizer", "TokenizerConfig", "PRESETS", "tokenizer_config", "load_state_strict"]
