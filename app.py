@@ -39,13 +39,19 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--ckpt", required=True, help="a TextToImage directory (train.py gpt --out)")
     p.add_argument("--port", type=int, default=7860, help="port to serve on (default: %(default)s)")
-    p.add_argument("--host", default="127.0.0.1", help="address to listen on; 0.0.0.0 for other machines "
-                   "(default: %(default)s)")
-    p.add_argument("--device", default="auto", choices=DEVICES, help="auto: cuda when torch sees one, else cpu "
-                   "(default: %(default)s)")
+    p.add_argument(
+        "--host", default="127.0.0.1", help="address to listen on; 0.0.0.0 for other machines (default: %(default)s)"
+    )
+    p.add_argument(
+        "--device",
+        default="auto",
+        choices=DEVICES,
+        help="auto: cuda when torch sees one, else cpu (default: %(default)s)",
+    )
     add_debug_flag(p)
-    p.add_argument("--max-batch", type=int, default=MAX_BATCH,
-                   help="requests sampled together in one batch (default: %(default)s)")
+    p.add_argument(
+        "--max-batch", type=int, default=MAX_BATCH, help="requests sampled together in one batch (default: %(default)s)"
+    )
     return p.parse_args(argv)
 
 
@@ -92,12 +98,19 @@ def model_facts(pipe, ckpt: str) -> str:
     config, tok, own = pipe.gpt.config, pipe.image_tokenizer, pipe.trained_on or {}
     card = _card_metadata(Path(ckpt) / "README.md")
     rows = [
-        ("model", f"a {pipe.gpt.num_params() / 1e6:.1f}M-parameter text-to-image GPT ({config.n_layer} layers, width "
-                  f"{config.dim}), from {ckpt}"),
-        ("images", f"{tok.image_size}x{tok.image_size} pixels, {tok.grid_size}x{tok.grid_size} codes of "
-                   f"{tok.codebook_size}"),
-        ("trained on", ", ".join(f"{k} {v}" for k, v in own.items() if k != "prompts" and v is not None) or
-         "not recorded"),
+        (
+            "model",
+            f"a {pipe.gpt.num_params() / 1e6:.1f}M-parameter text-to-image GPT ({config.n_layer} layers, width "
+            f"{config.dim}), from {ckpt}",
+        ),
+        (
+            "images",
+            f"{tok.image_size}x{tok.image_size} pixels, {tok.grid_size}x{tok.grid_size} codes of {tok.codebook_size}",
+        ),
+        (
+            "trained on",
+            ", ".join(f"{k} {v}" for k, v in own.items() if k != "prompts" and v is not None) or "not recorded",
+        ),
         ("licence", card.get("license", "not recorded")),
         ("text", f"up to {config.text_len} tokens of a {pipe.text_tokenizer.vocab_size}-token vocabulary"),
         ("sampling defaults", ", ".join(f"{k} {v}" for k, v in asdict(pipe.sampling).items() if v is not None)),
@@ -135,15 +148,20 @@ def check_request(pipe, prompt, negative, n_images, guidance, top_k, top_p, temp
         return "A negative prompt acts through guidance: set guidance above 1, or clear the negative prompt."
     try:
         SamplingConfig(**{**asdict(pipe.sampling), **sampling_args(guidance, top_k, top_p, temperature)}).validate(
-            pipe.gpt.config.image_vocab_size)
+            pipe.gpt.config.image_vocab_size
+        )
     except (ValueError, TypeError) as e:
         return f"Invalid sampling setting: {e}"
     return None
 
 
 def sampling_args(guidance, top_k, top_p, temperature) -> dict:
-    return {"cfg_scale": float(guidance), "top_k": None if top_k is None else int(top_k), "top_p": float(top_p),
-            "temperature": float(temperature)}
+    return {
+        "cfg_scale": float(guidance),
+        "top_k": None if top_k is None else int(top_k),
+        "top_p": float(top_p),
+        "temperature": float(temperature),
+    }
 
 
 def generate_batch(pipe, prompts, negatives, n_images, guidances, top_ks, top_ps, temperatures, seeds):
@@ -161,8 +179,9 @@ def generate_batch(pipe, prompts, negatives, n_images, guidances, top_ks, top_ps
     galleries, notes = [[] for _ in range(n)], [""] * n
     groups: dict[tuple, list[int]] = {}
     for i in range(n):
-        problem = check_request(pipe, prompts[i], negatives[i], n_images[i], guidances[i], top_ks[i], top_ps[i],
-                                temperatures[i], seeds[i])
+        problem = check_request(
+            pipe, prompts[i], negatives[i], n_images[i], guidances[i], top_ks[i], top_ps[i], temperatures[i], seeds[i]
+        )
         if problem:
             notes[i] = problem
             continue
@@ -173,8 +192,13 @@ def generate_batch(pipe, prompts, negatives, n_images, guidances, top_ks, top_ps
         rows = [(i, j) for i in members for j in range(int(n_images[i]))]
         negative = [negatives[i] or "" for i, _ in rows] if any(negatives[i] for i in members) else None
         try:
-            out = pipe([prompts[i] for i, _ in rows], num_images=1, seed=[seeds[i] + j for i, j in rows],
-                       negative_prompt=negative, **dict(key))
+            out = pipe(
+                [prompts[i] for i, _ in rows],
+                num_images=1,
+                seed=[seeds[i] + j for i, j in rows],
+                negative_prompt=negative,
+                **dict(key),
+            )
         except (ValueError, TypeError) as e:
             for i in members:
                 notes[i] = f"Could not sample: {e}"
@@ -203,14 +227,25 @@ def build_demo(pipe, ckpt: str, max_batch: int = MAX_BATCH):
     # None where the argument defaults to None: top-k and the seed). With batch=True each argument is a list,
     # one entry per request. An API request that the page would have refused gets an empty gallery and the
     # reason in place of its seed (raising would fail the other requests of its batch).
-    def generate(prompt, negative_prompt=None, num_images=None, guidance=None, top_k=None, top_p=None,
-                 temperature=None, seed=None):
+    def generate(
+        prompt,
+        negative_prompt=None,
+        num_images=None,
+        guidance=None,
+        top_k=None,
+        top_p=None,
+        temperature=None,
+        seed=None,
+    ):
         t0 = time.perf_counter()
         with torch.inference_mode():
-            galleries, notes = generate_batch(pipe, prompt, negative_prompt, num_images, guidance, top_k, top_p,
-                                              temperature, seed)
-        print(f"batch of {len(prompt)} requests: {sum(map(len, galleries))} images in {time.perf_counter() - t0:.2f} s",
-              flush=True)
+            galleries, notes = generate_batch(
+                pipe, prompt, negative_prompt, num_images, guidance, top_k, top_p, temperature, seed
+            )
+        print(
+            f"batch of {len(prompt)} requests: {sum(map(len, galleries))} images in {time.perf_counter() - t0:.2f} s",
+            flush=True,
+        )
         return galleries, notes
 
     with gr.Blocks(title="vqgpt") as demo:
@@ -218,17 +253,18 @@ def build_demo(pipe, ckpt: str, max_batch: int = MAX_BATCH):
         with gr.Row():
             with gr.Column(scale=2):
                 prompt = gr.Textbox(label="Prompt", placeholder="e.g. " + (example_prompts(pipe, 1) or ["a cat"])[0])
-                negative = gr.Textbox(value="", label="Negative prompt",
-                                      placeholder="guidance pushes away from this (optional)")
+                negative = gr.Textbox(
+                    value="", label="Negative prompt", placeholder="guidance pushes away from this (optional)"
+                )
                 button = gr.Button("Generate", variant="primary")
                 with gr.Accordion("Settings", open=True):
                     n_images = gr.Number(value=4, precision=0, label=f"Number of images (1 to {MAX_IMAGES})")
                     guidance = gr.Slider(1.0, 10.0, value=s.cfg_scale, step=0.5, label="Guidance (CFG scale)")
-                    top_k = gr.Number(value=s.top_k or codes, precision=0,
-                                      label=f"top-k (codes sampled from; {codes}: all of them)")
+                    top_k = gr.Number(
+                        value=s.top_k or codes, precision=0, label=f"top-k (codes sampled from; {codes}: all of them)"
+                    )
                     top_p = gr.Slider(0.05, 1.0, value=s.top_p, step=0.05, label="top-p")
-                    temperature = gr.Slider(0.0, 2.0, value=s.temperature, step=0.05,
-                                            label="Temperature (0: greedy)")
+                    temperature = gr.Slider(0.0, 2.0, value=s.temperature, step=0.05, label="Temperature (0: greedy)")
                     seed = gr.Number(value=-1, precision=0, label="Seed (-1: a random one, shown after)")
             with gr.Column(scale=3):
                 gallery = gr.Gallery(label="Images", columns=4, height="auto", format="png", elem_id="gallery")
@@ -238,10 +274,23 @@ def build_demo(pipe, ckpt: str, max_batch: int = MAX_BATCH):
         if examples:
             gr.Examples([[e] for e in examples], inputs=[prompt], label="Captions the model was trained on")
         gr.Markdown("### The model\n" + model_facts(pipe, ckpt))
-        gr.on([button.click, prompt.submit], check, inputs, None, concurrency_limit=None, api_visibility="private",
-              show_progress="hidden").success(
-            generate, inputs, [gallery, used], batch=True, max_batch_size=max_batch, api_name="generate",
-            concurrency_limit=1)
+        gr.on(
+            [button.click, prompt.submit],
+            check,
+            inputs,
+            None,
+            concurrency_limit=None,
+            api_visibility="private",
+            show_progress="hidden",
+        ).success(
+            generate,
+            inputs,
+            [gallery, used],
+            batch=True,
+            max_batch_size=max_batch,
+            api_name="generate",
+            concurrency_limit=1,
+        )
     return demo
 
 
@@ -268,8 +317,9 @@ def main(argv=None):
             raise ValueError("the web demo needs gradio: pip install 'vqgpt[app]'") from None
         demo = build_demo(pipe, args.ckpt, args.max_batch)
         print(f"serving {args.ckpt} on http://{args.host}:{args.port}", flush=True)
-        demo.queue(default_concurrency_limit=1).launch(server_name=args.host, server_port=args.port,
-                                                       show_error=False, quiet=True)
+        demo.queue(default_concurrency_limit=1).launch(
+            server_name=args.host, server_port=args.port, show_error=False, quiet=True
+        )
 
     run_or_exit(serve, debug=args.debug, oom_hint=f"lower --max-batch (now {args.max_batch})")
 

@@ -35,17 +35,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--revision", default=None, help="with a hub repo: its branch, tag or commit")
     p.add_argument("--prompt", action="append", default=[], help="a prompt (repeatable)")
     p.add_argument("--prompts", default=None, help="a text file with one prompt per line")
-    p.add_argument("--negative-prompt", default=None,
-                   help="the caption guidance pushes away from, instead of the null caption (needs --cfg != 1)")
+    p.add_argument(
+        "--negative-prompt",
+        default=None,
+        help="the caption guidance pushes away from, instead of the null caption (needs --cfg != 1)",
+    )
     p.add_argument("--n", type=int, default=4, help="images per prompt")
     add_sampling_flags(p)
     p.add_argument("--seed", type=int, default=0, help="image j of prompt i is drawn with seed + i * n + j")
     p.add_argument("--batch-size", type=int, default=64, help="images sampled and decoded at once (GPU memory)")
     p.add_argument("--device", default="auto", choices=DEVICES, help="auto: cuda when torch sees one, else cpu")
-    p.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
-                   help="the GPT's dtype (auto: bf16 on CUDA, fp32 elsewhere); the image decoder runs in fp32")
-    p.add_argument("--compile", action="store_true",
-                   help="torch.compile the decode step (CPU; pays off for many images: docs/BENCHMARKS.md)")
+    p.add_argument(
+        "--dtype",
+        default="auto",
+        choices=["auto", "fp32", "bf16", "fp16"],
+        help="the GPT's dtype (auto: bf16 on CUDA, fp32 elsewhere); the image decoder runs in fp32",
+    )
+    p.add_argument(
+        "--compile",
+        action="store_true",
+        help="torch.compile the decode step (CPU; pays off for many images: docs/BENCHMARKS.md)",
+    )
     p.add_argument("--cuda-graph", action="store_true", help="replay the decode step as a CUDA graph (GPU)")
     add_rerank_flags(p)
     p.add_argument("--out", default="samples/grid.png", help="the grid's path; single images go beside it")
@@ -106,8 +116,11 @@ def check_args(args, n_prompts: int) -> Path:
 
 def main(argv=None):
     args = parse_args(argv)
-    run_or_exit(lambda: sample(args), debug=args.debug,
-                oom_hint=f"lower --batch-size (now {args.batch_size}): it bounds the images sampled at once")
+    run_or_exit(
+        lambda: sample(args),
+        debug=args.debug,
+        oom_hint=f"lower --batch-size (now {args.batch_size}): it bounds the images sampled at once",
+    )
 
 
 def sample(args) -> None:
@@ -127,16 +140,25 @@ def sample(args) -> None:
     t0, n_done, grid_rows = time.time(), 0, []
     per_call = max(1, args.batch_size // args.n)  # prompts per call: about --batch-size rows in flight
     for first in range(0, len(prompts), per_call):
-        chunk = prompts[first:first + per_call]
+        chunk = prompts[first : first + per_call]
         # image j of prompt i has seed + i * n + j, as if all prompts were sampled in one call
-        result = pipe(chunk, num_images=args.n, seed=args.seed + first * args.n, batch_size=args.batch_size,
-                      negative_prompt=args.negative_prompt, progress=True, compile=args.compile,
-                      cuda_graph=args.cuda_graph, **sampling, **rerank)
+        result = pipe(
+            chunk,
+            num_images=args.n,
+            seed=args.seed + first * args.n,
+            batch_size=args.batch_size,
+            negative_prompt=args.negative_prompt,
+            progress=True,
+            compile=args.compile,
+            cuda_graph=args.cuda_graph,
+            **sampling,
+            **rerank,
+        )
         images, scores = result.images, result.scores
         for k, prompt in enumerate(chunk):
             i = first + k
             slug = re.sub(r"[^a-z0-9]+", "-", prompt.lower()).strip("-")[:40] or "unconditional"
-            row = images[k * args.n:(k + 1) * args.n]
+            row = images[k * args.n : (k + 1) * args.n]
             for j, image in enumerate(row):
                 path = out.with_name(f"{out.stem}-{i:02d}-{j}-{slug}.png")
                 image.save(path)
@@ -146,8 +168,11 @@ def sample(args) -> None:
         n_done += len(images)
     dt = time.time() - t0
     image_grid(grid_rows, labels=prompts[:GRID_PROMPTS]).save(out)
-    shown = "" if len(prompts) <= GRID_PROMPTS and args.n <= GRID_IMAGES else \
-        f" (the first {min(len(prompts), GRID_PROMPTS)} prompts, up to {GRID_IMAGES} images each)"
+    shown = (
+        ""
+        if len(prompts) <= GRID_PROMPTS and args.n <= GRID_IMAGES
+        else f" (the first {min(len(prompts), GRID_PROMPTS)} prompts, up to {GRID_IMAGES} images each)"
+    )
     print(f"grid: {out}{shown}")
     print(f"{n_done} images in {dt:.1f} s ({n_done / dt:.2f} images/s on {device})")
 

@@ -61,22 +61,31 @@ def parse_args(argv=None):
 def add_common_flags(sp: argparse.ArgumentParser, stage: str) -> None:
     """The flags every stage takes: data, run directory, model size, schedule, device, tracking."""
     d = DEMO[stage]
-    sp.add_argument("--data", default=d["data"],
-                    help="openmoji | shapes | a folder | tar shards ('dir/{00000..00099}.tar') | parquet files | "
-                         "a hub dataset name")
+    sp.add_argument(
+        "--data",
+        default=d["data"],
+        help="openmoji | shapes | a folder | tar shards ('dir/{00000..00099}.tar') | parquet files | "
+        "a hub dataset name",
+    )
     sp.add_argument("--revision", default=None, help="a hub dataset's branch, tag or commit")
-    sp.add_argument("--streaming", action="store_true",
-                    help="read tar shards, parquet files or a hub set as a stream, file by file, copying "
-                         "nothing to the cache (for sets too large to download)")
+    sp.add_argument(
+        "--streaming",
+        action="store_true",
+        help="read tar shards, parquet files or a hub set as a stream, file by file, copying "
+        "nothing to the cache (for sets too large to download)",
+    )
     sp.add_argument("--image-column", default="image", help="a hub dataset's or parquet file's image column")
     sp.add_argument("--caption-column", default="text", help="a hub dataset's or parquet file's caption column")
     sp.add_argument("--limit", type=int, default=None, help="use at most this many training images (default: all)")
-    sp.add_argument("--out", default=None, help=f"run directory (default: --resume's, else runs/"
-                    f"{DEFAULT_OUT[stage]})")
+    sp.add_argument("--out", default=None, help=f"run directory (default: --resume's, else runs/{DEFAULT_OUT[stage]})")
     sp.add_argument("--overwrite", action="store_true", help="replace the run that --out already holds")
     presets = TOK_PRESETS if stage == "tokenizer" else GPT_PRESETS
-    sp.add_argument("--preset", default=d["preset"], choices=sorted(presets),
-                    help="model size (PRESETS in vqgpt/tokenizer.py, vqgpt/model.py)")
+    sp.add_argument(
+        "--preset",
+        default=d["preset"],
+        choices=sorted(presets),
+        help="model size (PRESETS in vqgpt/tokenizer.py, vqgpt/model.py)",
+    )
     sp.add_argument("--steps", type=int, default=d["steps"], help="optimizer steps in all")
     sp.add_argument("--batch-size", type=int, default=d["batch_size"], help="global batch (all ranks)")
     sp.add_argument("--grad-accum", type=int, default=1, help="micro-batches per step (per rank)")
@@ -86,24 +95,43 @@ def add_common_flags(sp: argparse.ArgumentParser, stage: str) -> None:
     sp.add_argument("--clip", type=float, default=1.0, help="gradient norm clip")
     sp.add_argument("--seed", type=int, default=0, help="initial weights and data order")
     sp.add_argument("--save-every", type=int, default=500, help="steps between checkpoints")
-    sp.add_argument("--eval-every", type=int, default=d.get("eval_every", 500),
-                    help="steps between held-out evaluations and sample grids")
+    sp.add_argument(
+        "--eval-every",
+        type=int,
+        default=d.get("eval_every", 500),
+        help="steps between held-out evaluations and sample grids",
+    )
     sp.add_argument("--log-every", type=int, default=25, help="steps between logged losses")
     sp.add_argument("--keep", type=int, default=3, help="checkpoints to keep")
     sp.add_argument("--device", default="auto", choices=DEVICES, help="auto: cuda when torch sees one, else cpu")
-    sp.add_argument("--wandb", default=None, choices=["online", "offline", "disabled"],
-                    help="default: online with an account configured, else offline")
+    sp.add_argument(
+        "--wandb",
+        default=None,
+        choices=["online", "offline", "disabled"],
+        help="default: online with an account configured, else offline",
+    )
     sp.add_argument("--wandb-project", default=None, help="wandb project (default: $WANDB_PROJECT, else vqgpt)")
-    sp.add_argument("--wandb-name", default=None,
-                    help=f"wandb run name (default: $WANDB_NAME, else {'tok' if stage == 'tokenizer' else 'gpt'}-"
-                         "<run directory>); --resume continues the run's own wandb run (runs/<run>/wandb.json)")
+    sp.add_argument(
+        "--wandb-name",
+        default=None,
+        help=f"wandb run name (default: $WANDB_NAME, else {'tok' if stage == 'tokenizer' else 'gpt'}-"
+        "<run directory>); --resume continues the run's own wandb run (runs/<run>/wandb.json)",
+    )
     sp.add_argument("--resume", default=None, metavar="RUN_DIR", help="continue the run saved in RUN_DIR")
     sp.add_argument("--compile", action="store_true", help="torch.compile the model")
-    sp.add_argument("--workers", type=int, default=None,
-                    help="data loader processes (default: on a GPU one fewer than the cores, at most 8; "
-                         "on a CPU none up to 4 cores)")
-    sp.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp32"],
-                    help="autocast; auto: bf16 on CUDA and on CPUs with native bf16 (AVX512-BF16, AMX), else fp32")
+    sp.add_argument(
+        "--workers",
+        type=int,
+        default=None,
+        help="data loader processes (default: on a GPU one fewer than the cores, at most 8; "
+        "on a CPU none up to 4 cores)",
+    )
+    sp.add_argument(
+        "--precision",
+        default="auto",
+        choices=["auto", "bf16", "fp32"],
+        help="autocast; auto: bf16 on CUDA and on CPUs with native bf16 (AVX512-BF16, AMX), else fp32",
+    )
     add_debug_flag(sp)
 
 
@@ -112,59 +140,113 @@ def add_tokenizer_parser(sub) -> None:
     add_common_flags(tok, "tokenizer")
     tok.add_argument("--image-size", type=int, default=None, help="override the preset's image size")
     tok.add_argument("--quantizer", choices=["fsq", "vq"], default=None, help="override the preset's")
-    tok.add_argument("--norm", choices=["group", "channel"], default=None,
-                     help="override the preset's normalisation: GroupNorm over the image, or per position")
-    tok.add_argument("--fsq-levels", type=int, nargs="+", default=None, metavar="L",
-                     help="override the preset's FSQ levels per latent channel; the codebook is their product")
+    tok.add_argument(
+        "--norm",
+        choices=["group", "channel"],
+        default=None,
+        help="override the preset's normalisation: GroupNorm over the image, or per position",
+    )
+    tok.add_argument(
+        "--fsq-levels",
+        type=int,
+        nargs="+",
+        default=None,
+        metavar="L",
+        help="override the preset's FSQ levels per latent channel; the codebook is their product",
+    )
     tok.add_argument("--gan-weight", type=float, default=0.0, help="PatchGAN hinge loss weight (0 = off)")
     tok.add_argument("--gan-start", type=int, default=None, help="step the GAN loss starts (default half)")
-    tok.add_argument("--perceptual-weights", default=None, metavar="VGG16.safetensors",
-                     help="local VGG16 features weights; enables the perceptual loss (see vqgpt/perceptual.py)")
+    tok.add_argument(
+        "--perceptual-weights",
+        default=None,
+        metavar="VGG16.safetensors",
+        help="local VGG16 features weights; enables the perceptual loss (see vqgpt/perceptual.py)",
+    )
     tok.add_argument("--perceptual-weight", type=float, default=0.1, help="weight of the perceptual loss")
 
 
 def add_gpt_parser(sub) -> None:
-    gpt = sub.add_parser("gpt", help="train the text-to-image GPT on a trained tokenizer's codes",
-                         formatter_class=HelpFormatter)
+    gpt = sub.add_parser(
+        "gpt", help="train the text-to-image GPT on a trained tokenizer's codes", formatter_class=HelpFormatter
+    )
     add_common_flags(gpt, "gpt")
-    gpt.add_argument("--tokenizer", default=None, help="image tokenizer directory (stage 1 output; default "
-                     "runs/tok, or the --init model's own)")
-    gpt.add_argument("--codes", default=None, metavar="DIR",
-                     help="the codes store of the data (`python -m vqgpt.encode --out DIR`; made there when "
-                          "missing); default: one under the cache, keyed by the data and the tokenizer")
-    gpt.add_argument("--crops", type=int, default=1, metavar="N",
-                     help="codes of N views of each training image (the centre crop and N-1 random crops, half "
-                          "flipped), made when the store is built (`python -m vqgpt.encode --crops N`)")
+    gpt.add_argument(
+        "--tokenizer",
+        default=None,
+        help="image tokenizer directory (stage 1 output; default runs/tok, or the --init model's own)",
+    )
+    gpt.add_argument(
+        "--codes",
+        default=None,
+        metavar="DIR",
+        help="the codes store of the data (`python -m vqgpt.encode --out DIR`; made there when "
+        "missing); default: one under the cache, keyed by the data and the tokenizer",
+    )
+    gpt.add_argument(
+        "--crops",
+        type=int,
+        default=1,
+        metavar="N",
+        help="codes of N views of each training image (the centre crop and N-1 random crops, half "
+        "flipped), made when the store is built (`python -m vqgpt.encode --crops N`)",
+    )
     gpt.add_argument("--include", default=None, metavar="REGEX", help="train only on captions matching REGEX")
     gpt.add_argument("--exclude", default=None, metavar="REGEX", help="leave out captions matching REGEX")
     ft = gpt.add_argument_group("fine-tuning (see vqgpt/finetune.py)")
-    ft.add_argument("--init", default=None, metavar="DIR",
-                    help="start from this trained text-to-image model (its image tokenizer stays locked)")
-    ft.add_argument("--add-text-tokens", type=int, default=0, metavar="N",
-                    help="with --init: give up to N words of the new captions that the old text tokenizer "
-                         "spells in pieces their own tokens (default 0: keep the vocabulary)")
+    ft.add_argument(
+        "--init",
+        default=None,
+        metavar="DIR",
+        help="start from this trained text-to-image model (its image tokenizer stays locked)",
+    )
+    ft.add_argument(
+        "--add-text-tokens",
+        type=int,
+        default=0,
+        metavar="N",
+        help="with --init: give up to N words of the new captions that the old text tokenizer "
+        "spells in pieces their own tokens (default 0: keep the vocabulary)",
+    )
     ft.add_argument("--lora-rank", type=int, default=0, help="train LoRA adapters of this rank only (0: full)")
     ft.add_argument("--lora-alpha", type=float, default=None, help="LoRA scale numerator (default: the rank)")
-    gpt.add_argument("--text-tokenizer", default=None,
-                     help="a transformers tokenizer name or path; default: a BPE trained on the captions")
+    gpt.add_argument(
+        "--text-tokenizer",
+        default=None,
+        help="a transformers tokenizer name or path; default: a BPE trained on the captions",
+    )
     gpt.add_argument("--text-vocab", type=int, default=1024, help="vocabulary of the trained BPE")
     gpt.add_argument("--text-len", type=int, default=None, help="text context in tokens (default: fit 99%%)")
-    gpt.add_argument("--cfg-dropout", type=float, default=None,
-                     help="caption dropout prob, for CFG (default: the preset's)")
-    gpt.add_argument("--text-loss-weight", type=float, default=None,
-                     help="weight of the next-token loss on the caption (default: the preset's)")
-    gpt.add_argument("--fsdp", action="store_true",
-                     help="shard parameters, gradients and optimizer state over the ranks (FSDP2) instead of DDP; "
-                          "in-training evaluation is then skipped (evaluate the exported model)")
+    gpt.add_argument(
+        "--cfg-dropout", type=float, default=None, help="caption dropout prob, for CFG (default: the preset's)"
+    )
+    gpt.add_argument(
+        "--text-loss-weight",
+        type=float,
+        default=None,
+        help="weight of the next-token loss on the caption (default: the preset's)",
+    )
+    gpt.add_argument(
+        "--fsdp",
+        action="store_true",
+        help="shard parameters, gradients and optimizer state over the ranks (FSDP2) instead of DDP; "
+        "in-training evaluation is then skipped (evaluate the exported model)",
+    )
     # The sampling defaults saved with the model: --sample-cfg, --sample-top-k, ... (vqgpt/cli.py)
     add_sampling_flags(gpt, saved=True)
-    gpt.add_argument("--sample-prompts", nargs="*", default=None,
-                     help="prompts of the sample grids (default: captions spread over the data)")
+    gpt.add_argument(
+        "--sample-prompts",
+        nargs="*",
+        default=None,
+        help="prompts of the sample grids (default: captions spread over the data)",
+    )
 
 
 def add_lit_parser(sub) -> None:
-    lit = sub.add_parser("lit", help="train an ImageTextScorer: a text tower against the locked image tokenizer",
-                         formatter_class=HelpFormatter)
+    lit = sub.add_parser(
+        "lit",
+        help="train an ImageTextScorer: a text tower against the locked image tokenizer",
+        formatter_class=HelpFormatter,
+    )
     add_common_flags(lit, "lit")
     lit.add_argument("--tokenizer", default="runs/tok", help="the (locked) image tokenizer directory")
     lit.add_argument("--codes", default=None, metavar="DIR", help="the codes store of the data (as for gpt)")
@@ -174,10 +256,18 @@ def add_lit_parser(sub) -> None:
     lit.add_argument("--text-tokenizer", default=None, help="a transformers tokenizer; default: a BPE on the captions")
     lit.add_argument("--text-vocab", type=int, default=1024, help="vocabulary of the trained BPE")
     lit.add_argument("--text-len", type=int, default=None, help="text context in tokens (default: fit 99%%)")
-    lit.add_argument("--readout", default="onehot", choices=["onehot", "latent"],
-                     help="the locked image vector: codes one-hot per position, or quantized latents")
-    lit.add_argument("--head", default="none", choices=["none", "mlp"],
-                     help="none: the image side is fully locked (LiT); mlp: a small trainable image head")
+    lit.add_argument(
+        "--readout",
+        default="onehot",
+        choices=["onehot", "latent"],
+        help="the locked image vector: codes one-hot per position, or quantized latents",
+    )
+    lit.add_argument(
+        "--head",
+        default="none",
+        choices=["none", "mlp"],
+        help="none: the image side is fully locked (LiT); mlp: a small trainable image head",
+    )
     lit.add_argument("--text-dim", type=int, default=128, help="width of the text tower")
     lit.add_argument("--text-layers", type=int, default=2, help="transformer blocks of the text tower")
 
@@ -186,20 +276,39 @@ def check_args(parser, args) -> None:
     """Numbers that would train nothing, divide by zero or step uphill are refused here, naming the flag."""
     import math
 
-    positive = ["steps", "batch_size", "grad_accum", "save_every", "eval_every", "log_every", "keep", "image_size",
-                "text_len", "text_vocab", "crops"]
+    positive = [
+        "steps",
+        "batch_size",
+        "grad_accum",
+        "save_every",
+        "eval_every",
+        "log_every",
+        "keep",
+        "image_size",
+        "text_len",
+        "text_vocab",
+        "crops",
+    ]
     for name in positive:
         value = getattr(args, name, None)
         if value is not None and value < 1:
             parser.error(f"--{name.replace('_', '-')} must be >= 1, got {value}")
-    for name, low in (("lr", 0.0), ("clip", 0.0), ("weight_decay", None), ("gan_weight", None),
-                      ("perceptual_weight", None), ("cfg_dropout", None), ("text_loss_weight", None)):
+    for name, low in (
+        ("lr", 0.0),
+        ("clip", 0.0),
+        ("weight_decay", None),
+        ("gan_weight", None),
+        ("perceptual_weight", None),
+        ("cfg_dropout", None),
+        ("text_loss_weight", None),
+    ):
         value = getattr(args, name, None)
         if value is None:
             continue
         if not math.isfinite(value) or value < 0 or (low is not None and value <= low):
-            parser.error(f"--{name.replace('_', '-')} must be a finite number {'>' if low is not None else '>='} 0, "
-                         f"got {value}")
+            parser.error(
+                f"--{name.replace('_', '-')} must be a finite number {'>' if low is not None else '>='} 0, got {value}"
+            )
     if getattr(args, "cfg_dropout", None) is not None and args.cfg_dropout > 1:
         parser.error(f"--cfg-dropout is a probability, got {args.cfg_dropout}")
     if args.warmup is not None and args.warmup < 0:
@@ -209,8 +318,10 @@ def check_args(parser, args) -> None:
     if args.workers is not None and args.workers < 0:
         parser.error(f"--workers must be >= 0, got {args.workers}")
     if args.streaming and args.stage == "tokenizer" and args.limit is not None:
-        parser.error("--limit does not apply to a streamed tokenizer stage (it reads the files in turn, epoch after "
-                     "epoch): pass fewer files")
+        parser.error(
+            "--limit does not apply to a streamed tokenizer stage (it reads the files in turn, epoch after "
+            "epoch): pass fewer files"
+        )
     if getattr(args, "fsq_levels", None) and min(args.fsq_levels) < 2:
         parser.error(f"--fsq-levels must each be >= 2, got {args.fsq_levels}")
 
@@ -229,9 +340,12 @@ def main(argv=None):
     parser, args = parse_args(argv)
     # Problems with the user's input or run (bad data, checkpoints, diverged training) end with one readable
     # line rather than a traceback; --debug (or VQGPT_DEBUG=1) shows the traceback too.
-    run_or_exit(lambda: run(parser, args, argv), debug=getattr(args, "debug", False),
-                oom_hint="lower --batch-size (and raise --grad-accum to keep the batch), or pick a smaller --preset",
-                errors=(ValueError, FileNotFoundError, CheckpointError, FloatingPointError, RuntimeError))
+    run_or_exit(
+        lambda: run(parser, args, argv),
+        debug=getattr(args, "debug", False),
+        oom_hint="lower --batch-size (and raise --grad-accum to keep the batch), or pick a smaller --preset",
+        errors=(ValueError, FileNotFoundError, CheckpointError, FloatingPointError, RuntimeError),
+    )
 
 
 def run_stage(args) -> Path:
@@ -267,8 +381,10 @@ def run(parser, args, argv):
         gpt_args = demo_args(["gpt", *DEMO_GPT_ARGS])
         out = run_stage(gpt_args)
         training.cleanup_distributed()
-        print(f"demo done: tokenizer in {tok_args.out}, text-to-image model in {out}; "
-              f"samples in {out / 'samples'}. Next: python sample.py --ckpt {out} --prompt 'green apple'")
+        print(
+            f"demo done: tokenizer in {tok_args.out}, text-to-image model in {out}; "
+            f"samples in {out / 'samples'}. Next: python sample.py --ckpt {out} --prompt 'green apple'"
+        )
 
 
 if __name__ == "__main__":

@@ -85,12 +85,17 @@ GEN_VERSION = 1  # bump when render() changes: existing folders are then rewritt
 # ----------------------------------------------------------------------------------------------------
 # Generated data
 
-COLORS = {"red": (220, 50, 47), "green": (60, 170, 70), "blue": (40, 90, 220), "yellow": (240, 200, 40),
-          "purple": (140, 60, 180), "orange": (245, 130, 48)}
+COLORS = {
+    "red": (220, 50, 47),
+    "green": (60, 170, 70),
+    "blue": (40, 90, 220),
+    "yellow": (240, 200, 40),
+    "purple": (140, 60, 180),
+    "orange": (245, 130, 48),
+}
 BACKGROUNDS = {"white": (255, 255, 255), "black": (0, 0, 0), "gray": (128, 128, 128)}
 SHAPES = ("square", "circle", "triangle")
-POSITIONS = {"left": (0.28, 0.5), "right": (0.72, 0.5), "top": (0.5, 0.28), "bottom": (0.5, 0.72),
-             "center": (0.5, 0.5)}
+POSITIONS = {"left": (0.28, 0.5), "right": (0.72, 0.5), "top": (0.5, 0.28), "bottom": (0.5, 0.72), "center": (0.5, 0.5)}
 
 
 def render(index: int, px: int):
@@ -156,10 +161,15 @@ def make_folder(root: Path, n: int, px: int, procs: int) -> tuple[Path, dict]:
     seconds = time.perf_counter() - t0
     size = sum(e.stat().st_size for e in os.scandir(folder) if e.name.endswith(".png"))
     marker.write_text(json.dumps(want))
-    print(f"data: wrote {n:,} images ({size / n:.0f} bytes each) in {seconds:.1f} s with {procs} processes",
-          flush=True)
-    return folder, {"images": n, "px": px, "reused": False, "seconds": round(seconds, 1),
-                    "mean_file_bytes": round(size / n), "procs": procs}
+    print(f"data: wrote {n:,} images ({size / n:.0f} bytes each) in {seconds:.1f} s with {procs} processes", flush=True)
+    return folder, {
+        "images": n,
+        "px": px,
+        "reused": False,
+        "seconds": round(seconds, 1),
+        "mean_file_bytes": round(size / n),
+        "procs": procs,
+    }
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -178,7 +188,7 @@ def _children_map() -> dict[int, list[int]]:
                 stat = f.read()
         except OSError:
             continue
-        ppid = int(stat[stat.rindex(")") + 2:].split()[1])  # the name may hold spaces and parentheses
+        ppid = int(stat[stat.rindex(")") + 2 :].split()[1])  # the name may hold spaces and parentheses
         kids.setdefault(ppid, []).append(int(entry.name))
     return kids
 
@@ -267,12 +277,20 @@ def run_tracked(cmd: list[str], env: dict, log: Path, poll: float) -> dict:
     proc.returncode = os.waitstatus_to_exitcode(status)
     reader.join(timeout=10)
     mb = 2**20
-    out = {"rc": proc.returncode, "wall_s": round(wall, 2), "rss_max_mb": round(rss_max / mb),
-           "rss_tree_mb": round(rss_tree / mb), "pss_tree_mb": round(pss_tree / mb) if pss_samples else None,
-           "anon_tree_mb": round(anon_tree / mb) if pss_samples else None,
-           "ru_maxrss_mb": round(usage.ru_maxrss / 1024),
-           "children_maxrss_mb": round(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024),
-           "processes": most_procs, "samples": samples, "pss_samples": pss_samples, "log": str(log)}
+    out = {
+        "rc": proc.returncode,
+        "wall_s": round(wall, 2),
+        "rss_max_mb": round(rss_max / mb),
+        "rss_tree_mb": round(rss_tree / mb),
+        "pss_tree_mb": round(pss_tree / mb) if pss_samples else None,
+        "anon_tree_mb": round(anon_tree / mb) if pss_samples else None,
+        "ru_maxrss_mb": round(usage.ru_maxrss / 1024),
+        "children_maxrss_mb": round(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024),
+        "processes": most_procs,
+        "samples": samples,
+        "pss_samples": pss_samples,
+        "log": str(log),
+    }
     if events["bar_s"] is not None:
         out["startup_s"] = round(events["bar_s"], 2)
     if events["first_step_s"] is not None:
@@ -280,7 +298,7 @@ def run_tracked(cmd: list[str], env: dict, log: Path, poll: float) -> dict:
     cost = next((t for t in reversed(tail) if t.startswith("cost: {")), None)
     if cost:  # train.py's own account of the run (its peak_memory_mb is ru_maxrss of the main process)
         try:
-            out["train_py_cost"] = json.loads(cost[len("cost: "):])
+            out["train_py_cost"] = json.loads(cost[len("cost: ") :])
         except json.JSONDecodeError:
             pass
     out["tail"] = tail
@@ -313,10 +331,32 @@ def clean(r: dict) -> dict:
 
 
 def train_cmd(stage: str, folder: Path, out: Path, args, steps: int, tok: Path | None = None) -> list[str]:
-    cmd = [sys.executable, str(REPO / "train.py"), stage, "--data", str(folder), "--out", str(out),
-           "--preset", "tiny", "--steps", str(steps), "--batch-size", str(args.batch_size), "--device", args.device,
-           "--wandb", "disabled", "--overwrite", "--eval-every", "1000000", "--save-every", "1000000",
-           "--workers", str(args.train_workers)]
+    cmd = [
+        sys.executable,
+        str(REPO / "train.py"),
+        stage,
+        "--data",
+        str(folder),
+        "--out",
+        str(out),
+        "--preset",
+        "tiny",
+        "--steps",
+        str(steps),
+        "--batch-size",
+        str(args.batch_size),
+        "--device",
+        args.device,
+        "--wandb",
+        "disabled",
+        "--overwrite",
+        "--eval-every",
+        "1000000",
+        "--save-every",
+        "1000000",
+        "--workers",
+        str(args.train_workers),
+    ]
     if stage == "tokenizer" and args.image_px != 32:
         cmd += ["--image-size", str(args.image_px)]
     if tok is not None:
@@ -334,8 +374,9 @@ def prepare_tokenizer(args, folders: dict, env: dict) -> Path | None:
         return tok
     print(f"tokenizer: training the tiny tokenizer on {n:,} images (20 steps) -> {tok}", flush=True)
     cmd = train_cmd("tokenizer", folders[n], tok, args, 20)
-    r = run_tracked(cmd, {**env, "VQGPT_CACHE": str(args.root / "cache-prep")}, args.root / "logs" / "tok-prep.log",
-                    args.poll)
+    r = run_tracked(
+        cmd, {**env, "VQGPT_CACHE": str(args.root / "cache-prep")}, args.root / "logs" / "tok-prep.log", args.poll
+    )
     if r["rc"]:
         failed("training the tokenizer", r)
         return None
@@ -365,13 +406,21 @@ def memory_section(args, folders: dict, tok: Path | None, env: dict) -> dict:
                     res[stage][phase] = failed(f"train.py {stage} on {n:,} images ({phase})", r)
                     break
                 res[stage][phase] = clean(r)
-                print(f"memory: {n:,} {stage} {phase}: {r['wall_s']:.1f} s, peak anon {r['anon_tree_mb']} MB / "
-                      f"PSS {r['pss_tree_mb']} MB, "
-                      f"RSS max {r['rss_max_mb']} MB / tree {r['rss_tree_mb']} MB, first step at "
-                      f"{r.get('first_step_s')} s", flush=True)
-        res["command"] = {stage: " ".join(train_cmd(stage, folder, Path(f"RUN-{stage}"), args, args.steps,
-                                                    Path("TOK") if stage == "gpt" else None)[1:])
-                          for stage in ("tokenizer", "gpt")}
+                print(
+                    f"memory: {n:,} {stage} {phase}: {r['wall_s']:.1f} s, peak anon {r['anon_tree_mb']} MB / "
+                    f"PSS {r['pss_tree_mb']} MB, "
+                    f"RSS max {r['rss_max_mb']} MB / tree {r['rss_tree_mb']} MB, first step at "
+                    f"{r.get('first_step_s')} s",
+                    flush=True,
+                )
+        res["command"] = {
+            stage: " ".join(
+                train_cmd(
+                    stage, folder, Path(f"RUN-{stage}"), args, args.steps, Path("TOK") if stage == "gpt" else None
+                )[1:]
+            )
+            for stage in ("tokenizer", "gpt")
+        }
         out[str(n)] = res
     return out
 
@@ -385,10 +434,15 @@ def growth(memory: dict) -> dict:
     for stage in ("tokenizer", "gpt"):
         for phase in ("warm", "cold"):
             a, b = small.get(stage, {}).get(phase, {}), large.get(stage, {}).get(phase, {})
-            for key, label in (("anon_tree_mb", "anon_tree"), ("pss_tree_mb", "pss_tree"), ("rss_tree_mb", "rss_tree"),
-                               ("rss_max_mb", "rss_max"),
-                               ("ru_maxrss_mb", "ru_maxrss"), ("first_step_s", "first_step_time"),
-                               ("wall_s", "wall_time")):
+            for key, label in (
+                ("anon_tree_mb", "anon_tree"),
+                ("pss_tree_mb", "pss_tree"),
+                ("rss_tree_mb", "rss_tree"),
+                ("rss_max_mb", "rss_max"),
+                ("ru_maxrss_mb", "ru_maxrss"),
+                ("first_step_s", "first_step_time"),
+                ("wall_s", "wall_time"),
+            ):
                 if a.get(key) and b.get(key) is not None:
                     out[f"{stage}_{phase}_{label}_growth"] = round(b[key] / a[key], 3)
     for stage in ("tokenizer", "gpt"):  # the requirement: both the tree's footprint and the main process's peak
@@ -419,8 +473,7 @@ def loader_section(args, env_threads: int) -> tuple[dict, dict]:
         ds = load_captioned(str(folder), "train", image_size=px)
         res.update(train_rows=len(ds), workers={})
         for w in args.loader_workers:
-            batches = StepImages(ds, px, global_batch=args.batch_size, per_rank=args.batch_size, rank=0,
-                                 seed=0)
+            batches = StepImages(ds, px, global_batch=args.batch_size, per_rank=args.batch_size, rank=0, seed=0)
             warm = min(1 + 4 * w, args.loader_batches // 2)
             t0 = time.perf_counter()
             t_first = t_warm = None
@@ -437,9 +490,14 @@ def loader_section(args, env_threads: int) -> tuple[dict, dict]:
             res["workers"][str(w)] = {
                 "images_per_s": round(images / (t_end - t_warm), 1) if images else None,
                 "images_per_s_with_startup": round(total / (t_end - t0), 1),
-                "first_batch_s": round(t_first, 3), "timed_batches": args.loader_batches - warm}
-            print(f"loader: {px} px, {w} workers: {res['workers'][str(w)]['images_per_s']} images/s "
-                  f"(first batch {t_first:.2f} s)", flush=True)
+                "first_batch_s": round(t_first, 3),
+                "timed_batches": args.loader_batches - warm,
+            }
+            print(
+                f"loader: {px} px, {w} workers: {res['workers'][str(w)]['images_per_s']} images/s "
+                f"(first batch {t_first:.2f} s)",
+                flush=True,
+            )
         loader[str(px)] = res
 
         # The tokenizer's training step at this size, on random images (what the loader has to keep up with).
@@ -466,11 +524,20 @@ def loader_section(args, env_threads: int) -> tuple[dict, dict]:
             if step:
                 times.append(time.perf_counter() - t0)
         step_s = statistics.median(times)
-        train[str(px)] = {"preset": args.train_preset, "image_size": px, "batch_size": args.batch_size,
-                          "bf16": bf16, "step_ms": round(1000 * step_s, 1),
-                          "images_per_s": round(args.batch_size / step_s, 1), "timed_steps": len(times)}
-        print(f"train: tokenizer {args.train_preset} at {px} px: {args.batch_size / step_s:.1f} images/s "
-              f"({1000 * step_s:.0f} ms a step)", flush=True)
+        train[str(px)] = {
+            "preset": args.train_preset,
+            "image_size": px,
+            "batch_size": args.batch_size,
+            "bf16": bf16,
+            "step_ms": round(1000 * step_s, 1),
+            "images_per_s": round(args.batch_size / step_s, 1),
+            "timed_steps": len(times),
+        }
+        print(
+            f"train: tokenizer {args.train_preset} at {px} px: {args.batch_size / step_s:.1f} images/s "
+            f"({1000 * step_s:.0f} ms a step)",
+            flush=True,
+        )
         del model, opt
     return loader, train
 
@@ -488,9 +555,11 @@ def encode_section(args, folders: dict, tok: Path | None, env: dict) -> dict:
     run_env = {**env, "VQGPT_CACHE": str(cache)}
     res = {"images_in_folder": n}
     base = ["-m", "vqgpt.encode", "--data", str(folder), "--tokenizer", str(tok)]
-    runs = [("cold", [sys.executable, *base]), ("ranks_1", [sys.executable, *base]),
-            ("ranks_2", [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                         *base])]
+    runs = [
+        ("cold", [sys.executable, *base]),
+        ("ranks_1", [sys.executable, *base]),
+        ("ranks_2", [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", *base]),
+    ]
     if (cache / "datasets").exists():  # warmed by the memory section: no cold run needed
         runs = runs[1:]
     for name, cmd in runs:
@@ -509,10 +578,19 @@ def encode_section(args, folders: dict, tok: Path | None, env: dict) -> dict:
         seconds = [v.get("seconds") for v in splits.values()]
         own = round(count / sum(seconds), 1) if count and seconds and all(seconds) else None
         wall_rate = round(count / r["wall_s"], 1) if count else None
-        res[name] = {**clean(r), "images": count, "images_per_s": own or wall_rate, "images_per_s_wall": wall_rate,
-                     "encode_seconds": round(sum(seconds), 2) if own else None, "splits": splits}
-        print(f"encode: {name}: {count} images, {own} images/s by its own clock, "
-              f"{wall_rate} images/s over the {r['wall_s']:.1f} s of the command", flush=True)
+        res[name] = {
+            **clean(r),
+            "images": count,
+            "images_per_s": own or wall_rate,
+            "images_per_s_wall": wall_rate,
+            "encode_seconds": round(sum(seconds), 2) if own else None,
+            "splits": splits,
+        }
+        print(
+            f"encode: {name}: {count} images, {own} images/s by its own clock, "
+            f"{wall_rate} images/s over the {r['wall_s']:.1f} s of the command",
+            flush=True,
+        )
     one, two = (res.get(k, {}).get("splits", {}) for k in ("ranks_1", "ranks_2"))
     sha = [{k: v.get("codes_sha256") for k, v in d.items()} for d in (one, two)]
     if sha[0] and all(sha[0].values()):
@@ -537,7 +615,7 @@ def make_shards(root: Path, folder: Path, n: int, per_shard: int) -> tuple[Path,
     t0 = time.perf_counter()
     for k in range(files):
         with tarfile.open(out / f"{k:05d}.tar", "w") as tar:
-            for line in lines[k * per_shard:(k + 1) * per_shard]:
+            for line in lines[k * per_shard : (k + 1) * per_shard]:
                 row = json.loads(line)
                 key = row["file_name"].rsplit(".", 1)[0]
                 tar.add(folder / row["file_name"], arcname=f"{key}.png")
@@ -560,16 +638,35 @@ def stream_section(args, folders: dict, tok: Path | None, env: dict) -> dict:
             shutil.rmtree(cache)
         run_env = {**env, "VQGPT_CACHE": str(cache), "TQDM_MININTERVAL": "0"}
         res = {"files": files}
-        tok_cmd = [*train_cmd("tokenizer", shards, args.root / "runs" / f"stream-tok-{n}", args, args.steps),
-                   "--streaming"]
+        tok_cmd = [
+            *train_cmd("tokenizer", shards, args.root / "runs" / f"stream-tok-{n}", args, args.steps),
+            "--streaming",
+        ]
         tok_cmd[tok_cmd.index(str(shards))] = spec
         runs = [("tokenizer", tok_cmd)]
         if tok is not None:
             store = args.root / "stores" / f"stream-{n}"
             if store.exists():
                 shutil.rmtree(store)
-            runs.append(("encode", [sys.executable, "-m", "vqgpt.encode", "--data", spec, "--streaming", "--split",
-                                    "train", "--tokenizer", str(tok), "--out", str(store)]))
+            runs.append(
+                (
+                    "encode",
+                    [
+                        sys.executable,
+                        "-m",
+                        "vqgpt.encode",
+                        "--data",
+                        spec,
+                        "--streaming",
+                        "--split",
+                        "train",
+                        "--tokenizer",
+                        str(tok),
+                        "--out",
+                        str(store),
+                    ],
+                )
+            )
         for name, cmd in runs:
             print(f"stream: {n:,} images, {name} ...", flush=True)
             r = run_tracked(cmd, run_env, args.root / "logs" / f"stream-{name}-{n}.log", args.poll)
@@ -580,8 +677,11 @@ def stream_section(args, folders: dict, tok: Path | None, env: dict) -> dict:
             if name == "encode":
                 reported = last_json(r["tail"]) or {}
                 res[name].update({k: reported.get(k) for k in ("count", "images_per_s", "codes_sha256")})
-            print(f"stream: {n:,} {name}: {r['wall_s']:.1f} s, peak anon {r['anon_tree_mb']} MB, ru_maxrss "
-                  f"{r.get('ru_maxrss_mb')} MB", flush=True)
+            print(
+                f"stream: {n:,} {name}: {r['wall_s']:.1f} s, peak anon {r['anon_tree_mb']} MB, ru_maxrss "
+                f"{r.get('ru_maxrss_mb')} MB",
+                flush=True,
+            )
         res["cache_files"] = sum(1 for _ in cache.rglob("*")) if cache.exists() else 0
         res["command"] = {name: " ".join(cmd[1:]) for name, cmd in runs}
         out[str(n)] = res
@@ -627,8 +727,10 @@ def parse_only(parser, values: list[str] | None) -> list[str]:
 def table(report: dict) -> None:
     mem = report.get("memory") or {}
     if mem:
-        print(f"\n{'images':>9} {'stage':9} {'run':5} {'wall s':>8} {'1st step s':>10} {'anon tree':>9} "
-              f"{'PSS tree':>9} {'RSS tree':>9} {'RSS max':>8} {'ru_maxrss':>9}  (MB)")
+        print(
+            f"\n{'images':>9} {'stage':9} {'run':5} {'wall s':>8} {'1st step s':>10} {'anon tree':>9} "
+            f"{'PSS tree':>9} {'RSS tree':>9} {'RSS max':>8} {'ru_maxrss':>9}  (MB)"
+        )
         for n, res in sorted(mem.items(), key=lambda kv: int(kv[0])):
             for stage in ("tokenizer", "gpt"):
                 for phase, r in (res.get(stage) or {}).items():
@@ -638,26 +740,33 @@ def table(report: dict) -> None:
                     if "error" in r:
                         print(f"{int(n):>9,} {stage:9} {phase:5} failed: {r['error']}")
                         continue
-                    print(f"{int(n):>9,} {stage:9} {phase:5} {r['wall_s']:>8.1f} {r.get('first_step_s', '-')!s:>10} "
-                          f"{r['anon_tree_mb']!s:>9} {r['pss_tree_mb']!s:>9} {r['rss_tree_mb']:>9} "
-                          f"{r['rss_max_mb']:>8} {r['ru_maxrss_mb']:>9}")
+                    print(
+                        f"{int(n):>9,} {stage:9} {phase:5} {r['wall_s']:>8.1f} {r.get('first_step_s', '-')!s:>10} "
+                        f"{r['anon_tree_mb']!s:>9} {r['pss_tree_mb']!s:>9} {r['rss_tree_mb']:>9} "
+                        f"{r['rss_max_mb']:>8} {r['ru_maxrss_mb']:>9}"
+                    )
     loader, train = report.get("loader") or {}, report.get("train") or {}
     if loader:
         print(f"\n{'px':>4} {'workers':>7} {'loader img/s':>12} {'first batch s':>13} {'train img/s':>11}")
         for px, res in loader.items():
             for w, r in res["workers"].items():
-                print(f"{px:>4} {w:>7} {r['images_per_s']!s:>12} {r['first_batch_s']:>13} "
-                      f"{train.get(px, {}).get('images_per_s', '-')!s:>11}")
+                print(
+                    f"{px:>4} {w:>7} {r['images_per_s']!s:>12} {r['first_batch_s']:>13} "
+                    f"{train.get(px, {}).get('images_per_s', '-')!s:>11}"
+                )
     enc = report.get("encode") or {}
     if enc and "skipped" not in enc:
         print(f"\n{'encode':8} {'images':>8} {'wall s':>8} {'img/s':>9} {'PSS tree MB':>11}")
         for name, r in enc.items():
             if isinstance(r, dict) and "wall_s" in r:
-                print(f"{name:8} {r['images']!s:>8} {r['wall_s']:>8.1f} {r['images_per_s']!s:>9} "
-                      f"{r['pss_tree_mb']!s:>11}")
+                print(
+                    f"{name:8} {r['images']!s:>8} {r['wall_s']:>8.1f} {r['images_per_s']!s:>9} {r['pss_tree_mb']!s:>11}"
+                )
     if report.get("growth"):
-        print("\ngrowth (largest / smallest, lower is better): "
-              + ", ".join(f"{k} {v}" for k, v in report["growth"].items()))
+        print(
+            "\ngrowth (largest / smallest, lower is better): "
+            + ", ".join(f"{k} {v}" for k, v in report["growth"].items())
+        )
     if report.get("ratios"):
         print("ratios (above 1 is better): " + ", ".join(f"{k} {v}" for k, v in report["ratios"].items()))
     print()
@@ -668,13 +777,22 @@ def main():
     p.add_argument("--sizes", type=int, nargs="+", default=[10_000, 300_000], help="images per generated folder")
     p.add_argument("--root", type=Path, default=Path("/tmp/vqgpt-bench-data"), help="generated data, caches, runs")
     p.add_argument("--steps", type=int, default=50, help="training steps of each train.py run")
-    p.add_argument("--only", action="append", default=None, metavar="SECTION",
-                   help="memory, loader, stream, encode (repeatable or a comma list; default all)")
+    p.add_argument(
+        "--only",
+        action="append",
+        default=None,
+        metavar="SECTION",
+        help="memory, loader, stream, encode (repeatable or a comma list; default all)",
+    )
     p.add_argument("--image-px", type=int, default=32, help="side of the generated images (memory, encode)")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    p.add_argument("--threads", type=int, default=None,
-                   help="intra-op threads of every process (default: $OMP_NUM_THREADS, else 1)")
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="intra-op threads of every process (default: $OMP_NUM_THREADS, else 1)",
+    )
     p.add_argument("--train-workers", type=int, default=2, help="train.py --workers of the memory runs")
     p.add_argument("--gen-procs", type=int, default=2, help="processes writing the generated images")
     p.add_argument("--poll", type=float, default=0.1, help="seconds between memory samples")
@@ -682,8 +800,12 @@ def main():
     p.add_argument("--loader-workers", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--loader-batches", type=int, default=50)
     p.add_argument("--loader-images", type=int, default=4096, help="images of each generated loader folder")
-    p.add_argument("--loader-data", default=None, metavar="FOLDER",
-                   help="time the loader on this imagefolder instead of generated ones (resized to each --loader-px)")
+    p.add_argument(
+        "--loader-data",
+        default=None,
+        metavar="FOLDER",
+        help="time the loader on this imagefolder instead of generated ones (resized to each --loader-px)",
+    )
     p.add_argument("--train-preset", default="demo", help="tokenizer preset whose training step the loader feeds")
     p.add_argument("--train-steps", type=int, default=5, help="timed training steps (after one warm-up)")
     p.add_argument("--encode-size", type=int, default=None, help="folder size to encode (default: the largest)")
@@ -705,17 +827,34 @@ def main():
 
     from vqgpt.training import cpu_name
 
-    report = {"bench": "data", "device": torch.cuda.get_device_name() if args.device == "cuda" else "cpu",
-              "cpu_model": cpu_name(), "cpus": len(os.sched_getaffinity(0)),
-              "bf16": bool(torch.cpu._is_avx512_bf16_supported()), "torch": torch.__version__,
-              "date": time.strftime("%Y-%m-%d %H:%M"), "command": " ".join(["python", *sys.argv])}
+    report = {
+        "bench": "data",
+        "device": torch.cuda.get_device_name() if args.device == "cuda" else "cpu",
+        "cpu_model": cpu_name(),
+        "cpus": len(os.sched_getaffinity(0)),
+        "bf16": bool(torch.cpu._is_avx512_bf16_supported()),
+        "torch": torch.__version__,
+        "date": time.strftime("%Y-%m-%d %H:%M"),
+        "command": " ".join(["python", *sys.argv]),
+    }
     import datasets
 
-    report["versions"] = {"torch": torch.__version__, "datasets": datasets.__version__,
-                          "python": platform.python_version()}
-    report["config"] = {"sizes": args.sizes, "image_px": args.image_px, "steps": args.steps,
-                        "batch_size": args.batch_size, "threads": threads, "train_workers": args.train_workers,
-                        "poll_s": args.poll, "sections": only, "root": str(args.root)}
+    report["versions"] = {
+        "torch": torch.__version__,
+        "datasets": datasets.__version__,
+        "python": platform.python_version(),
+    }
+    report["config"] = {
+        "sizes": args.sizes,
+        "image_px": args.image_px,
+        "steps": args.steps,
+        "batch_size": args.batch_size,
+        "threads": threads,
+        "train_workers": args.train_workers,
+        "poll_s": args.poll,
+        "sections": only,
+        "root": str(args.root),
+    }
     report["sizes"] = args.sizes
     folders, gen = {}, {}
     if "memory" in only or "encode" in only or "stream" in only:
@@ -730,15 +869,21 @@ def main():
         report["growth"] = growth(report["memory"])
     if "loader" in only:
         report["loader"], report["train"] = loader_section(args, threads)
-        report["config"].update(loader_px=args.loader_px, loader_workers=args.loader_workers,
-                                loader_batches=args.loader_batches, loader_images=args.loader_images,
-                                loader_data=args.loader_data,
-                                train_preset=args.train_preset, train_steps=args.train_steps)
+        report["config"].update(
+            loader_px=args.loader_px,
+            loader_workers=args.loader_workers,
+            loader_batches=args.loader_batches,
+            loader_images=args.loader_images,
+            loader_data=args.loader_data,
+            train_preset=args.train_preset,
+            train_steps=args.train_steps,
+        )
         for px, res in report["loader"].items():
             for w, r in res["workers"].items():
                 if r["images_per_s"]:
                     ratios[f"loader_{px}px_{w}w_over_train"] = round(
-                        r["images_per_s"] / report["train"][px]["images_per_s"], 2)
+                        r["images_per_s"] / report["train"][px]["images_per_s"], 2
+                    )
     if "stream" in only:
         report["stream"] = stream_section(args, folders, tok, env)
         report["config"]["shard_images"] = args.shard_images
@@ -755,7 +900,8 @@ def main():
         "with forked workers once per process, rss_max is the largest single process, ru_maxrss the kernel's "
         "peak of one process). ratios: speed over its peer, above 1 is better (loader images/s over the "
         "tokenizer's training images/s at that size; encode on 2 ranks over 1). first_step_s: seconds from "
-        "the subprocess's start to its progress bar's first finished step, on the warm cache.")
+        "the subprocess's start to its progress bar's first finished step, on the warm cache."
+    )
     report["bench_seconds"] = round(time.perf_counter() - t_start, 1)
     table(report)
     line = json.dumps(report)

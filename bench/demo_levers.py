@@ -36,8 +36,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 def make_optimizer(model, impl: str):
     """vqgpt.training.make_optimizer's AdamW (the same groups and betas), with its implementation picked."""
     params = [p for p in model.parameters() if p.requires_grad]
-    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": 0.0},
-              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+    groups = [
+        {"params": [p for p in params if p.dim() >= 2], "weight_decay": 0.0},
+        {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
+    ]
     kw = {"loop": dict(foreach=False, fused=False), "foreach": dict(foreach=True), "fused": dict(fused=True)}[impl]
     return torch.optim.AdamW(groups, lr=1e-3, betas=(0.9, 0.95), **kw)
 
@@ -72,16 +74,20 @@ def gpt_variants(args):
         return (torch.randint(1, 1024, (32, text_len), generator=g), torch.randint(0, 1000, (32, 64), generator=g))
 
     out = {}
-    for name, opt, text_len, clip in (("baseline (AdamW for-loop)", "loop", args.text_len, None),
-                                      ("AdamW foreach", "foreach", args.text_len, None),
-                                      ("AdamW fused", "fused", args.text_len, None),
-                                      ("AdamW fused + foreach clip", "fused", args.text_len, True),
-                                      (f"text_len {args.short_text_len} (fused)", "fused", args.short_text_len, True)):
+    for name, opt, text_len, clip in (
+        ("baseline (AdamW for-loop)", "loop", args.text_len, None),
+        ("AdamW foreach", "foreach", args.text_len, None),
+        ("AdamW fused", "fused", args.text_len, None),
+        ("AdamW fused + foreach clip", "fused", args.text_len, True),
+        (f"text_len {args.short_text_len} (fused)", "fused", args.short_text_len, True),
+    ):
         out[name] = (lambda o=opt, t=text_len, c=clip, n=name: Runner(n, *build(t), o, c), text_len)
     if args.compile:
+
         def compiled():
             model, loss_fn = build(args.text_len)
             return Runner("torch.compile (fused)", model, torch.compile(loss_fn), "fused", True)
+
         out["torch.compile (fused)"] = (compiled, args.text_len)
     return out, batch
 
@@ -105,18 +111,20 @@ def tokenizer_variants(args):
                 recon, _, aux = model(x)
             recon = recon.float()
             return F.l1_loss(recon, x) + F.mse_loss(recon, x) + aux
+
         return model, loss_fn
 
     def batch(_, g):
         return (torch.rand(32, 3, 64, 64, generator=g),)
 
     out = {}
-    for name, opt, cl, clip in (("baseline (AdamW for-loop)", "loop", "before", None),
-                                ("AdamW fused + foreach clip", "fused", "before", True),
-                                ("channels-last activations (forward)", "loop", "forward", None),
-                                ("channels-last activations + AdamW fused + foreach clip", "fused", "forward", True),
-                                ("channels-last weights too + AdamW fused + foreach clip", "fused", "weights too",
-                                 True)):
+    for name, opt, cl, clip in (
+        ("baseline (AdamW for-loop)", "loop", "before", None),
+        ("AdamW fused + foreach clip", "fused", "before", True),
+        ("channels-last activations (forward)", "loop", "forward", None),
+        ("channels-last activations + AdamW fused + foreach clip", "fused", "forward", True),
+        ("channels-last weights too + AdamW fused + foreach clip", "fused", "weights too", True),
+    ):
         out[name] = (lambda o=opt, c=cl, f=clip, n=name: Runner(n, *build(c), o, f), None)
     return out, batch
 
@@ -154,9 +162,11 @@ def measure(variants, batch_fn, args) -> dict:
     base = next(iter(variants))
     for name in variants:
         ratios = [b / t for b, t in zip(times[base], times[name])]
-        result[name].update(ms_per_step=round(statistics.median(times[name]), 1),
-                            speedup=round(statistics.median(ratios), 3),
-                            speedup_range=[round(min(ratios), 3), round(max(ratios), 3)])
+        result[name].update(
+            ms_per_step=round(statistics.median(times[name]), 1),
+            speedup=round(statistics.median(ratios), 3),
+            speedup_range=[round(min(ratios), 3), round(max(ratios), 3)],
+        )
         if args.check_repro:
             make, key = variants[name]
             result[name]["reproducible"] = reproducible(make, batch_fn, key)
@@ -178,8 +188,14 @@ def time_gpt_evaluation(args) -> dict:
     torch.manual_seed(0)
     prompts = stages.DEFAULT_PROMPTS["openmoji"]
     text_tok = TextTokenizer.train([f"{p} {i}" for p in prompts for i in range(50)], vocab_size=300)
-    cfg = gpt_config("demo", text_vocab_size=text_tok.vocab_size, text_pad_id=text_tok.pad_id, text_len=args.text_len,
-                     image_vocab_size=1000, image_grid=(8, 8))
+    cfg = gpt_config(
+        "demo",
+        text_vocab_size=text_tok.vocab_size,
+        text_pad_id=text_tok.pad_id,
+        text_len=args.text_len,
+        image_vocab_size=1000,
+        image_grid=(8, 8),
+    )
     model, image_tok = GPT(cfg), ImageTokenizer(tokenizer_config("demo"))
     pipe = TextToImage(model, image_tok, text_tok, SamplingConfig(cfg_scale=1.0, temperature=0.3))
     ids = torch.randint(1, 300, (108, args.text_len))
@@ -191,8 +207,12 @@ def time_gpt_evaluation(args) -> dict:
         for scale in (1.0, 3.0):
             stages.sample_grid(pipe, prompts, scale, Path(d) / f"g{scale}.png")
     t2 = time.perf_counter()
-    return {"held_out_bits_s": round(t1 - t0, 2), "two_sample_grids_s": round(t2 - t1, 2),
-            "per_evaluation_s": round(t2 - t0, 2), "evaluations_in_demo": 7}
+    return {
+        "held_out_bits_s": round(t1 - t0, 2),
+        "two_sample_grids_s": round(t2 - t1, 2),
+        "per_evaluation_s": round(t2 - t0, 2),
+        "evaluations_in_demo": 7,
+    }
 
 
 def main():
@@ -211,12 +231,20 @@ def main():
     torch.set_num_threads(args.threads)
     from vqgpt.training import cpu_name, precision_choice
 
-    report = {"cpu": cpu_name(), "precision": precision_choice(torch.device("cpu"), "fp32")[1],
-              "threads": args.threads, "torch": torch.__version__,
-              "cpu_capability": torch.backends.cpu.get_cpu_capability(),
-              "env": {k: os.environ[k] for k in ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA", "MKL_ENABLE_INSTRUCTIONS")
-                      if k in os.environ},
-              "steps": args.steps, "rounds": args.rounds}
+    report = {
+        "cpu": cpu_name(),
+        "precision": precision_choice(torch.device("cpu"), "fp32")[1],
+        "threads": args.threads,
+        "torch": torch.__version__,
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "env": {
+            k: os.environ[k]
+            for k in ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA", "MKL_ENABLE_INSTRUCTIONS")
+            if k in os.environ
+        },
+        "steps": args.steps,
+        "rounds": args.rounds,
+    }
     if args.stage in ("gpt", "both"):
         report["gpt"] = measure(*gpt_variants(args), args)
         if args.eval:

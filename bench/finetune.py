@@ -42,8 +42,14 @@ def run_mode(args) -> dict:
 
     device = torch.device(args.device)
     torch.manual_seed(0)
-    config = gpt_config(args.preset, text_vocab_size=1024, text_pad_id=0, text_len=args.text_len,
-                        image_vocab_size=args.codebook, image_grid=(args.grid, args.grid))
+    config = gpt_config(
+        args.preset,
+        text_vocab_size=1024,
+        text_pad_id=0,
+        text_len=args.text_len,
+        image_vocab_size=args.codebook,
+        image_grid=(args.grid, args.grid),
+    )
     gpt = GPT(config).to(device)
     if args.mode == "lora":
         add_lora(gpt, args.rank)
@@ -91,8 +97,7 @@ def main():
     p.add_argument("--mode", choices=["full", "lora"], default=None, help=argparse.SUPPRESS)  # one child run
     args = p.parse_args()
     gpu = args.device.startswith("cuda")
-    for name, on_gpu, on_cpu in (("batch_size", 32, 8), ("steps", 20, 3), ("grid", 16, 8),
-                                 ("codebook", 16384, 1000)):
+    for name, on_gpu, on_cpu in (("batch_size", 32, 8), ("steps", 20, 3), ("grid", 16, 8), ("codebook", 16384, 1000)):
         if getattr(args, name) is None:
             setattr(args, name, on_gpu if gpu else on_cpu)
     if args.mode:
@@ -100,10 +105,16 @@ def main():
         return
 
     def child(mode: str, env: dict) -> dict:
-        flags = [f"--{k.replace('_', '-')}={getattr(args, k)}" for k in ("device", "preset", "rank", "batch_size",
-                                                                           "steps", "grid", "codebook", "text_len")]
-        proc = subprocess.run([sys.executable, __file__, *flags, f"--mode={mode}"], capture_output=True, text=True,
-                              env={**os.environ, **env})
+        flags = [
+            f"--{k.replace('_', '-')}={getattr(args, k)}"
+            for k in ("device", "preset", "rank", "batch_size", "steps", "grid", "codebook", "text_len")
+        ]
+        proc = subprocess.run(
+            [sys.executable, __file__, *flags, f"--mode={mode}"],
+            capture_output=True,
+            text=True,
+            env={**os.environ, **env},
+        )
         if proc.returncode:
             sys.exit(f"the {mode} run failed:\n{proc.stderr[-2000:]}")
         return json.loads(proc.stdout.strip().splitlines()[-1])
@@ -120,21 +131,32 @@ def main():
     full, lora = results["full"], results["lora"]
     print(f"{'mode':6} {'trainable':>14} {'step ms':>10} {'peak MB':>10}" + ("" if gpu else f" {'training MB':>12}"))
     for mode, r in results.items():
-        print(f"{mode:6} {r['trainable_params']:>14,} {r['step_ms']:>10.1f} {r['peak_mb']:>10,}"
-              + ("" if gpu else f" {r['training_mb']:>12,}"))
-    ratios = {"full_over_lora_step_time": round(full["step_ms"] / lora["step_ms"], 2),
-              "full_over_lora_peak_memory": round(full["peak_mb"] / lora["peak_mb"], 2),
-              "full_over_lora_trainable_params": round(full["trainable_params"] / lora["trainable_params"], 1)}
+        print(
+            f"{mode:6} {r['trainable_params']:>14,} {r['step_ms']:>10.1f} {r['peak_mb']:>10,}"
+            + ("" if gpu else f" {r['training_mb']:>12,}")
+        )
+    ratios = {
+        "full_over_lora_step_time": round(full["step_ms"] / lora["step_ms"], 2),
+        "full_over_lora_peak_memory": round(full["peak_mb"] / lora["peak_mb"], 2),
+        "full_over_lora_trainable_params": round(full["trainable_params"] / lora["trainable_params"], 1),
+    }
     if not gpu:
         ratios["full_over_lora_training_memory"] = round(full["training_mb"] / max(lora["training_mb"], 1), 2)
     device = torch.cuda.get_device_name() if gpu else platform.processor() or platform.machine()
     import peft
 
-    report = {"bench": "finetune", "device": device, "date": time.strftime("%Y-%m-%d"),
-              "versions": {"torch": torch.__version__, "peft": peft.__version__, "python": platform.python_version()},
-              "config": {k: getattr(args, k) for k in ("preset", "rank", "batch_size", "steps", "grid", "codebook",
-                                                        "text_len", "device")},
-              "results": results, "ratios": ratios}
+    report = {
+        "bench": "finetune",
+        "device": device,
+        "date": time.strftime("%Y-%m-%d"),
+        "versions": {"torch": torch.__version__, "peft": peft.__version__, "python": platform.python_version()},
+        "config": {
+            k: getattr(args, k)
+            for k in ("preset", "rank", "batch_size", "steps", "grid", "codebook", "text_len", "device")
+        },
+        "results": results,
+        "ratios": ratios,
+    }
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=1) + "\n")
     print(json.dumps(report))

@@ -73,8 +73,14 @@ def run(cmd: list[str], timeout: float) -> dict:
                 break
             except json.JSONDecodeError:
                 continue
-    return {"ok": rc == 0, "rc": rc, "seconds": round(time.time() - t0, 1), "json": last_json,
-            "tail": text[-3000:], "cmd": " ".join(cmd)}
+    return {
+        "ok": rc == 0,
+        "rc": rc,
+        "seconds": round(time.time() - t0, 1),
+        "json": last_json,
+        "tail": text[-3000:],
+        "cmd": " ".join(cmd),
+    }
 
 
 def versions() -> dict:
@@ -87,12 +93,20 @@ def versions() -> dict:
         triton_version = triton.__version__
     except ImportError:
         triton_version = None
-    info = {"torch": torch.__version__, "cuda_runtime": torch.version.cuda, "triton": triton_version,
-            "driver": driver_version(), "python": platform.python_version()}
+    info = {
+        "torch": torch.__version__,
+        "cuda_runtime": torch.version.cuda,
+        "triton": triton_version,
+        "driver": driver_version(),
+        "python": platform.python_version(),
+    }
     if torch.cuda.is_available():
         major, minor = torch.cuda.get_device_capability()
-        info.update(gpu=torch.cuda.get_device_name(), capability=f"sm_{major}{minor}",
-                    gpu_memory_gb=round(torch.cuda.get_device_properties(0).total_memory / 2**30, 1))
+        info.update(
+            gpu=torch.cuda.get_device_name(),
+            capability=f"sm_{major}{minor}",
+            gpu_memory_gb=round(torch.cuda.get_device_properties(0).total_memory / 2**30, 1),
+        )
     else:
         info.update(gpu=None, cpu=platform.processor() or platform.machine())
     return {"ok": True, "json": info, "seconds": 0.0}
@@ -109,16 +123,58 @@ def tests() -> dict:
 def kernels() -> dict:
     cmd = [sys.executable, "bench/triton_kernels.py", "--json", str(out_dir / "kernels.json")]
     if dry:
-        cmd += ["--device", "cpu", "--rows", "2", "--reps", "1", "--inner", "1", "--layers", "1", "--vocab", "256",
-                "--top-k", "16", "--heads", "2", "--head-dim", "16", "--text-len", "8", "--image-len", "16"]
+        cmd += [
+            "--device",
+            "cpu",
+            "--rows",
+            "2",
+            "--reps",
+            "1",
+            "--inner",
+            "1",
+            "--layers",
+            "1",
+            "--vocab",
+            "256",
+            "--top-k",
+            "16",
+            "--heads",
+            "2",
+            "--head-dim",
+            "16",
+            "--text-len",
+            "8",
+            "--image-len",
+            "16",
+        ]
     return run(cmd, timeout=60 if dry else 150)
 
 
 def sample() -> dict:
     cmd = [sys.executable, "bench/sample.py", "--json", str(out_dir / "sample.json")]
     if dry:
-        cmd += ["--device", "cpu", "--preset", "tiny", "--codebook", "64", "--text-len", "8", "--grid", "4", "4",
-                "--top-k", "8", "--batches", "1", "--warmup", "0", "--reps", "1", "--plain-only"]
+        cmd += [
+            "--device",
+            "cpu",
+            "--preset",
+            "tiny",
+            "--codebook",
+            "64",
+            "--text-len",
+            "8",
+            "--grid",
+            "4",
+            "4",
+            "--top-k",
+            "8",
+            "--batches",
+            "1",
+            "--warmup",
+            "0",
+            "--reps",
+            "1",
+            "--plain-only",
+        ]
     return run(cmd, timeout=90 if dry else 240)
 
 
@@ -144,8 +200,11 @@ def decoder() -> dict:
         low = tok.decode(codes).float()
     mse = (low - ref).pow(2).mean().item()
     psnr = 10 * math.log10(1.0 / max(mse, 1e-20))
-    return {"ok": True, "seconds": round(time.time() - t0, 1),
-            "json": {"tokenizer": which, "psnr_bf16_vs_fp32_db": round(psnr, 2), "images": len(codes)}}
+    return {
+        "ok": True,
+        "seconds": round(time.time() - t0, 1),
+        "json": {"tokenizer": which, "psnr_bf16_vs_fp32_db": round(psnr, 2), "images": len(codes)},
+    }
 
 
 def train() -> dict:
@@ -153,11 +212,40 @@ def train() -> dict:
     tok_dir = out_dir / "train-tokenizer"
     tok.save_pretrained(tok_dir)
     preset, steps, batch = ("tiny", 2, 4) if dry else ("B", 200, 64)
-    cmd = [sys.executable, "train.py", "gpt", "--data", "shapes", "--tokenizer", str(tok_dir), "--preset", preset,
-           "--steps", str(steps), "--batch-size", str(batch), "--limit", "16" if dry else "4096",
-           "--precision", "fp32" if dry else "bf16", "--device", "cpu" if dry else "cuda", "--out",
-           str(out_dir / "train"), "--overwrite", "--wandb", "disabled", "--save-every", "100000",
-           "--eval-every", "100000", "--log-every", "50", "--text-len", "16" if dry else "64"]
+    cmd = [
+        sys.executable,
+        "train.py",
+        "gpt",
+        "--data",
+        "shapes",
+        "--tokenizer",
+        str(tok_dir),
+        "--preset",
+        preset,
+        "--steps",
+        str(steps),
+        "--batch-size",
+        str(batch),
+        "--limit",
+        "16" if dry else "4096",
+        "--precision",
+        "fp32" if dry else "bf16",
+        "--device",
+        "cpu" if dry else "cuda",
+        "--out",
+        str(out_dir / "train"),
+        "--overwrite",
+        "--wandb",
+        "disabled",
+        "--save-every",
+        "100000",
+        "--eval-every",
+        "100000",
+        "--log-every",
+        "50",
+        "--text-len",
+        "16" if dry else "64",
+    ]
     r = run(cmd, timeout=120 if dry else 300)
     cost = re.findall(r"^cost: (\{.*\})$", r["tail"], re.M)
     if not r["ok"] or not cost:
@@ -171,9 +259,16 @@ def train() -> dict:
     flops_per_token = 6 * cost["total_params"] + 12 * gpt_config["n_layer"] * gpt_config["dim"] * T
     name = torch.cuda.get_device_name() if torch.cuda.is_available() else ""
     peak = next((v for k, v in PEAK_BF16_FLOPS.items() if k in name), None)
-    r["json"] = {**cost, "preset": preset, "steps": steps, "batch": batch, "seq_len": T, "tokenizer": which,
-                 "tokens_per_s": round(tokens_per_s), "mfu": round(tokens_per_s * flops_per_token / peak, 3)
-                 if peak and not dry else None}
+    r["json"] = {
+        **cost,
+        "preset": preset,
+        "steps": steps,
+        "batch": batch,
+        "seq_len": T,
+        "tokenizer": which,
+        "tokens_per_s": round(tokens_per_s),
+        "mfu": round(tokens_per_s * flops_per_token / peak, 3) if peak and not dry else None,
+    }
     return r
 
 
@@ -189,13 +284,21 @@ def headline(name: str, r: dict) -> str:
     if name == "decoder":
         return f"{j.get('psnr_bf16_vs_fp32_db')} dB ({j.get('tokenizer')})"
     if name == "train":
-        return (f"{j.get('tokens_per_s')} tokens/s, MFU {j.get('mfu')}, {j.get('step_ms')} ms/step, "
-                f"preset {j.get('preset')}")
+        return (
+            f"{j.get('tokens_per_s')} tokens/s, MFU {j.get('mfu')}, {j.get('step_ms')} ms/step, "
+            f"preset {j.get('preset')}"
+        )
     return ""
 
 
-RUNNERS = {"versions": versions, "tests": tests, "kernels": kernels, "sample": sample, "decoder": decoder,
-           "train": train}
+RUNNERS = {
+    "versions": versions,
+    "tests": tests,
+    "kernels": kernels,
+    "sample": sample,
+    "decoder": decoder,
+    "train": train,
+}
 results = {}
 for name in steps:
     if time.time() - t_start > args.budget:
@@ -209,8 +312,12 @@ for name in steps:
 print("\n| step | ok | s | result |\n| --- | --- | --- | --- |")
 for name, r in results.items():
     print(f"| {name} | {'yes' if r['ok'] else 'NO'} | {r['seconds']} | {headline(name, r) or r.get('skipped', '')} |")
-summary = {"dry_run": dry, "seconds": round(time.time() - t_start, 1), "ok": all(r["ok"] for r in results.values()),
-           "steps": {n: {k: v for k, v in r.items() if k != "tail"} for n, r in results.items()}}
+summary = {
+    "dry_run": dry,
+    "seconds": round(time.time() - t_start, 1),
+    "ok": all(r["ok"] for r in results.values()),
+    "steps": {n: {k: v for k, v in r.items() if k != "tail"} for n, r in results.items()},
+}
 (out_dir / "gpu.json").write_text(json.dumps(summary, indent=2))
 print(json.dumps(summary))
 sys.exit(0 if summary["ok"] else 1)

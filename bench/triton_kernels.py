@@ -123,15 +123,24 @@ results, ratios = [], {}
 def record(name: str, rows: int, ours: float, peers: dict, **extra) -> None:
     for peer, t in peers.items():
         ratios[f"{name}_rows{rows}_vs_{peer}"] = round(t / ours, 3)
-    results.append(dict(name=name, rows=rows, vqgpt_us=round(ours * 1e6, 2),
-                        peers_us={p: round(t * 1e6, 2) for p, t in peers.items()}, **extra))
+    results.append(
+        dict(
+            name=name,
+            rows=rows,
+            vqgpt_us=round(ours * 1e6, 2),
+            peers_us={p: round(t * 1e6, 2) for p, t in peers.items()},
+            **extra,
+        )
+    )
 
 
 def bench_decode(rows: int, bw: float) -> None:
     q = torch.randn(rows, H, D, device=device, dtype=dtype)
     caches = [
-        (torch.randn(rows, H, s_max, D, device=device, dtype=dtype),
-         torch.randn(rows, H, s_max, D, device=device, dtype=dtype))
+        (
+            torch.randn(rows, H, s_max, D, device=device, dtype=dtype),
+            torch.randn(rows, H, s_max, D, device=device, dtype=dtype),
+        )
         for _ in range(layers)
     ]
     cache_len = torch.full((rows,), live, device=device)
@@ -151,26 +160,36 @@ def bench_decode(rows: int, bw: float) -> None:
             F.scaled_dot_product_attention(q4, k[:, :, :live], v[:, :, :live])
 
     k, v = caches[0]
-    err = max_err(kernels.decode_attention(q, k, v, cache_len, backend=backend),
-                  F.scaled_dot_product_attention(q4, k[:, :, :live], v[:, :, :live])[:, :, 0])
+    err = max_err(
+        kernels.decode_attention(q, k, v, cache_len, backend=backend),
+        F.scaled_dot_product_attention(q4, k[:, :, :live], v[:, :, :live])[:, :, 0],
+    )
     t_ours = timed(ours) / layers
-    peers = {"sdpa_static_cache": timed(sdpa_static_cache) / layers,
-             "sdpa_live_slice": timed(sdpa_live_slice) / layers}
+    peers = {"sdpa_static_cache": timed(sdpa_static_cache) / layers, "sdpa_live_slice": timed(sdpa_live_slice) / layers}
     live_bytes = 2 * rows * H * live * D * q.element_size()
-    record("decode", rows, t_ours, peers, live=live, s_max=s_max, max_abs_err=err,
-           vqgpt_gbps=round(live_bytes / t_ours / 1e9, 1),
-           frac_of_copy_bw=round(live_bytes / t_ours / bw, 3) if on_gpu else None)
+    record(
+        "decode",
+        rows,
+        t_ours,
+        peers,
+        live=live,
+        s_max=s_max,
+        max_abs_err=err,
+        vqgpt_gbps=round(live_bytes / t_ours / 1e9, 1),
+        frac_of_copy_bw=round(live_bytes / t_ours / bw, 3) if on_gpu else None,
+    )
 
 
 def bench_prefill(rows: int) -> None:
     q, k, v = (torch.randn(rows, H, s_max, D, device=device, dtype=dtype) for _ in range(3))
-    err = max_err(kernels.attention(q, k, v, causal=True, backend=backend),
-                  F.scaled_dot_product_attention(q, k, v, is_causal=True))
+    err = max_err(
+        kernels.attention(q, k, v, causal=True, backend=backend),
+        F.scaled_dot_product_attention(q, k, v, is_causal=True),
+    )
     t_ours = timed(lambda: kernels.attention(q, k, v, causal=True, backend=backend))
     t_sdpa = timed(lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True))
     flops = 4 * rows * H * D * s_max * (s_max + 1) / 2  # QK^T and PV over the causal triangle
-    record("prefill", rows, t_ours, {"sdpa": t_sdpa}, max_abs_err=err,
-           vqgpt_tflops=round(flops / t_ours / 1e12, 2))
+    record("prefill", rows, t_ours, {"sdpa": t_sdpa}, max_abs_err=err, vqgpt_tflops=round(flops / t_ours / 1e12, 2))
 
 
 def torch_sample(logits: torch.Tensor, cfg_scale: float, temperature: float, top_k: int) -> torch.Tensor:
@@ -186,13 +205,18 @@ def bench_sample(rows: int) -> None:
     logits = torch.randn(2 * rows, vocab, device=device).mul(3).to(dtype)
     seeds = torch.arange(rows, device=device)
     step = torch.tensor(0, device=device)
-    kw = dict(cfg_scale=args.cfg_scale, temperature=1.0, top_k=args.top_k, seeds=seeds, step=step,
-              backend=backend)
+    kw = dict(cfg_scale=args.cfg_scale, temperature=1.0, top_k=args.top_k, seeds=seeds, step=step, backend=backend)
     t_ours = timed(lambda: kernels.cfg_sample(logits, **kw))
     t_top_p = timed(lambda: kernels.cfg_sample(logits, top_p=0.95, **kw))
     t_torch = timed(lambda: torch_sample(logits, args.cfg_scale, 1.0, args.top_k))
-    record("sample", rows, t_ours, {"torch_topk_multinomial": t_torch}, vocab=vocab,
-           vqgpt_with_top_p_0_95_us=round(t_top_p * 1e6, 2))
+    record(
+        "sample",
+        rows,
+        t_ours,
+        {"torch_topk_multinomial": t_torch},
+        vocab=vocab,
+        vqgpt_with_top_p_0_95_us=round(t_top_p * 1e6, 2),
+    )
 
 
 torch.manual_seed(0)
@@ -219,12 +243,30 @@ if kernels.HAS_TRITON:
     triton_version = triton.__version__
 out = {
     "device": torch.cuda.get_device_name(device) if on_gpu else platform.processor() or platform.machine(),
-    "versions": {"torch": torch.__version__, "triton": triton_version, "cuda": torch.version.cuda,
-                 "python": platform.python_version()},
-    "config": {"dim": H * D, "n_head": H, "head_dim": D, "text_len": args.text_len, "image_len": args.image_len,
-               "s_max": s_max, "live": live, "layers_cycled": layers, "vocab": vocab, "top_k": args.top_k,
-               "cfg_scale": args.cfg_scale, "dtype": dtype_name, "rows": rows_list, "backend": backend,
-               "reps": reps, "inner": inner},
+    "versions": {
+        "torch": torch.__version__,
+        "triton": triton_version,
+        "cuda": torch.version.cuda,
+        "python": platform.python_version(),
+    },
+    "config": {
+        "dim": H * D,
+        "n_head": H,
+        "head_dim": D,
+        "text_len": args.text_len,
+        "image_len": args.image_len,
+        "s_max": s_max,
+        "live": live,
+        "layers_cycled": layers,
+        "vocab": vocab,
+        "top_k": args.top_k,
+        "cfg_scale": args.cfg_scale,
+        "dtype": dtype_name,
+        "rows": rows_list,
+        "backend": backend,
+        "reps": reps,
+        "inner": inner,
+    },
     "copy_bandwidth_gbps": round(bw / 1e9, 1),
     "results": results,
     "ratios": ratios,

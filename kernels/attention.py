@@ -71,7 +71,8 @@ if triton is not None:
 
     _ALL_PREFILL_CONFIGS = [
         triton.Config(dict(BLOCK_M=bm, BLOCK_N=bn), num_warps=w, num_stages=st)
-        for configs in PREFILL_CONFIGS.values() for bm, bn, w, st in configs
+        for configs in PREFILL_CONFIGS.values()
+        for bm, bn, w, st in configs
     ]
 
     @triton.jit
@@ -94,11 +95,27 @@ if triton is not None:
 
     @triton.jit
     def _attn_fwd_inner(
-        acc, l_i, m_i, q,
-        k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd,
-        offs_m, offs_d, lo, hi, S, qk_scale,
-        BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
-        MASK_KV: tl.constexpr, CAUSAL: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+        acc,
+        l_i,
+        m_i,
+        q,
+        k_base,
+        v_base,
+        stride_kn,
+        stride_kd,
+        stride_vn,
+        stride_vd,
+        offs_m,
+        offs_d,
+        lo,
+        hi,
+        S,
+        qk_scale,
+        BLOCK_N: tl.constexpr,
+        HEAD_DIM: tl.constexpr,
+        MASK_KV: tl.constexpr,
+        CAUSAL: tl.constexpr,
+        INPUT_PRECISION: tl.constexpr,
     ):
         """Fold the K/V tiles [lo, hi) into the running (acc, l_i, m_i) of one query block.
 
@@ -112,16 +129,18 @@ if triton is not None:
             kv_mask = d_ok
             if MASK_KV:
                 kv_mask = kv_mask & (offs_n[:, None] < S)
-            k = tl.load(k_base + offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kd,
-                        mask=kv_mask, other=0.0)  # (BLOCK_N, BLOCK_D)
+            k = tl.load(
+                k_base + offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kd, mask=kv_mask, other=0.0
+            )  # (BLOCK_N, BLOCK_D)
             qk = tl.dot(q, tl.trans(k), input_precision=INPUT_PRECISION)  # (BLOCK_M, BLOCK_N)
             if MASK_KV:
                 valid = offs_n[None, :] < S
                 if CAUSAL:
                     valid = valid & (offs_m[:, None] >= offs_n[None, :])
                 qk = tl.where(valid, qk, float("-inf"))
-            v = tl.load(v_base + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd,
-                        mask=kv_mask, other=0.0)  # (BLOCK_N, BLOCK_D)
+            v = tl.load(
+                v_base + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd, mask=kv_mask, other=0.0
+            )  # (BLOCK_N, BLOCK_D)
             # Every row meets at least one live key by the time it reaches here (key 0 is in the first
             # tile and is never masked), so the running max is finite.
             acc, l_i, m_i = online_softmax_update(acc, l_i, m_i, qk, qk_scale, v, INPUT_PRECISION)
@@ -129,14 +148,37 @@ if triton is not None:
 
     @triton.jit
     def _attn_fwd_kernel_impl(
-        q_ptr, k_ptr, v_ptr, o_ptr,
-        stride_qb, stride_qh, stride_qt, stride_qd,
-        stride_kb, stride_kh, stride_kn, stride_kd,
-        stride_vb, stride_vh, stride_vn, stride_vd,
-        stride_ob, stride_oh, stride_ot, stride_od,
-        H_Q, GROUP, T, S, qk_scale,
-        CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-        HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+        q_ptr,
+        k_ptr,
+        v_ptr,
+        o_ptr,
+        stride_qb,
+        stride_qh,
+        stride_qt,
+        stride_qd,
+        stride_kb,
+        stride_kh,
+        stride_kn,
+        stride_kd,
+        stride_vb,
+        stride_vh,
+        stride_vn,
+        stride_vd,
+        stride_ob,
+        stride_oh,
+        stride_ot,
+        stride_od,
+        H_Q,
+        GROUP,
+        T,
+        S,
+        qk_scale,
+        CAUSAL: tl.constexpr,
+        BLOCK_M: tl.constexpr,
+        BLOCK_N: tl.constexpr,
+        HEAD_DIM: tl.constexpr,
+        BLOCK_D: tl.constexpr,
+        INPUT_PRECISION: tl.constexpr,
     ):
         # One flat grid axis (no 65535 limit on B * Hq): the query blocks of one head are neighbours, so
         # its K/V stay in L2 between them, and the longest causal blocks (the last ones) start first.
@@ -152,8 +194,9 @@ if triton is not None:
         offs_d = tl.arange(0, BLOCK_D)
         q_mask = (offs_m[:, None] < T) & (offs_d[None, :] < HEAD_DIM)
         q_base = q_ptr + off_b * stride_qb + off_h * stride_qh
-        q = tl.load(q_base + offs_m[:, None] * stride_qt + offs_d[None, :] * stride_qd,
-                    mask=q_mask, other=0.0)  # (BLOCK_M, BLOCK_D)
+        q = tl.load(
+            q_base + offs_m[:, None] * stride_qt + offs_d[None, :] * stride_qd, mask=q_mask, other=0.0
+        )  # (BLOCK_M, BLOCK_D)
         k_base = k_ptr + off_b * stride_kb + off_hkv * stride_kh
         v_base = v_ptr + off_b * stride_vb + off_hkv * stride_vh
 
@@ -169,43 +212,89 @@ if triton is not None:
             lo_masked = (S // BLOCK_N) * BLOCK_N
             hi = S
         acc, l_i, m_i = _attn_fwd_inner(
-            acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd,
-            offs_m, offs_d, 0, lo_masked, S, qk_scale,
-            BLOCK_N, HEAD_DIM, False, CAUSAL, INPUT_PRECISION,
+            acc,
+            l_i,
+            m_i,
+            q,
+            k_base,
+            v_base,
+            stride_kn,
+            stride_kd,
+            stride_vn,
+            stride_vd,
+            offs_m,
+            offs_d,
+            0,
+            lo_masked,
+            S,
+            qk_scale,
+            BLOCK_N,
+            HEAD_DIM,
+            False,
+            CAUSAL,
+            INPUT_PRECISION,
         )
         acc, l_i, m_i = _attn_fwd_inner(
-            acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd,
-            offs_m, offs_d, lo_masked, hi, S, qk_scale,
-            BLOCK_N, HEAD_DIM, True, CAUSAL, INPUT_PRECISION,
+            acc,
+            l_i,
+            m_i,
+            q,
+            k_base,
+            v_base,
+            stride_kn,
+            stride_kd,
+            stride_vn,
+            stride_vd,
+            offs_m,
+            offs_d,
+            lo_masked,
+            hi,
+            S,
+            qk_scale,
+            BLOCK_N,
+            HEAD_DIM,
+            True,
+            CAUSAL,
+            INPUT_PRECISION,
         )
         o = acc / l_i[:, None]
         o_base = o_ptr + off_b * stride_ob + off_h * stride_oh
-        tl.store(o_base + offs_m[:, None] * stride_ot + offs_d[None, :] * stride_od,
-                 o.to(o_ptr.dtype.element_ty), mask=q_mask)
+        tl.store(
+            o_base + offs_m[:, None] * stride_ot + offs_d[None, :] * stride_od,
+            o.to(o_ptr.dtype.element_ty),
+            mask=q_mask,
+        )
 
     # Autotuned on the first call of each (T, HEAD_DIM, BLOCK_D, CAUSAL, dtypes); the timings are kept in
     # Triton's cache directory, so later processes on the same machine and Triton reuse the choice.
     _attn_fwd_kernel = triton.autotune(
-        configs=_ALL_PREFILL_CONFIGS, key=["T", "HEAD_DIM", "BLOCK_D", "CAUSAL"],
-        prune_configs_by={"early_config_prune": _prune_prefill_configs}, cache_results=True,
+        configs=_ALL_PREFILL_CONFIGS,
+        key=["T", "HEAD_DIM", "BLOCK_D", "CAUSAL"],
+        prune_configs_by={"early_config_prune": _prune_prefill_configs},
+        cache_results=True,
     )(_attn_fwd_kernel_impl)
 
 
 def _check_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool) -> None:
     if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
-        raise ValueError(f"attention expects q (B, Hq, T, D) and k, v (B, Hkv, S, D); got q {tuple(q.shape)}, "
-                         f"k {tuple(k.shape)}, v {tuple(v.shape)}")
+        raise ValueError(
+            f"attention expects q (B, Hq, T, D) and k, v (B, Hkv, S, D); got q {tuple(q.shape)}, "
+            f"k {tuple(k.shape)}, v {tuple(v.shape)}"
+        )
     B, Hq, T, D = q.shape
     if k.shape != v.shape or k.shape[0] != B or k.shape[3] != D:
         raise ValueError(f"k and v must both be (B={B}, Hkv, S, D={D}); got k {tuple(k.shape)}, v {tuple(v.shape)}")
     if Hq % k.shape[1] != 0:
         raise ValueError(f"query heads ({Hq}) must be a multiple of KV heads ({k.shape[1]}) for GQA")
     if causal and T != k.shape[2]:
-        raise ValueError(f"causal attention here is for prefill and needs T == S; got T={T}, S={k.shape[2]} "
-                         "(use decode_attention for single-token steps)")
+        raise ValueError(
+            f"causal attention here is for prefill and needs T == S; got T={T}, S={k.shape[2]} "
+            "(use decode_attention for single-token steps)"
+        )
     if not (q.dtype == k.dtype == v.dtype) or q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
-        raise TypeError(f"q, k, v must share one dtype of float16, bfloat16, float32; got {q.dtype}, {k.dtype}, "
-                        f"{v.dtype}")
+        raise TypeError(
+            f"q, k, v must share one dtype of float16, bfloat16, float32; got {q.dtype}, {k.dtype}, {v.dtype}"
+        )
     if not (q.device == k.device == v.device):
         raise ValueError(f"q, k, v must be on one device; got {q.device}, {k.device}, {v.device}")
 
@@ -218,9 +307,14 @@ def _attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal:
         return o
     block_d = max(16, triton.next_power_of_2(D))
     args = (q, k, v, o, *q.stride(), *k.stride(), *v.stride(), *o.stride(), Hq, Hq // Hkv, T, S, sm_scale * RCP_LN2)
-    meta = dict(CAUSAL=causal, HEAD_DIM=D, BLOCK_D=block_d,
-                # fp32 inputs ask for fp32 accuracy, so no silent TF32 on the tensor cores
-                INPUT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32", enable_fp_fusion=True)
+    meta = dict(
+        CAUSAL=causal,
+        HEAD_DIM=D,
+        BLOCK_D=block_d,
+        # fp32 inputs ask for fp32 accuracy, so no silent TF32 on the tensor cores
+        INPUT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+        enable_fp_fusion=True,
+    )
 
     def grid(meta):
         return (triton.cdiv(T, meta["BLOCK_M"]) * B * Hq,)
@@ -228,8 +322,9 @@ def _attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal:
     if interpreting():  # no autotuning on the interpreter: one small config
         block_m, block_n, num_warps, num_stages = INTERPRETER_CONFIG
         block_m = max(16, min(block_m, triton.next_power_of_2(T)))
-        _attn_fwd_kernel_impl[grid](*args, BLOCK_M=block_m, BLOCK_N=min(block_n, block_m), num_warps=num_warps,
-                                    num_stages=num_stages, **meta)
+        _attn_fwd_kernel_impl[grid](
+            *args, BLOCK_M=block_m, BLOCK_N=min(block_n, block_m), num_warps=num_warps, num_stages=num_stages, **meta
+        )
     else:
         _attn_fwd_kernel[grid](*args, **meta)
     return o
@@ -276,8 +371,14 @@ def attention(
     if k.shape[2] == 0 and q.shape[2] > 0:
         raise ValueError("attention over an empty key sequence (S == 0) is undefined")
     shape_class = (q.shape[-1], q.shape[1] // k.shape[1], causal)  # head dim, GQA group, causal
-    if not passes("attention", q.device, q.dtype, shape_class, partial(_self_check, q.device, q.dtype, *shape_class),
-                  strict=backend == "triton"):
+    if not passes(
+        "attention",
+        q.device,
+        q.dtype,
+        shape_class,
+        partial(_self_check, q.device, q.dtype, *shape_class),
+        strict=backend == "triton",
+    ):
         return attention_reference(q, k, v, causal=causal, sm_scale=scale)
     return _attention_triton(q, k, v, causal, scale)
 

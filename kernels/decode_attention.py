@@ -35,15 +35,39 @@ if triton is not None:
 
     @triton.jit
     def _decode_split_kernel(
-        q_ptr, k_ptr, v_ptr, cache_len_ptr, o_ptr, part_o_ptr, part_lse_ptr,
-        stride_qb, stride_qh, stride_qd,
-        stride_kb, stride_kh, stride_kn, stride_kd,
-        stride_vb, stride_vh, stride_vn, stride_vd,
-        stride_ob, stride_oh, stride_od,
-        H_Q, H_KV, S_MAX, NUM_SPLITS, qk_scale,
-        GROUP: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr,
-        HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
-        SINGLE_SPLIT: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+        q_ptr,
+        k_ptr,
+        v_ptr,
+        cache_len_ptr,
+        o_ptr,
+        part_o_ptr,
+        part_lse_ptr,
+        stride_qb,
+        stride_qh,
+        stride_qd,
+        stride_kb,
+        stride_kh,
+        stride_kn,
+        stride_kd,
+        stride_vb,
+        stride_vh,
+        stride_vn,
+        stride_vd,
+        stride_ob,
+        stride_oh,
+        stride_od,
+        H_Q,
+        H_KV,
+        S_MAX,
+        NUM_SPLITS,
+        qk_scale,
+        GROUP: tl.constexpr,
+        BLOCK_H: tl.constexpr,
+        BLOCK_N: tl.constexpr,
+        HEAD_DIM: tl.constexpr,
+        BLOCK_D: tl.constexpr,
+        SINGLE_SPLIT: tl.constexpr,
+        INPUT_PRECISION: tl.constexpr,
     ):
         off_bkv = tl.program_id(0)
         split = tl.program_id(1)
@@ -63,8 +87,11 @@ if triton is not None:
         h_ok = offs_h < GROUP
         d_ok = offs_d < HEAD_DIM
         heads = off_hkv * GROUP + offs_h  # (BLOCK_H,) query head indices
-        q = tl.load(q_ptr + off_b * stride_qb + heads[:, None] * stride_qh + offs_d[None, :] * stride_qd,
-                    mask=h_ok[:, None] & d_ok[None, :], other=0.0)  # (BLOCK_H, BLOCK_D)
+        q = tl.load(
+            q_ptr + off_b * stride_qb + heads[:, None] * stride_qh + offs_d[None, :] * stride_qd,
+            mask=h_ok[:, None] & d_ok[None, :],
+            other=0.0,
+        )  # (BLOCK_H, BLOCK_D)
         k_base = k_ptr + off_b * stride_kb + off_hkv * stride_kh
         v_base = v_ptr + off_b * stride_vb + off_hkv * stride_vh
 
@@ -76,12 +103,14 @@ if triton is not None:
             offs_n = start_n + offs_n0
             n_ok = offs_n < end
             kv_mask = n_ok[:, None] & d_ok[None, :]
-            k = tl.load(k_base + offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kd,
-                        mask=kv_mask, other=0.0)  # (BLOCK_N, BLOCK_D)
+            k = tl.load(
+                k_base + offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kd, mask=kv_mask, other=0.0
+            )  # (BLOCK_N, BLOCK_D)
             qk = tl.dot(q, tl.trans(k), input_precision=INPUT_PRECISION)  # (BLOCK_H, BLOCK_N)
             qk = tl.where(n_ok[None, :], qk, float("-inf"))
-            v = tl.load(v_base + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd,
-                        mask=kv_mask, other=0.0)  # (BLOCK_N, BLOCK_D)
+            v = tl.load(
+                v_base + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd, mask=kv_mask, other=0.0
+            )  # (BLOCK_N, BLOCK_D)
             # The first position of every tile is live, so the running max is finite and no NaN can form.
             acc, l_i, m_i = online_softmax_update(acc, l_i, m_i, qk, qk_scale, v, INPUT_PRECISION)
 
@@ -89,22 +118,35 @@ if triton is not None:
         l_safe = tl.where(live, l_i, 1.0)
         o = acc / l_safe[:, None]  # an empty split leaves acc == 0, so o == 0
         if SINGLE_SPLIT:
-            tl.store(o_ptr + off_b * stride_ob + heads[:, None] * stride_oh + offs_d[None, :] * stride_od,
-                     o.to(o_ptr.dtype.element_ty), mask=h_ok[:, None] & d_ok[None, :])
+            tl.store(
+                o_ptr + off_b * stride_ob + heads[:, None] * stride_oh + offs_d[None, :] * stride_od,
+                o.to(o_ptr.dtype.element_ty),
+                mask=h_ok[:, None] & d_ok[None, :],
+            )
         else:
             # part_o (B * Hq, NUM_SPLITS, HEAD_DIM) and part_lse (B * Hq, NUM_SPLITS), contiguous fp32
             rows = off_b * H_Q + heads
             lse = tl.where(live, m_i + tl.log2(l_safe), float("-inf"))  # log2 units, like the scores
             tl.store(part_lse_ptr + rows * NUM_SPLITS + split, lse, mask=h_ok)
-            tl.store(part_o_ptr + (rows[:, None] * NUM_SPLITS + split) * HEAD_DIM + offs_d[None, :],
-                     o, mask=h_ok[:, None] & d_ok[None, :])
+            tl.store(
+                part_o_ptr + (rows[:, None] * NUM_SPLITS + split) * HEAD_DIM + offs_d[None, :],
+                o,
+                mask=h_ok[:, None] & d_ok[None, :],
+            )
 
     @triton.jit
     def _decode_merge_kernel(
-        part_o_ptr, part_lse_ptr, o_ptr,
-        stride_ob, stride_oh, stride_od,
-        H_Q, NUM_SPLITS,
-        HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr,
+        part_o_ptr,
+        part_lse_ptr,
+        o_ptr,
+        stride_ob,
+        stride_oh,
+        stride_od,
+        H_Q,
+        NUM_SPLITS,
+        HEAD_DIM: tl.constexpr,
+        BLOCK_D: tl.constexpr,
+        BLOCK_S: tl.constexpr,
     ):
         """o = sum_s w_s o_s / sum_s w_s with w_s = 2^(lse_s - max lse): the exact softmax over all splits."""
         row = tl.program_id(0).to(tl.int64)  # b * Hq + h
@@ -118,12 +160,16 @@ if triton is not None:
         lse_max = tl.max(lse, 0)
         lse_max = tl.where(lse_max == float("-inf"), 0.0, lse_max)  # all splits empty: weights all 0
         w = tl.exp2(lse - lse_max)  # (BLOCK_S,)
-        parts = tl.load(part_o_ptr + (row * NUM_SPLITS + offs_s[:, None]) * HEAD_DIM + offs_d[None, :],
-                        mask=s_ok[:, None] & d_ok[None, :], other=0.0)  # (BLOCK_S, BLOCK_D)
+        parts = tl.load(
+            part_o_ptr + (row * NUM_SPLITS + offs_s[:, None]) * HEAD_DIM + offs_d[None, :],
+            mask=s_ok[:, None] & d_ok[None, :],
+            other=0.0,
+        )  # (BLOCK_S, BLOCK_D)
         denom = tl.sum(w, 0)
         o = tl.sum(w[:, None] * parts, 0) / tl.where(denom > 0, denom, 1.0)
-        tl.store(o_ptr + off_b * stride_ob + off_h * stride_oh + offs_d * stride_od,
-                 o.to(o_ptr.dtype.element_ty), mask=d_ok)
+        tl.store(
+            o_ptr + off_b * stride_ob + off_h * stride_oh + offs_d * stride_od, o.to(o_ptr.dtype.element_ty), mask=d_ok
+        )
 
 
 @functools.cache
@@ -164,26 +210,34 @@ def _pick_num_splits(q: torch.Tensor, programs: int, s_max: int, block_n: int) -
 
 def _check_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, cache_len: torch.Tensor):
     if q.dim() != 3 or k_cache.dim() != 4:
-        raise ValueError(f"decode_attention expects q (B, Hq, D) and caches (B, Hkv, S_max, D); got q "
-                         f"{tuple(q.shape)}, k_cache {tuple(k_cache.shape)}")
+        raise ValueError(
+            f"decode_attention expects q (B, Hq, D) and caches (B, Hkv, S_max, D); got q "
+            f"{tuple(q.shape)}, k_cache {tuple(k_cache.shape)}"
+        )
     B, Hq, D = q.shape
     if k_cache.shape != v_cache.shape or k_cache.shape[0] != B or k_cache.shape[3] != D:
-        raise ValueError(f"k_cache and v_cache must both be (B={B}, Hkv, S_max, D={D}); got "
-                         f"{tuple(k_cache.shape)} and {tuple(v_cache.shape)}")
+        raise ValueError(
+            f"k_cache and v_cache must both be (B={B}, Hkv, S_max, D={D}); got "
+            f"{tuple(k_cache.shape)} and {tuple(v_cache.shape)}"
+        )
     if Hq % k_cache.shape[1] != 0:
         raise ValueError(f"query heads ({Hq}) must be a multiple of KV heads ({k_cache.shape[1]}) for GQA")
     if cache_len.shape != (B,) or cache_len.dtype not in (torch.int64, torch.int32):
-        raise ValueError(f"cache_len must be an int64 (or int32) tensor of shape ({B},); got "
-                         f"{cache_len.dtype} {tuple(cache_len.shape)}")
-    if not (q.dtype == k_cache.dtype == v_cache.dtype) or q.dtype not in (
-        torch.float16, torch.bfloat16, torch.float32
-    ):
-        raise TypeError(f"q and the caches must share one dtype of float16, bfloat16, float32; got {q.dtype}, "
-                        f"{k_cache.dtype}, {v_cache.dtype}")
+        raise ValueError(
+            f"cache_len must be an int64 (or int32) tensor of shape ({B},); got "
+            f"{cache_len.dtype} {tuple(cache_len.shape)}"
+        )
+    if not (q.dtype == k_cache.dtype == v_cache.dtype) or q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        raise TypeError(
+            f"q and the caches must share one dtype of float16, bfloat16, float32; got {q.dtype}, "
+            f"{k_cache.dtype}, {v_cache.dtype}"
+        )
     if not (q.device == k_cache.device == v_cache.device == cache_len.device):
-        raise ValueError(f"q, caches and cache_len must be on one device (cache_len too: reading it from the "
-                         f"host would sync); got {q.device}, {k_cache.device}, {v_cache.device}, "
-                         f"{cache_len.device}")
+        raise ValueError(
+            f"q, caches and cache_len must be on one device (cache_len too: reading it from the "
+            f"host would sync); got {q.device}, {k_cache.device}, {v_cache.device}, "
+            f"{cache_len.device}"
+        )
 
 
 def _decode_triton(q, k_cache, v_cache, cache_len, sm_scale: float, num_splits: int | None):
@@ -209,18 +263,46 @@ def _decode_triton(q, k_cache, v_cache, cache_len, sm_scale: float, num_splits: 
         part_o = torch.empty((B * Hq, num_splits, D), dtype=torch.float32, device=q.device)
         part_lse = torch.empty((B * Hq, num_splits), dtype=torch.float32, device=q.device)
     _decode_split_kernel[(B * Hkv, num_splits)](
-        q, k_cache, v_cache, cache_len, o, part_o, part_lse,
-        *q.stride(), *k_cache.stride(), *v_cache.stride(), *o.stride(),
-        Hq, Hkv, s_max, num_splits, sm_scale * RCP_LN2,
-        GROUP=group, BLOCK_H=block_h, BLOCK_N=block_n, HEAD_DIM=D, BLOCK_D=block_d,
-        SINGLE_SPLIT=single, INPUT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
-        num_warps=4, num_stages=1 if interpreting() else 3, enable_fp_fusion=True,
+        q,
+        k_cache,
+        v_cache,
+        cache_len,
+        o,
+        part_o,
+        part_lse,
+        *q.stride(),
+        *k_cache.stride(),
+        *v_cache.stride(),
+        *o.stride(),
+        Hq,
+        Hkv,
+        s_max,
+        num_splits,
+        sm_scale * RCP_LN2,
+        GROUP=group,
+        BLOCK_H=block_h,
+        BLOCK_N=block_n,
+        HEAD_DIM=D,
+        BLOCK_D=block_d,
+        SINGLE_SPLIT=single,
+        INPUT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+        num_warps=4,
+        num_stages=1 if interpreting() else 3,
+        enable_fp_fusion=True,
     )
     if not single:
         _decode_merge_kernel[(B * Hq,)](
-            part_o, part_lse, o, *o.stride(), Hq, num_splits,
-            HEAD_DIM=D, BLOCK_D=block_d, BLOCK_S=max(2, triton.next_power_of_2(num_splits)),
-            num_warps=1 if block_d <= 64 else 2, enable_fp_fusion=True,
+            part_o,
+            part_lse,
+            o,
+            *o.stride(),
+            Hq,
+            num_splits,
+            HEAD_DIM=D,
+            BLOCK_D=block_d,
+            BLOCK_S=max(2, triton.next_power_of_2(num_splits)),
+            num_warps=1 if block_d <= 64 else 2,
+            enable_fp_fusion=True,
         )
     return o
 
@@ -287,5 +369,6 @@ def _self_check(device: torch.device, dtype: torch.dtype, head_dim: int, group: 
     cache_len = torch.tensor([70, 9], device=device)
     ref = decode_attention_reference(q, k_cache, v_cache, cache_len)
     for num_splits in (1, 3):
-        assert_matches(_decode_triton(q, k_cache, v_cache, cache_len, head_dim**-0.5, num_splits), ref,
-                       *CHECK_TOLS[dtype])
+        assert_matches(
+            _decode_triton(q, k_cache, v_cache, cache_len, head_dim**-0.5, num_splits), ref, *CHECK_TOLS[dtype]
+        )

@@ -108,8 +108,22 @@ if triton is not None:
         return -tl.log(u)
 
     @triton.jit
-    def _draw_tiled(logits_ptr, row_c, row_u, V, stride_v, cfg_scale, temperature, xmax, thr, budget, seed, step,
-                    MIX: tl.constexpr, BLOCK_V: tl.constexpr):
+    def _draw_tiled(
+        logits_ptr,
+        row_c,
+        row_u,
+        V,
+        stride_v,
+        cfg_scale,
+        temperature,
+        xmax,
+        thr,
+        budget,
+        seed,
+        step,
+        MIX: tl.constexpr,
+        BLOCK_V: tl.constexpr,
+    ):
         """The exponential race over the kept tokens, BLOCK_V tokens at a time (Philox holds 4 words a token,
         so a whole resident row of noise at once would not fit in registers); the first index wins a tie."""
         best_score = tl.full([], -1.0, tl.float32)  # below every kept token's score (>= 0)
@@ -136,10 +150,28 @@ if triton is not None:
 
     @triton.jit(do_not_specialize=["step"])
     def _sample_resident_kernel(
-        logits_ptr, seeds_ptr, step_ptr, scale_ptr, out_ptr,
-        stride_row, stride_v, B, V, step, cfg_scale, temperature, top_k, top_p,
-        MIX: tl.constexpr, GREEDY: tl.constexpr, TOP_K: tl.constexpr, TOP_P: tl.constexpr,
-        STEP_FROM_PTR: tl.constexpr, SCALE_FROM_PTR: tl.constexpr, BLOCK_V: tl.constexpr, DRAW_V: tl.constexpr,
+        logits_ptr,
+        seeds_ptr,
+        step_ptr,
+        scale_ptr,
+        out_ptr,
+        stride_row,
+        stride_v,
+        B,
+        V,
+        step,
+        cfg_scale,
+        temperature,
+        top_k,
+        top_p,
+        MIX: tl.constexpr,
+        GREEDY: tl.constexpr,
+        TOP_K: tl.constexpr,
+        TOP_P: tl.constexpr,
+        STEP_FROM_PTR: tl.constexpr,
+        SCALE_FROM_PTR: tl.constexpr,
+        BLOCK_V: tl.constexpr,
+        DRAW_V: tl.constexpr,
     ):
         row = tl.program_id(0).to(tl.int64)
         row_c = row * stride_row
@@ -189,13 +221,41 @@ if triton is not None:
                 step = tl.load(step_ptr)
             seed = tl.load(seeds_ptr + row)
             # the row is in L2 now: one more pass over it, DRAW_V tokens at a time
-            best = _draw_tiled(logits_ptr, row_c, row_u, V, stride_v, cfg_scale, temperature, xmax, thr, budget,
-                               seed, step, MIX, DRAW_V)
+            best = _draw_tiled(
+                logits_ptr,
+                row_c,
+                row_u,
+                V,
+                stride_v,
+                cfg_scale,
+                temperature,
+                xmax,
+                thr,
+                budget,
+                seed,
+                step,
+                MIX,
+                DRAW_V,
+            )
             tl.store(out_ptr + row, best)
 
     @triton.jit
-    def _row_sum_tiled(logits_ptr, row_c, row_u, V, stride_v, cfg_scale, temperature, xmax, thr, budget, key,
-                       WHAT: tl.constexpr, MIX: tl.constexpr, BLOCK_V: tl.constexpr):
+    def _row_sum_tiled(
+        logits_ptr,
+        row_c,
+        row_u,
+        V,
+        stride_v,
+        cfg_scale,
+        temperature,
+        xmax,
+        thr,
+        budget,
+        key,
+        WHAT: tl.constexpr,
+        MIX: tl.constexpr,
+        BLOCK_V: tl.constexpr,
+    ):
         """A sum over the whole row, tile by tile. WHAT: 0 counts the keys >= key; 1 is the mass of the tokens
         kept by (thr, budget) whose key is >= key; 2 counts the kept tokens whose key is `key`. Counts are
         exact in fp32 (far below 2^24)."""
@@ -218,10 +278,27 @@ if triton is not None:
 
     @triton.jit(do_not_specialize=["step"])
     def _sample_tiled_kernel(
-        logits_ptr, seeds_ptr, step_ptr, scale_ptr, out_ptr,
-        stride_row, stride_v, B, V, step, cfg_scale, temperature, top_k, top_p,
-        MIX: tl.constexpr, GREEDY: tl.constexpr, TOP_K: tl.constexpr, TOP_P: tl.constexpr,
-        STEP_FROM_PTR: tl.constexpr, SCALE_FROM_PTR: tl.constexpr, BLOCK_V: tl.constexpr,
+        logits_ptr,
+        seeds_ptr,
+        step_ptr,
+        scale_ptr,
+        out_ptr,
+        stride_row,
+        stride_v,
+        B,
+        V,
+        step,
+        cfg_scale,
+        temperature,
+        top_k,
+        top_p,
+        MIX: tl.constexpr,
+        GREEDY: tl.constexpr,
+        TOP_K: tl.constexpr,
+        TOP_P: tl.constexpr,
+        STEP_FROM_PTR: tl.constexpr,
+        SCALE_FROM_PTR: tl.constexpr,
+        BLOCK_V: tl.constexpr,
     ):
         """The same algorithm as _sample_resident_kernel for rows too long for registers: every pass
         re-reads the row tile by tile (from L2 after the first pass) and recomputes z."""
@@ -248,35 +325,133 @@ if triton is not None:
                 bit = tl.full([], _SIGN_BIT, tl.uint32)
                 for _ in range(32):
                     cand = thr | bit
-                    n_ge = _row_sum_tiled(logits_ptr, row_c, row_u, V, stride_v, cfg_scale, temperature, xmax,
-                                          thr, budget, cand, 0, MIX, BLOCK_V)
+                    n_ge = _row_sum_tiled(
+                        logits_ptr,
+                        row_c,
+                        row_u,
+                        V,
+                        stride_v,
+                        cfg_scale,
+                        temperature,
+                        xmax,
+                        thr,
+                        budget,
+                        cand,
+                        0,
+                        MIX,
+                        BLOCK_V,
+                    )
                     thr = tl.where(n_ge >= top_k, cand, thr)
                     bit = bit >> 1
-                n_above = _row_sum_tiled(logits_ptr, row_c, row_u, V, stride_v, cfg_scale, temperature, xmax,
-                                         thr, budget, thr + 1, 0, MIX, BLOCK_V)
+                n_above = _row_sum_tiled(
+                    logits_ptr,
+                    row_c,
+                    row_u,
+                    V,
+                    stride_v,
+                    cfg_scale,
+                    temperature,
+                    xmax,
+                    thr,
+                    budget,
+                    thr + 1,
+                    0,
+                    MIX,
+                    BLOCK_V,
+                )
                 budget = top_k - n_above.to(tl.int32)
             if TOP_P:
-                target = top_p * _row_sum_tiled(logits_ptr, row_c, row_u, V, stride_v, cfg_scale, temperature, xmax,
-                                                thr, budget, thr, 1, MIX, BLOCK_V)
+                target = top_p * _row_sum_tiled(
+                    logits_ptr,
+                    row_c,
+                    row_u,
+                    V,
+                    stride_v,
+                    cfg_scale,
+                    temperature,
+                    xmax,
+                    thr,
+                    budget,
+                    thr,
+                    1,
+                    MIX,
+                    BLOCK_V,
+                )
                 thr_p = tl.full([], 0, tl.uint32)  # ends >= thr: the mass at or above thr is the total
                 bit = tl.full([], _SIGN_BIT, tl.uint32)
                 for _ in range(32):
                     cand = thr_p | bit
-                    mass = _row_sum_tiled(logits_ptr, row_c, row_u, V, stride_v, cfg_scale, temperature, xmax,
-                                          thr, budget, cand, 1, MIX, BLOCK_V)
+                    mass = _row_sum_tiled(
+                        logits_ptr,
+                        row_c,
+                        row_u,
+                        V,
+                        stride_v,
+                        cfg_scale,
+                        temperature,
+                        xmax,
+                        thr,
+                        budget,
+                        cand,
+                        1,
+                        MIX,
+                        BLOCK_V,
+                    )
                     thr_p = tl.where(mass >= target, cand, thr_p)
                     bit = bit >> 1
-                mass_above = _row_sum_tiled(logits_ptr, row_c, row_u, V, stride_v, cfg_scale, temperature, xmax,
-                                            thr, budget, thr_p + 1, 1, MIX, BLOCK_V)
-                n_tied = _row_sum_tiled(logits_ptr, row_c, row_u, V, stride_v, cfg_scale, temperature, xmax,
-                                        thr, budget, thr_p, 2, MIX, BLOCK_V)
+                mass_above = _row_sum_tiled(
+                    logits_ptr,
+                    row_c,
+                    row_u,
+                    V,
+                    stride_v,
+                    cfg_scale,
+                    temperature,
+                    xmax,
+                    thr,
+                    budget,
+                    thr_p + 1,
+                    1,
+                    MIX,
+                    BLOCK_V,
+                )
+                n_tied = _row_sum_tiled(
+                    logits_ptr,
+                    row_c,
+                    row_u,
+                    V,
+                    stride_v,
+                    cfg_scale,
+                    temperature,
+                    xmax,
+                    thr,
+                    budget,
+                    thr_p,
+                    2,
+                    MIX,
+                    BLOCK_V,
+                )
                 budget = _top_p_ties(target, mass_above, n_tied.to(tl.int32), thr_p, temperature, xmax)
                 thr = thr_p
             if STEP_FROM_PTR:
                 step = tl.load(step_ptr)
             seed = tl.load(seeds_ptr + row)
-            best = _draw_tiled(logits_ptr, row_c, row_u, V, stride_v, cfg_scale, temperature, xmax, thr, budget,
-                               seed, step, MIX, BLOCK_V)
+            best = _draw_tiled(
+                logits_ptr,
+                row_c,
+                row_u,
+                V,
+                stride_v,
+                cfg_scale,
+                temperature,
+                xmax,
+                thr,
+                budget,
+                seed,
+                step,
+                MIX,
+                BLOCK_V,
+            )
             tl.store(out_ptr + row, best)
 
 
@@ -286,22 +461,28 @@ def _check_sample_args(logits, seeds, step, cfg_scale, temperature, top_k, top_p
         raise ValueError(f"seeds must be an int64 tensor of shape (B,); got {seeds.dtype} {tuple(seeds.shape)}")
     B = seeds.shape[0]
     if logits.dim() != 2 or logits.shape[0] not in (B, 2 * B):
-        raise ValueError(f"logits must be (2B, V) (conditional rows, then unconditional) or (B, V) with "
-                         f"B = len(seeds) = {B}; got {tuple(logits.shape)}")
+        raise ValueError(
+            f"logits must be (2B, V) (conditional rows, then unconditional) or (B, V) with "
+            f"B = len(seeds) = {B}; got {tuple(logits.shape)}"
+        )
     if logits.dtype not in (torch.float16, torch.bfloat16, torch.float32):
         raise TypeError(f"logits must be float16, bfloat16 or float32; got {logits.dtype}")
     if logits.shape[1] == 0:
         raise ValueError("logits have an empty vocabulary")
     if isinstance(cfg_scale, torch.Tensor):
         if cfg_scale.numel() != 1 or cfg_scale.dtype != torch.float32 or cfg_scale.device != logits.device:
-            raise ValueError(f"cfg_scale must be a number or a one-element float32 tensor on {logits.device}; got "
-                             f"{cfg_scale.dtype} {tuple(cfg_scale.shape)} on {cfg_scale.device}")
+            raise ValueError(
+                f"cfg_scale must be a number or a one-element float32 tensor on {logits.device}; got "
+                f"{cfg_scale.dtype} {tuple(cfg_scale.shape)} on {cfg_scale.device}"
+            )
         mix = True  # read on the device: the mix runs whatever its value, as generate's PyTorch path does
     else:
         mix = cfg_scale != 1.0
     if mix and logits.shape[0] != 2 * B:
-        raise ValueError(f"cfg_scale={cfg_scale} needs (2B, V) logits with the unconditional rows after the "
-                         f"conditional ones; got {tuple(logits.shape)} for B={B}")
+        raise ValueError(
+            f"cfg_scale={cfg_scale} needs (2B, V) logits with the unconditional rows after the "
+            f"conditional ones; got {tuple(logits.shape)} for B={B}"
+        )
     if temperature < 0:
         raise ValueError(f"temperature must be >= 0 (0 = greedy); got {temperature}")
     if top_k < 0:
@@ -312,8 +493,10 @@ def _check_sample_args(logits, seeds, step, cfg_scale, temperature, top_k, top_p
         raise ValueError(f"seeds must be on the logits' device {logits.device}; got {seeds.device}")
     if isinstance(step, torch.Tensor):
         if step.numel() != 1 or step.dtype not in (torch.int64, torch.int32) or step.device != logits.device:
-            raise ValueError(f"step must be an int or a one-element int64 tensor on {logits.device}; got "
-                             f"{step.dtype} {tuple(step.shape)} on {step.device}")
+            raise ValueError(
+                f"step must be an int or a one-element int64 tensor on {logits.device}; got "
+                f"{step.dtype} {tuple(step.shape)} on {step.device}"
+            )
     elif not isinstance(step, int):
         raise TypeError(f"step must be an int or a one-element int64 tensor; got {type(step).__name__}")
     return B, mix
@@ -338,8 +521,17 @@ def cfg_sample_reference(
     return sample_seeded(mixed, sampling, seeds.long(), step)
 
 
-def _self_check(device, dtype, V: int, mix: bool, temperature: float, top_k: int, top_p: float,
-                step_on_device: bool, scale_on_device: bool) -> None:
+def _self_check(
+    device,
+    dtype,
+    V: int,
+    mix: bool,
+    temperature: float,
+    top_k: int,
+    top_p: float,
+    step_on_device: bool,
+    scale_on_device: bool,
+) -> None:
     """The kernel draws the reference's tokens for 8 rows of fixed logits, 2 on the interpreter, which runs the
     programs one after another (see kernels/selfcheck.py)."""
     B = 2 if interpreting() else 8
@@ -350,11 +542,14 @@ def _self_check(device, dtype, V: int, mix: bool, temperature: float, top_k: int
     if scale_on_device:
         cfg_scale = torch.full((1,), cfg_scale, device=device)
     out = _cfg_sample_triton(logits, seeds, step, cfg_scale, temperature, top_k, top_p, B=B, mix=mix)
-    ref = cfg_sample_reference(logits, cfg_scale=cfg_scale, temperature=temperature, top_k=top_k, top_p=top_p,
-                               seeds=seeds, step=step)
+    ref = cfg_sample_reference(
+        logits, cfg_scale=cfg_scale, temperature=temperature, top_k=top_k, top_p=top_p, seeds=seeds, step=step
+    )
     if not torch.equal(out, ref):
-        raise AssertionError(f"rows {torch.nonzero(out != ref).flatten().tolist()} of {B} drew other tokens "
-                             f"({out.tolist()}) than the reference ({ref.tolist()})")
+        raise AssertionError(
+            f"rows {torch.nonzero(out != ref).flatten().tolist()} of {B} drew other tokens "
+            f"({out.tolist()}) than the reference ({ref.tolist()})"
+        )
 
 
 def _sample_launch_config(V: int) -> tuple:
@@ -363,8 +558,9 @@ def _sample_launch_config(V: int) -> tuple:
     if V > MAX_RESIDENT_V:
         return _sample_tiled_kernel, dict(BLOCK_V=TILE_V, num_warps=max(1, min(16, TILE_V // 1024)))
     block_v = triton.next_power_of_2(V)
-    return _sample_resident_kernel, dict(BLOCK_V=block_v, DRAW_V=min(block_v, DRAW_TILE),
-                                         num_warps=max(1, min(16, block_v // 1024)))
+    return _sample_resident_kernel, dict(
+        BLOCK_V=block_v, DRAW_V=min(block_v, DRAW_TILE), num_warps=max(1, min(16, block_v // 1024))
+    )
 
 
 def cfg_sample(
@@ -390,22 +586,24 @@ def cfg_sample(
     """
     B, mix = _check_sample_args(logits, seeds, step, cfg_scale, temperature, top_k, top_p)
     if not use_triton(backend, logits, seeds):
-        return cfg_sample_reference(logits, cfg_scale=cfg_scale, temperature=temperature, top_k=top_k,
-                                    top_p=top_p, seeds=seeds, step=step)
+        return cfg_sample_reference(
+            logits, cfg_scale=cfg_scale, temperature=temperature, top_k=top_k, top_p=top_p, seeds=seeds, step=step
+        )
     V = logits.shape[1]
     # the row block (from V) and the code paths: CFG mix, greedy, top-k, top-p, step and scale on the device
     on_device = (isinstance(step, torch.Tensor), isinstance(cfg_scale, torch.Tensor))
-    shape_class = (V if V <= MAX_RESIDENT_V else "tiled", mix, temperature == 0, 0 < top_k < V, top_p < 1.0,
-                   *on_device)
+    shape_class = (V if V <= MAX_RESIDENT_V else "tiled", mix, temperature == 0, 0 < top_k < V, top_p < 1.0, *on_device)
     check = partial(_self_check, logits.device, logits.dtype, V, mix, temperature, top_k, top_p, *on_device)
     if not passes("cfg_sample", logits.device, logits.dtype, shape_class, check, strict=backend == "triton"):
-        return cfg_sample_reference(logits, cfg_scale=cfg_scale, temperature=temperature, top_k=top_k,
-                                    top_p=top_p, seeds=seeds, step=step)
+        return cfg_sample_reference(
+            logits, cfg_scale=cfg_scale, temperature=temperature, top_k=top_k, top_p=top_p, seeds=seeds, step=step
+        )
     return _cfg_sample_triton(logits, seeds, step, cfg_scale, temperature, top_k, top_p, B=B, mix=mix)
 
 
-def _cfg_sample_triton(logits, seeds, step, cfg_scale, temperature: float, top_k: int, top_p: float, *, B: int,
-                       mix: bool) -> torch.Tensor:
+def _cfg_sample_triton(
+    logits, seeds, step, cfg_scale, temperature: float, top_k: int, top_p: float, *, B: int, mix: bool
+) -> torch.Tensor:
     """The launcher (arguments already checked)."""
     V = logits.shape[1]
     out = torch.empty(B, dtype=torch.int64, device=logits.device)
@@ -414,12 +612,27 @@ def _cfg_sample_triton(logits, seeds, step, cfg_scale, temperature: float, top_k
     step_from_ptr, scale_from_ptr = isinstance(step, torch.Tensor), isinstance(cfg_scale, torch.Tensor)
     kernel, meta = _sample_launch_config(V)
     kernel[(B,)](
-        logits, seeds, step if step_from_ptr else seeds, cfg_scale if scale_from_ptr else logits, out,
-        logits.stride(0), logits.stride(1), B, V, 0 if step_from_ptr else step,
-        1.0 if scale_from_ptr else float(cfg_scale), float(temperature) if temperature > 0 else 1.0, top_k,
+        logits,
+        seeds,
+        step if step_from_ptr else seeds,
+        cfg_scale if scale_from_ptr else logits,
+        out,
+        logits.stride(0),
+        logits.stride(1),
+        B,
+        V,
+        0 if step_from_ptr else step,
+        1.0 if scale_from_ptr else float(cfg_scale),
+        float(temperature) if temperature > 0 else 1.0,
+        top_k,
         float(top_p),
-        MIX=mix, GREEDY=temperature == 0, TOP_K=0 < top_k < V, TOP_P=top_p < 1.0,
-        STEP_FROM_PTR=step_from_ptr, SCALE_FROM_PTR=scale_from_ptr, **meta,
+        MIX=mix,
+        GREEDY=temperature == 0,
+        TOP_K=0 < top_k < V,
+        TOP_P=top_p < 1.0,
+        STEP_FROM_PTR=step_from_ptr,
+        SCALE_FROM_PTR=scale_from_ptr,
+        **meta,
         # no fused multiply-adds: the CFG mix then rounds exactly like the reference's separate torch ops
         enable_fp_fusion=False,
     )

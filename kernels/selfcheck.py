@@ -70,8 +70,15 @@ def _failure_message(kernel: str, device: torch.device, dtype: torch.dtype, shap
     )
 
 
-def passes(kernel: str, device: torch.device, dtype: torch.dtype, shape_class: tuple, check: Callable[[], None],
-           *, strict: bool) -> bool:
+def passes(
+    kernel: str,
+    device: torch.device,
+    dtype: torch.dtype,
+    shape_class: tuple,
+    check: Callable[[], None],
+    *,
+    strict: bool,
+) -> bool:
     """Whether the Triton kernel may run for this (kernel, device, dtype, shape class).
 
     The first call per key runs `check()`, which raises (AssertionError on a mismatch, or whatever the kernel
@@ -107,8 +114,10 @@ def assert_matches(out: torch.Tensor, ref: torch.Tensor, atol: float, rtol: floa
         raise AssertionError(f"{int((~torch.isfinite(out)).sum())} non-finite outputs")
     excess = (out - ref).abs() - (atol + rtol * ref.abs())
     if (excess > 0).any():
-        raise AssertionError(f"{int((excess > 0).sum())} of {out.numel()} outputs off the reference, "
-                             f"max abs error {(out - ref).abs().max().item():.3g} (atol {atol}, rtol {rtol})")
+        raise AssertionError(
+            f"{int((excess > 0).sum())} of {out.numel()} outputs off the reference, "
+            f"max abs error {(out - ref).abs().max().item():.3g} (atol {atol}, rtol {rtol})"
+        )
 
 
 # Tolerances of the checks: loose enough for any correct kernel (TF32-free fp32, fp16/bf16 rounding of

@@ -44,8 +44,13 @@ REGISTER_FILE = 65536  # 32-bit registers per SM (and per block) on sm_80 and sm
 # Spilled bytes (ptxas's spill stores) allowed per kernel. 0 except prefill, where (128, 64, 4 warps) at head
 # dim 64 spills 16 B on sm_80 (none on sm_90, where it is the tutorial's choice): an autotune config that spills
 # a little is only slower, and the tuner does not pick it then; the budget keeps heavy spillers out of the list.
-SPILL_BUDGET = {"_attn_fwd_kernel_impl": 16, "_decode_split_kernel": 0, "_decode_merge_kernel": 0,
-                "_sample_resident_kernel": 0, "_sample_tiled_kernel": 0}
+SPILL_BUDGET = {
+    "_attn_fwd_kernel_impl": 16,
+    "_decode_split_kernel": 0,
+    "_decode_merge_kernel": 0,
+    "_sample_resident_kernel": 0,
+    "_sample_tiled_kernel": 0,
+}
 
 # The configs of record (model dim 1024 = 16 heads x 64, or 8 x 128; text 64 + BOI + 256 image codes).
 PREFILL_CASES = [(d, dtype) for d in (64, 128) for dtype in ("float16", "bfloat16")]  # B=2, H=16, T=S=65
@@ -62,8 +67,10 @@ def triton_skip_reason() -> str | None:
     parts = tuple(int(x) for x in re.findall(r"\d+", version)[:2])
     lo, hi = SUPPORTED_TRITON
     if not lo <= parts < hi:
-        return (f"triton {version}: the stand-in driver of this test is written against Triton "
-                f"{lo[0]}.{lo[1]} internals (supported: >= {lo[0]}.{lo[1]}, < {hi[0]}.{hi[1]})")
+        return (
+            f"triton {version}: the stand-in driver of this test is written against Triton "
+            f"{lo[0]}.{lo[1]} internals (supported: >= {lo[0]}.{lo[1]}, < {hi[0]}.{hi[1]})"
+        )
     return None
 
 
@@ -88,8 +95,12 @@ class _Utils:
         self.arch = arch
 
     def get_device_properties(self, device):
-        return {"max_shared_mem": SHARED_LIMIT[self.arch], "multiprocessor_count": SM_COUNT[self.arch],
-                "max_num_regs": REGISTER_FILE, "warpSize": 32}
+        return {
+            "max_shared_mem": SHARED_LIMIT[self.arch],
+            "multiprocessor_count": SM_COUNT[self.arch],
+            "max_num_regs": REGISTER_FILE,
+            "warpSize": 32,
+        }
 
     def load_binary(self, name, cubin, shared, device):
         return None, None, 0, 0, 1024  # module, function, registers, spills, max threads (ptxas's log has them)
@@ -153,10 +164,21 @@ def compile_all(arch: int) -> list[dict]:
         log.seek(0), log.truncate()
         spills, regs = (int(x) for x in info[-1]) if info else (-1, -1)
         constants = {src.fn.arg_names[k[0]]: v for k, v in src.constants.items()}
-        records.append(dict(case, kernel=metadata["name"], arch=arch, shared=metadata["shared"],
-                            num_warps=metadata["num_warps"], num_stages=metadata["num_stages"], spills=spills,
-                            registers=regs, wgmma="wgmma.mma_async" in ptx, mma_sync="mma.sync" in ptx,
-                            blocks=[constants.get(n) for n in ("BLOCK_M", "BLOCK_N", "BLOCK_H", "BLOCK_V")]))
+        records.append(
+            dict(
+                case,
+                kernel=metadata["name"],
+                arch=arch,
+                shared=metadata["shared"],
+                num_warps=metadata["num_warps"],
+                num_stages=metadata["num_stages"],
+                spills=spills,
+                registers=regs,
+                wgmma="wgmma.mma_async" in ptx,
+                mma_sync="mma.sync" in ptx,
+                blocks=[constants.get(n) for n in ("BLOCK_M", "BLOCK_N", "BLOCK_H", "BLOCK_V")],
+            )
+        )
 
     knobs.compilation.listener = listener
     dt = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
@@ -173,21 +195,27 @@ def compile_all(arch: int) -> list[dict]:
 
     for d, dtype in PREFILL_CASES:
         q = torch.empty(2, 16, 65, d, dtype=dt[dtype])
-        run(dict(case_id=f"prefill-d{d}-{dtype}", kind="prefill", head_dim=d, dtype=dtype, T=65),
-            partial(attention._attention_triton, q, q, q, True, d**-0.5))
+        run(
+            dict(case_id=f"prefill-d{d}-{dtype}", kind="prefill", head_dim=d, dtype=dtype, T=65),
+            partial(attention._attention_triton, q, q, q, True, d**-0.5),
+        )
     for d, hkv, rows in DECODE_CASES:
         q = torch.empty(rows, 16, d, dtype=torch.bfloat16)
         cache = torch.empty(rows, hkv, 321, d, dtype=torch.bfloat16)
         lens = torch.zeros(rows, dtype=torch.int64)
-        run(dict(case_id=f"decode-d{d}-hkv{hkv}-rows{rows}", kind="decode", head_dim=d, n_kv_head=hkv, rows=rows),
-            partial(decode._decode_triton, q, cache, cache, lens, d**-0.5, None))
+        run(
+            dict(case_id=f"decode-d{d}-hkv{hkv}-rows{rows}", kind="decode", head_dim=d, n_kv_head=hkv, rows=rows),
+            partial(decode._decode_triton, q, cache, cache, lens, d**-0.5, None),
+        )
     for v, dtype in SAMPLE_CASES:
         logits = torch.empty(64, v, dtype=dt[dtype])
         seeds, step = torch.zeros(32, dtype=torch.int64), torch.zeros((), dtype=torch.int64)
         scale = torch.full((1,), 3.0)  # on the device, as generate passes its guidance schedule
         top_k = min(1000, v // 10)
-        run(dict(case_id=f"sample-v{v}-{dtype}", kind="sample", vocab=v, dtype=dtype),
-            partial(sampling._cfg_sample_triton, logits, seeds, step, scale, 1.0, top_k, 0.95, B=32, mix=True))
+        run(
+            dict(case_id=f"sample-v{v}-{dtype}", kind="sample", vocab=v, dtype=dtype),
+            partial(sampling._cfg_sample_triton, logits, seeds, step, scale, 1.0, top_k, 0.95, B=32, mix=True),
+        )
     return records
 
 
@@ -215,8 +243,14 @@ def compiled() -> dict[int, list[dict]]:
         procs = {}
         for arch in ARCHS:  # a fresh cache per arch: every kernel is compiled (and logged by ptxas) here
             env_arch = dict(env, TRITON_CACHE_DIR=str(Path(cache) / f"sm{arch}"))
-            procs[arch] = subprocess.Popen([sys.executable, __file__, "--arch", str(arch)], cwd=ROOT, env=env_arch,
-                                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+            procs[arch] = subprocess.Popen(
+                [sys.executable, __file__, "--arch", str(arch)],
+                cwd=ROOT,
+                env=env_arch,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+            )
         out = {}
         for arch, proc in procs.items():
             stdout, stderr = proc.communicate(timeout=600)
@@ -236,11 +270,13 @@ def _records(compiled, arch: int, case_id: str) -> list[dict]:
 def _check_resources(r: dict) -> None:
     what = f"sm_{r['arch']} {r['case_id']} {r['kernel']} (warps {r['num_warps']}, stages {r['num_stages']})"
     assert r["shared"] <= SHARED_LIMIT[r["arch"]], f"{what}: {r['shared']} B of shared memory > the limit"
-    assert 0 <= r["spills"] <= SPILL_BUDGET[r["kernel"]], \
+    assert 0 <= r["spills"] <= SPILL_BUDGET[r["kernel"]], (
         f"{what}: {r['spills']} B spilled > budget {SPILL_BUDGET[r['kernel']]} B ({r['registers']} registers)"
+    )
     threads = r["num_warps"] * 32
-    assert r["registers"] * threads <= REGISTER_FILE, \
+    assert r["registers"] * threads <= REGISTER_FILE, (
         f"{what}: {r['registers']} registers x {threads} threads exceed the register file: the launch would fail"
+    )
 
 
 @pytest.mark.parametrize("arch", ARCHS)

@@ -19,8 +19,16 @@ from PIL import Image
 ROOT = Path(__file__).resolve().parents[1]
 CHROMIUM = "/usr/bin/chromium"
 # As root, on a machine without a network: no sandbox, no background connections (they are refused here).
-CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+CHROMIUM_FLAGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
 CAPTIONS = ["a red square", "a blue circle", "a green star", "a yellow cross"]
 
 pytest.importorskip("gradio", reason="the web demo needs gradio: pip install 'vqgpt[app]'")
@@ -41,16 +49,30 @@ def model_dir(tmp_path_factory):
     root = tmp_path_factory.mktemp("app")
     folder = root / "data"
     folder.mkdir()
-    (folder / "metadata.jsonl").write_text("".join(json.dumps({"file_name": f"{i}.png", "text": c}) + "\n"
-                                                   for i, c in enumerate(CAPTIONS)))
+    (folder / "metadata.jsonl").write_text(
+        "".join(json.dumps({"file_name": f"{i}.png", "text": c}) + "\n" for i, c in enumerate(CAPTIONS))
+    )
     torch.manual_seed(0)
     tok = ImageTokenizer(tokenizer_config("tiny", image_size=32, fsq_levels=(4, 4)))
     text = TextTokenizer.train(CAPTIONS * 5, vocab_size=300)
-    gpt = GPT(gpt_config("tiny", text_vocab_size=text.vocab_size, text_pad_id=text.pad_id, text_len=8,
-                         image_vocab_size=tok.codebook_size, image_grid=(tok.grid_size, tok.grid_size)))
+    gpt = GPT(
+        gpt_config(
+            "tiny",
+            text_vocab_size=text.vocab_size,
+            text_pad_id=text.pad_id,
+            text_len=8,
+            image_vocab_size=tok.codebook_size,
+            image_grid=(tok.grid_size, tok.grid_size),
+        )
+    )
     path = root / "model"
-    TextToImage(gpt, tok, text, SamplingConfig(), trained_on={"data": str(folder), "include": None,
-                                                              "exclude": "yellow", "limit": None}).save_pretrained(path)
+    TextToImage(
+        gpt,
+        tok,
+        text,
+        SamplingConfig(),
+        trained_on={"data": str(folder), "include": None, "exclude": "yellow", "limit": None},
+    ).save_pretrained(path)
     return path
 
 
@@ -66,8 +88,13 @@ def server(model_dir, tmp_path_factory):
     log = tmp_path_factory.mktemp("app-log") / "app.log"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "GRADIO_ANALYTICS_ENABLED": "False"}
     with open(log, "w") as out:
-        proc = subprocess.Popen([sys.executable, "app.py", "--ckpt", str(model_dir), "--port", str(port)], cwd=ROOT,
-                                stdout=out, stderr=subprocess.STDOUT, env=env)
+        proc = subprocess.Popen(
+            [sys.executable, "app.py", "--ckpt", str(model_dir), "--port", str(port)],
+            cwd=ROOT,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            env=env,
+        )
     url = f"http://127.0.0.1:{port}/"
     deadline = time.time() + 120
     while True:
@@ -117,9 +144,11 @@ def test_a_prompt_typed_in_chromium_gives_images(server, browser, tmp_path):
     assert Image.open(tmp_path / "app.png").size[0] == 1280
 
     # bad input is a message in the page, and no request reaches the model
-    for fill, says in ((("Prompt", ""),), "Type a prompt first"), \
-                      ((("Prompt", "a red square"), ("Number of images", "500")), "from 1 to 8"), \
-                      ((("Number of images", "2"), ("top-k", "0")), "top-k must be a whole number"):
+    for fill, says in (
+        ((("Prompt", ""),), "Type a prompt first"),
+        ((("Prompt", "a red square"), ("Number of images", "500")), "from 1 to 8"),
+        ((("Number of images", "2"), ("top-k", "0")), "top-k must be a whole number"),
+    ):
         for label, value in fill:
             page.get_by_label(label, exact=label == "Prompt").first.fill(value)
         page.get_by_role("button", name="Generate").click()
@@ -171,7 +200,13 @@ def test_concurrent_api_requests_are_batched(server):
 
 
 def test_bad_checkpoint_is_a_one_line_error(tmp_path):
-    r = subprocess.run([sys.executable, "app.py", "--ckpt", str(tmp_path / "nothing")], cwd=ROOT,
-                       capture_output=True, text=True, timeout=120, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    r = subprocess.run(
+        [sys.executable, "app.py", "--ckpt", str(tmp_path / "nothing")],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
     assert r.returncode == 2 and "no text-to-image model directory" in r.stderr and "Traceback" not in r.stderr
     assert len(r.stderr.strip().splitlines()) == 1

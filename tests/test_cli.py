@@ -90,8 +90,10 @@ def test_a_bad_ckpt_is_one_line_and_debug_shows_the_traceback(tmp_path, capsys):
 
 def test_out_of_memory_names_the_flag_to_lower(capsys):
     def sample_too_much():
-        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 40.00 GiB (GPU 0; 79.3 GiB total)\n"
-                                          "Of the allocated memory 70 GiB is allocated by PyTorch ...")
+        raise torch.cuda.OutOfMemoryError(
+            "CUDA out of memory. Tried to allocate 40.00 GiB (GPU 0; 79.3 GiB total)\n"
+            "Of the allocated memory 70 GiB is allocated by PyTorch ..."
+        )
 
     with pytest.raises(SystemExit) as e:
         run_or_exit(sample_too_much, oom_hint="lower --batch-size (now 512)")
@@ -120,10 +122,28 @@ def test_the_sampling_flags_are_one_family_in_every_script():
     from vqgpt.generate import SamplingConfig
     from vqgpt.stages import saved_sampling
 
-    flags = ["--cfg", "2", "--cfg-schedule", "interval", "--cfg-interval", "5", "--top-k", "7", "--top-p", "0.9",
-             "--temperature", "0.5"]
-    given = {"cfg_scale": 2.0, "cfg_schedule": "interval", "cfg_interval": 5, "top_k": 7, "top_p": 0.9,
-             "temperature": 0.5}
+    flags = [
+        "--cfg",
+        "2",
+        "--cfg-schedule",
+        "interval",
+        "--cfg-interval",
+        "5",
+        "--top-k",
+        "7",
+        "--top-p",
+        "0.9",
+        "--temperature",
+        "0.5",
+    ]
+    given = {
+        "cfg_scale": 2.0,
+        "cfg_schedule": "interval",
+        "cfg_interval": 5,
+        "top_k": 7,
+        "top_p": 0.9,
+        "temperature": 0.5,
+    }
     assert set(given) == set(SAMPLING_FLAGS)
     sample = script("sample.py")
     assert sampling_overrides(sample.parse_args(["--ckpt", "m", *flags])) == given
@@ -131,7 +151,8 @@ def test_the_sampling_flags_are_one_family_in_every_script():
     assert sampling_overrides(veval.parse_args(["recall", "--ckpt", "m", *flags])) == given
     several = veval.parse_args(["adherence", "--ckpt", "m", "--cfg", "1", "3", *flags[2:]])  # --cfg: scales to score
     assert several.cfg == [1.0, 3.0] and sampling_overrides(several, cfg_flag=False) == {
-        k: v for k, v in given.items() if k != "cfg_scale"}
+        k: v for k, v in given.items() if k != "cfg_scale"
+    }
 
     _, args = script("train.py").parse_args(["gpt", *(f"--sample-{a[2:]}" if a[:2] == "--" else a for a in flags)])
     assert sampling_overrides(args, saved=True) == given
@@ -140,8 +161,11 @@ def test_the_sampling_flags_are_one_family_in_every_script():
     assert saved_sampling(unset, None, SimpleNamespace(image_vocab_size=64)) == SamplingConfig()
 
     def helps(parser):
-        return {a.dest: a.help for a in parser._actions if a.dest in {"cfg", "cfg_schedule", "cfg_interval", "top_k",
-                                                                      "top_p", "temperature", "rerank", "scorer"}}
+        return {
+            a.dest: a.help
+            for a in parser._actions
+            if a.dest in {"cfg", "cfg_schedule", "cfg_interval", "top_k", "top_p", "temperature", "rerank", "scorer"}
+        }
 
     recall = next(p for p in parsers(veval.build_parser()) if p.prog.endswith(" recall"))
     assert len(helps(recall)) == 8 and helps(recall) == helps(sample.build_parser())
@@ -152,8 +176,7 @@ def test_scripts_stay_short_and_read_top_to_bottom():
     built from runs over 80 lines (nested functions count toward the one that holds them)."""
     import ast
 
-    files = ["train.py", "sample.py", "app.py", "vqgpt/eval.py", "vqgpt/cli.py", "vqgpt/training.py",
-             "vqgpt/stages.py"]
+    files = ["train.py", "sample.py", "app.py", "vqgpt/eval.py", "vqgpt/cli.py", "vqgpt/training.py", "vqgpt/stages.py"]
     long = []
     for name in files:
         for node in ast.walk(ast.parse((ROOT / name).read_text())):

@@ -47,8 +47,14 @@ def tok_dir(tmp_path_factory):
 def cli(*args, cache, torchrun: int = 0, check=True):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "VQGPT_CACHE": str(cache)}
     launch = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(torchrun)] if torchrun else []
-    out = subprocess.run([sys.executable, *launch, "-m", "vqgpt.encode", *map(str, args)], cwd=ROOT,
-                         capture_output=True, text=True, env=env, timeout=300)
+    out = subprocess.run(
+        [sys.executable, *launch, "-m", "vqgpt.encode", *map(str, args)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
     if check and out.returncode != 0:
         raise AssertionError(f"{args} failed ({out.returncode}):\n{out.stdout[-2000:]}\n{out.stderr[-3000:]}")
     return out
@@ -85,10 +91,27 @@ def test_store_holds_the_codes_and_captions_of_every_image(folder, tok_dir, tmp_
 
 def test_two_ranks_write_the_same_store_as_one_and_a_killed_run_resumes(folder, tok_dir, tmp_path):
     cache = tmp_path / "cache"
-    one = json.loads(cli("--data", folder, "--tokenizer", tok_dir, "--out", tmp_path / "one", "--shard-size", "5",
-                         cache=cache).stdout.strip().splitlines()[-1])
-    two = json.loads(cli("--data", folder, "--tokenizer", tok_dir, "--out", tmp_path / "two", "--shard-size", "5",
-                         cache=cache, torchrun=2).stdout.strip().splitlines()[-1])
+    one = json.loads(
+        cli("--data", folder, "--tokenizer", tok_dir, "--out", tmp_path / "one", "--shard-size", "5", cache=cache)
+        .stdout.strip()
+        .splitlines()[-1]
+    )
+    two = json.loads(
+        cli(
+            "--data",
+            folder,
+            "--tokenizer",
+            tok_dir,
+            "--out",
+            tmp_path / "two",
+            "--shard-size",
+            "5",
+            cache=cache,
+            torchrun=2,
+        )
+        .stdout.strip()
+        .splitlines()[-1]
+    )
     assert one["world"] == 1 and two["world"] == 2
     for split in ("train", "test"):
         assert one[split]["codes_sha256"] == two[split]["codes_sha256"] and one[split]["count"] == two[split]["count"]
@@ -105,8 +128,23 @@ def test_two_ranks_write_the_same_store_as_one_and_a_killed_run_resumes(folder, 
     (train / "shard-00002.json").unlink()
     (train / "shard-00002.codes.npy").write_bytes(b"\x93NUMPY half")
     kept = {p.name: p.stat().st_mtime_ns for p in train.glob("shard-0000[013].codes.npy")}
-    again = json.loads(cli("--data", folder, "--tokenizer", tok_dir, "--out", tmp_path / "two", "--shard-size", "5",
-                           "--split", "train", cache=cache).stdout.strip().splitlines()[-1])
+    again = json.loads(
+        cli(
+            "--data",
+            folder,
+            "--tokenizer",
+            tok_dir,
+            "--out",
+            tmp_path / "two",
+            "--shard-size",
+            "5",
+            "--split",
+            "train",
+            cache=cache,
+        )
+        .stdout.strip()
+        .splitlines()[-1]
+    )
     assert again["codes_sha256"] == one["train"]["codes_sha256"]
     assert {name: (train / name).stat().st_mtime_ns for name in kept} == kept  # finished shards left alone
 
@@ -117,11 +155,40 @@ def test_cold_cache_two_ranks_render_once_and_agree(tok_dir, tmp_path):
     tok = tmp_path / "tok32"
     torch.manual_seed(0)
     ImageTokenizer(tokenizer_config("tiny", image_size=64, fsq_levels=(4, 4))).save_pretrained(tok)
-    r = cli("--data", "shapes", "--limit", "24", "--split", "train", "--tokenizer", tok, "--out", tmp_path / "s",
-            "--shard-size", "8", cache=cache, torchrun=2)
+    r = cli(
+        "--data",
+        "shapes",
+        "--limit",
+        "24",
+        "--split",
+        "train",
+        "--tokenizer",
+        tok,
+        "--out",
+        tmp_path / "s",
+        "--shard-size",
+        "8",
+        cache=cache,
+        torchrun=2,
+    )
     two = json.loads(r.stdout.strip().splitlines()[-1])
-    one = json.loads(cli("--data", "shapes", "--limit", "24", "--split", "train", "--tokenizer", tok, "--out",
-                         tmp_path / "s1", cache=cache).stdout.strip().splitlines()[-1])
+    one = json.loads(
+        cli(
+            "--data",
+            "shapes",
+            "--limit",
+            "24",
+            "--split",
+            "train",
+            "--tokenizer",
+            tok,
+            "--out",
+            tmp_path / "s1",
+            cache=cache,
+        )
+        .stdout.strip()
+        .splitlines()[-1]
+    )
     assert two["count"] == one["count"] == 24 and two["codes_sha256"] == one["codes_sha256"]
     assert len([p for p in (cache / "shapes").iterdir() if ".tmp" not in p.name]) == 1
 
@@ -129,8 +196,16 @@ def test_cold_cache_two_ranks_render_once_and_agree(tok_dir, tmp_path):
 def test_bad_input_is_one_line(folder, tok_dir, tmp_path):
     r = cli("--data", folder, "--tokenizer", tmp_path / "nope", "--out", tmp_path / "x", cache=tmp_path, check=False)
     assert r.returncode == 2 and r.stderr.startswith("error:") and "Traceback" not in r.stderr
-    r = cli("--data", tmp_path / "no-such-folder", "--tokenizer", tok_dir, "--out", tmp_path / "x", cache=tmp_path,
-            check=False)
+    r = cli(
+        "--data",
+        tmp_path / "no-such-folder",
+        "--tokenizer",
+        tok_dir,
+        "--out",
+        tmp_path / "x",
+        cache=tmp_path,
+        check=False,
+    )
     assert r.returncode == 2 and "error:" in r.stderr and "Traceback" not in r.stderr
 
 
@@ -149,8 +224,7 @@ def test_the_readme_commands_for_class_folders_through_torchrun(tmp_path):
     small = ["--preset", "tiny", "--batch-size", "8", "--steps", "6", "--eval-every", "1000", "--device", "cpu"]
 
     def ok(*cmd):
-        r = subprocess.run([*torchrun, *map(str, cmd)], cwd=ROOT, capture_output=True, text=True, env=env,
-                           timeout=300)
+        r = subprocess.run([*torchrun, *map(str, cmd)], cwd=ROOT, capture_output=True, text=True, env=env, timeout=300)
         assert r.returncode == 0, r.stderr[-3000:]
         return r
 
@@ -158,8 +232,19 @@ def test_the_readme_commands_for_class_folders_through_torchrun(tmp_path):
     ok("-m", "vqgpt.encode", "--data", data, "--tokenizer", tmp_path / "tok", "--out", tmp_path / "codes")
     store = CodeStore.open(split_dir(tmp_path / "codes", "train"))
     assert set(store.iter_captions()) <= {"class 0", "class 1", "class 2"} and len(store) >= 20
-    r = ok("train.py", "gpt", "--data", data, "--codes", tmp_path / "codes", "--tokenizer", tmp_path / "tok",
-           "--out", tmp_path / "t2i", *small)
+    r = ok(
+        "train.py",
+        "gpt",
+        "--data",
+        data,
+        "--codes",
+        tmp_path / "codes",
+        "--tokenizer",
+        tmp_path / "tok",
+        "--out",
+        tmp_path / "t2i",
+        *small,
+    )
     assert "encode:" not in r.stdout  # the store was there: nothing encoded again
     assert (tmp_path / "t2i" / "model.safetensors").is_file()
 
@@ -178,8 +263,9 @@ def test_unfinished_shards_of_other_weights_or_another_layout_are_not_reused(fol
     with torch.no_grad():
         want = b.encode(images.float() / 255).flatten(1)
     assert len(store) == len(images) and torch.equal(store.codes(range(len(store))), want)
-    assert sorted(p.name.split(".")[0] for p in out.glob("shard-*.json")) == \
-        [f"shard-{k:05d}" for k in range(-(-len(images) // 8))]
+    assert sorted(p.name.split(".")[0] for p in out.glob("shard-*.json")) == [
+        f"shard-{k:05d}" for k in range(-(-len(images) // 8))
+    ]
 
 
 def test_the_readme_commands_for_webdataset_shards(tmp_path):
@@ -199,8 +285,9 @@ def test_the_readme_commands_for_webdataset_shards(tmp_path):
                 im.paste((200, 20 * (i % 10), 40), (i % 6, 3, i % 6 + 9, 12))
                 im.save(buf, format="JPEG")
                 data = buf.getvalue()[:60] if (s, i) == (1, 5) else buf.getvalue()  # one truncated JPEG
-                caption = (json.dumps({"caption": f"a red mark number {i % 6}"}) if i % 2 else
-                           f"a red mark number {i % 6}").encode()
+                caption = (
+                    json.dumps({"caption": f"a red mark number {i % 6}"}) if i % 2 else f"a red mark number {i % 6}"
+                ).encode()
                 for name, blob in ((f"{key}.jpg", data), (f"{key}.{'json' if i % 2 else 'txt'}", caption)):
                     info = tarfile.TarInfo(name)
                     info.size = len(blob)
@@ -210,8 +297,9 @@ def test_the_readme_commands_for_webdataset_shards(tmp_path):
     small = ["--preset", "tiny", "--batch-size", "8", "--steps", "4", "--eval-every", "1000", "--device", "cpu"]
 
     def ok(*cmd):
-        r = subprocess.run([sys.executable, *map(str, cmd)], cwd=ROOT, capture_output=True, text=True, env=env,
-                           timeout=300)
+        r = subprocess.run(
+            [sys.executable, *map(str, cmd)], cwd=ROOT, capture_output=True, text=True, env=env, timeout=300
+        )
         assert r.returncode == 0, r.stderr[-3000:]
         return r
 
@@ -222,6 +310,17 @@ def test_the_readme_commands_for_webdataset_shards(tmp_path):
     test = CodeStore.open(split_dir(tmp_path / "codes", "test"))
     assert len(store) + len(test) == 47
     assert set(store.iter_captions()) <= {f"a red mark number {i}" for i in range(6)}
-    ok("train.py", "gpt", "--data", spec, "--codes", tmp_path / "codes", "--tokenizer", tmp_path / "tok", "--out",
-       tmp_path / "t2i", *small)
+    ok(
+        "train.py",
+        "gpt",
+        "--data",
+        spec,
+        "--codes",
+        tmp_path / "codes",
+        "--tokenizer",
+        tmp_path / "tok",
+        "--out",
+        tmp_path / "t2i",
+        *small,
+    )
     assert (tmp_path / "t2i" / "model.safetensors").is_file()

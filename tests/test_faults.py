@@ -33,8 +33,9 @@ def folder(tmp_path_factory):
 
 def train(*args, cache, check=True):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled", "VQGPT_CACHE": str(cache)}
-    out = subprocess.run([sys.executable, "train.py", *map(str, args)], cwd=ROOT, capture_output=True, text=True,
-                         env=env, timeout=300)
+    out = subprocess.run(
+        [sys.executable, "train.py", *map(str, args)], cwd=ROOT, capture_output=True, text=True, env=env, timeout=300
+    )
     if check and out.returncode != 0:
         raise AssertionError(f"{args} failed ({out.returncode}):\n{out.stderr[-3000:]}")
     return out
@@ -56,8 +57,22 @@ def test_divergence_keeps_the_good_checkpoints_and_the_exported_model(folder, tm
     good = {c.step: c.weights() for c in CheckpointManager(out).list()}
     assert sorted(good) == [2, 4, 6]
     exported = load_file(str(out / "model.safetensors"))
-    r = train("tokenizer", "--data", folder, "--resume", out, "--steps", "60", "--save-every", "1", "--lr", "1e30",
-              *TOK, cache=cache, check=False)
+    r = train(
+        "tokenizer",
+        "--data",
+        folder,
+        "--resume",
+        out,
+        "--steps",
+        "60",
+        "--save-every",
+        "1",
+        "--lr",
+        "1e30",
+        *TOK,
+        cache=cache,
+        check=False,
+    )
     one_line_error(r, "non-finite loss or gradient")
     left = CheckpointManager(out).list()
     assert [c.step for c in left] == [2, 4, 6], [c.step for c in left]
@@ -82,16 +97,29 @@ def test_a_new_run_into_an_existing_out_is_refused_unless_asked(folder, tmp_path
     assert [c.step for c in CheckpointManager(out).list()] == [4]
 
     # --overwrite replaces the whole run: none of the old run's checkpoints is left to be resumed
-    train("tokenizer", "--data", folder, "--out", out, "--steps", "2", "--save-every", "2", "--overwrite", *TOK,
-          cache=cache)
+    train(
+        "tokenizer",
+        "--data",
+        folder,
+        "--out",
+        out,
+        "--steps",
+        "2",
+        "--save-every",
+        "2",
+        "--overwrite",
+        *TOK,
+        cache=cache,
+    )
     assert [c.step for c in CheckpointManager(out).list()] == [2]
 
     # --resume without --out resumes that directory; a missing one is named, not silently replaced by --out
     r = train("tokenizer", "--data", folder, "--resume", tmp_path / "nope", *TOK, cache=cache, check=False)
     one_line_error(r, "no such run directory")
     assert not (tmp_path / "nope").exists()
-    r = train("tokenizer", "--data", folder, "--resume", out, "--out", tmp_path / "other", *TOK, cache=cache,
-              check=False)
+    r = train(
+        "tokenizer", "--data", folder, "--resume", out, "--out", tmp_path / "other", *TOK, cache=cache, check=False
+    )
     assert r.returncode == 2 and "differ" in r.stderr
 
 
@@ -110,10 +138,20 @@ def test_two_writers_on_one_run_directory(folder, tmp_path):
     assert (out / "marker").read_text() == "mine" and not (out / "checkpoints").exists()
 
     # a writer killed with SIGKILL holds nothing: the kernel drops its lock
-    holder = subprocess.Popen([sys.executable, "-c", (
-        "import sys, time; from vqgpt.checkpoint import claim_run_dir\n"
-        f"with claim_run_dir({str(out)!r}, resume=False, overwrite=False):\n"
-        "    print('held', flush=True); time.sleep(60)")], cwd=ROOT, stdout=subprocess.PIPE, text=True)
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            (
+                "import sys, time; from vqgpt.checkpoint import claim_run_dir\n"
+                f"with claim_run_dir({str(out)!r}, resume=False, overwrite=False):\n"
+                "    print('held', flush=True); time.sleep(60)"
+            ),
+        ],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     assert holder.stdout.readline().strip() == "held"
     with pytest.raises(ValueError, match=f"pid {holder.pid}"):
         with claim_run_dir(out, resume=False, overwrite=False):
@@ -125,14 +163,23 @@ def test_two_writers_on_one_run_directory(folder, tmp_path):
     assert CheckpointManager(out).require_latest().step == 2
 
 
-@pytest.mark.parametrize("flags, flag", [
-    (["tokenizer", "--clip", "-1"], "--clip"), (["tokenizer", "--clip", "nan"], "--clip"),
-    (["gpt", "--batch-size", "0"], "--batch-size"), (["tokenizer", "--steps", "0"], "--steps"),
-    (["tokenizer", "--image-size", "0"], "--image-size"), (["gpt", "--text-len", "0"], "--text-len"),
-    (["tokenizer", "--grad-accum", "0"], "--grad-accum"), (["gpt", "--save-every", "0"], "--save-every"),
-    (["gpt", "--eval-every", "0"], "--eval-every"), (["tokenizer", "--log-every", "0"], "--log-every"),
-    (["gpt", "--lr", "inf"], "--lr"), (["tokenizer", "--fsq-levels", "0"], "--fsq-levels"),
-])
+@pytest.mark.parametrize(
+    "flags, flag",
+    [
+        (["tokenizer", "--clip", "-1"], "--clip"),
+        (["tokenizer", "--clip", "nan"], "--clip"),
+        (["gpt", "--batch-size", "0"], "--batch-size"),
+        (["tokenizer", "--steps", "0"], "--steps"),
+        (["tokenizer", "--image-size", "0"], "--image-size"),
+        (["gpt", "--text-len", "0"], "--text-len"),
+        (["tokenizer", "--grad-accum", "0"], "--grad-accum"),
+        (["gpt", "--save-every", "0"], "--save-every"),
+        (["gpt", "--eval-every", "0"], "--eval-every"),
+        (["tokenizer", "--log-every", "0"], "--log-every"),
+        (["gpt", "--lr", "inf"], "--lr"),
+        (["tokenizer", "--fsq-levels", "0"], "--fsq-levels"),
+    ],
+)
 def test_flags_that_would_train_nothing_are_refused_naming_the_flag(flags, flag, tmp_path):
     r = train(*flags, "--out", tmp_path / "run", cache=tmp_path / "cache", check=False)
     assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-2000:]
@@ -142,12 +189,17 @@ def test_flags_that_would_train_nothing_are_refused_naming_the_flag(flags, flag,
 
 def test_eval_and_sample_errors_are_one_line(tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "VQGPT_CACHE": str(tmp_path / "cache")}
-    for cmd, says in ((["-m", "vqgpt.eval", "tokenizer", "--ckpt", tmp_path / "nope"], "no tokenizer directory"),
-                      (["-m", "vqgpt.eval", "recall", "--ckpt", tmp_path, "--device", "cuda"], "CUDA"),
-                      (["sample.py", "--ckpt", tmp_path / "nope", "--prompt", "x", "--out", tmp_path / "g.png"],
-                       "no text-to-image model directory")):
-        r = subprocess.run([sys.executable, *map(str, cmd)], cwd=ROOT, capture_output=True, text=True, env=env,
-                           timeout=120)
+    for cmd, says in (
+        (["-m", "vqgpt.eval", "tokenizer", "--ckpt", tmp_path / "nope"], "no tokenizer directory"),
+        (["-m", "vqgpt.eval", "recall", "--ckpt", tmp_path, "--device", "cuda"], "CUDA"),
+        (
+            ["sample.py", "--ckpt", tmp_path / "nope", "--prompt", "x", "--out", tmp_path / "g.png"],
+            "no text-to-image model directory",
+        ),
+    ):
+        r = subprocess.run(
+            [sys.executable, *map(str, cmd)], cwd=ROOT, capture_output=True, text=True, env=env, timeout=120
+        )
         assert r.returncode != 0 and "Traceback" not in r.stderr, r.stderr[-2000:]
         assert r.stderr.strip().startswith("error:") and says in r.stderr, r.stderr[-2000:]
 
@@ -170,17 +222,39 @@ def test_prompts_that_are_not_text_are_refused(tmp_path):
 
     tok = ImageTokenizer(tokenizer_config("tiny", image_size=16, fsq_levels=(4, 4)))
     text = TextTokenizer.train(["a red square", "a blue circle"] * 5, vocab_size=300)
-    gpt = GPT(gpt_config("tiny", text_vocab_size=text.vocab_size, text_pad_id=text.pad_id, text_len=8,
-                         image_vocab_size=tok.codebook_size, image_grid=(tok.grid_size, tok.grid_size)))
+    gpt = GPT(
+        gpt_config(
+            "tiny",
+            text_vocab_size=text.vocab_size,
+            text_pad_id=text.pad_id,
+            text_len=8,
+            image_vocab_size=tok.codebook_size,
+            image_grid=(tok.grid_size, tok.grid_size),
+        )
+    )
     pipe = TextToImage(gpt, tok, text, SamplingConfig())
     with pytest.raises(ValueError, match="not valid text"):
         pipe(["a \udcff square"])
     with pytest.raises(ValueError, match="must be strings"):
         pipe([b"bytes"])
     pipe.save_pretrained(tmp_path / "m")
-    r = subprocess.run([sys.executable, "sample.py", "--ckpt", str(tmp_path / "m"), "--prompt", "a \udcff square",
-                        "--out", str(tmp_path / "g.png")], cwd=ROOT, capture_output=True, text=True,
-                       env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=120)
+    r = subprocess.run(
+        [
+            sys.executable,
+            "sample.py",
+            "--ckpt",
+            str(tmp_path / "m"),
+            "--prompt",
+            "a \udcff square",
+            "--out",
+            str(tmp_path / "g.png"),
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+        timeout=120,
+    )
     assert r.returncode != 0 and "not UTF-8" in r.stderr and "Traceback" not in r.stderr, r.stderr[-1500:]
 
 
@@ -206,8 +280,19 @@ def test_one_huge_caption_does_not_set_the_text_context(folder, tmp_path):
     (data / "metadata.jsonl").write_text("\n".join(lines) + "\n")
     cache = tmp_path / "cache"
     train("tokenizer", "--data", data, "--out", tmp_path / "tok", "--steps", "2", *TOK, cache=cache)
-    r = train("gpt", "--data", data, "--tokenizer", tmp_path / "tok", "--out", tmp_path / "t2i", "--steps", "2",
-              *TOK, cache=cache)
+    r = train(
+        "gpt",
+        "--data",
+        data,
+        "--tokenizer",
+        tmp_path / "tok",
+        "--out",
+        tmp_path / "t2i",
+        "--steps",
+        "2",
+        *TOK,
+        cache=cache,
+    )
     assert "will be truncated" in r.stdout, r.stdout[-2000:]
     config = json.loads((tmp_path / "t2i" / "config.json").read_text())
     assert config["gpt"]["text_len"] <= 256
@@ -238,8 +323,9 @@ def test_a_lora_adapter_naming_itself_as_its_base_is_refused(tmp_path):
     (tmp_path / "m" / "image_tokenizer").mkdir(parents=True)
     (tmp_path / "m" / "text_tokenizer").mkdir()
     (tmp_path / "m" / "adapter").mkdir()
-    (tmp_path / "m" / "config.json").write_text(json.dumps({
-        "model_type": "vqgpt-text-to-image", "gpt": {}, "base": {"path": ".", "gpt": "0" * 16}}))
+    (tmp_path / "m" / "config.json").write_text(
+        json.dumps({"model_type": "vqgpt-text-to-image", "gpt": {}, "base": {"path": ".", "gpt": "0" * 16}})
+    )
     with pytest.raises((ValueError, FileNotFoundError)):
         TextToImage.from_pretrained(tmp_path / "m")
     from vqgpt.pipeline import load_base_gpt

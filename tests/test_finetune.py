@@ -13,8 +13,9 @@ CAPTIONS = ["a red circle", "a blue square", "a red square", "a blue circle"] * 
 def tiny_gpt(vocab: int = 300) -> GPT:
     """A tiny GPT with a non-zero head, as after training (a fresh head is zero: no gradient flows through it)."""
     torch.manual_seed(0)
-    gpt = GPT(gpt_config("tiny", text_vocab_size=vocab, text_pad_id=0, text_len=6, image_vocab_size=32,
-                         image_grid=(2, 3)))
+    gpt = GPT(
+        gpt_config("tiny", text_vocab_size=vocab, text_pad_id=0, text_len=6, image_vocab_size=32, image_grid=(2, 3))
+    )
     torch.nn.init.normal_(gpt.head.weight, std=0.02)
     return gpt
 
@@ -57,8 +58,11 @@ def test_lora_trains_only_adapters_and_new_token_rows():
         opt.zero_grad()
         gpt.loss(text, codes)[0].backward()
         opt.step()
-    after = {k.replace(".base_layer", "").replace(".token_adapter", ""): v for k, v in gpt.state_dict().items()
-             if "lora_" not in k and "trainable_tokens" not in k}  # the base tensors, under their own names
+    after = {
+        k.replace(".base_layer", "").replace(".token_adapter", ""): v
+        for k, v in gpt.state_dict().items()
+        if "lora_" not in k and "trainable_tokens" not in k
+    }  # the base tensors, under their own names
     assert after.keys() == frozen.keys()
     assert all(torch.equal(after[k], frozen[k]) for k in frozen)
     trained = adapter_state(peft_model)

@@ -17,7 +17,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 SEED, N_CONFIGS = 20261201, 48
 
-WORKER = r'''
+WORKER = r"""
 import json, os, resource, shutil, signal, sys, traceback
 from pathlib import Path
 resource.setrlimit(resource.RLIMIT_AS, (6 << 30, 6 << 30))  # 6 GB: a config sized to blow memory fails fast
@@ -42,7 +42,7 @@ for case in sorted(Path(sys.argv[1]).iterdir()):
         signal.alarm(0)
     results.append({"case": case.name, "outcome": outcome})
 print(json.dumps(results))
-'''
+"""
 
 
 def _values(rng: random.Random):
@@ -51,6 +51,7 @@ def _values(rng: random.Random):
 
 def _mutations(rng: random.Random, config: dict):
     """Yield (name, mutator(dir)) pairs: a few fixed hostile files, then random field corruptions."""
+
     def write(obj):
         return lambda d: (d / "config.json").write_text(json.dumps(obj))
 
@@ -62,8 +63,10 @@ def _mutations(rng: random.Random, config: dict):
     yield "not-utf8", lambda d: (d / "config.json").write_bytes(b"\xff\xfe{\x00")
     yield "fifo", lambda d: ((d / "config.json").unlink(), os.mkfifo(d / "config.json"))
     yield "dev-zero", lambda d: ((d / "config.json").unlink(), os.symlink("/dev/zero", d / "config.json"))
-    yield "truncated-weights", lambda d: (d / "model.safetensors").write_bytes(
-        (d / "model.safetensors").read_bytes()[:300])
+    yield (
+        "truncated-weights",
+        lambda d: (d / "model.safetensors").write_bytes((d / "model.safetensors").read_bytes()[:300]),
+    )
     yield "huge-n-layer", write({**config, "gpt": {**config["gpt"], "n_layer": 100000}})
     yield "rope-nan", write({**config, "gpt": {**config["gpt"], "rope_base": float("nan")}})
     yield "tok-config-list", lambda d: (d / "image_tokenizer" / "config.json").write_text("[]")
@@ -94,8 +97,16 @@ def model_dir(tmp_path_factory):
     torch.manual_seed(0)
     tok = ImageTokenizer(tokenizer_config("tiny", image_size=16, fsq_levels=(4, 4)))
     text = TextTokenizer.train(["a red square", "a blue circle", "a green star"] * 5, vocab_size=300)
-    gpt = GPT(gpt_config("tiny", text_vocab_size=text.vocab_size, text_pad_id=text.pad_id, text_len=8,
-                         image_vocab_size=tok.codebook_size, image_grid=(tok.grid_size, tok.grid_size)))
+    gpt = GPT(
+        gpt_config(
+            "tiny",
+            text_vocab_size=text.vocab_size,
+            text_pad_id=text.pad_id,
+            text_len=8,
+            image_vocab_size=tok.codebook_size,
+            image_grid=(tok.grid_size, tok.grid_size),
+        )
+    )
     path = tmp_path_factory.mktemp("fuzz") / "model"
     TextToImage(gpt, tok, text, SamplingConfig()).save_pretrained(path)
     return path
@@ -110,8 +121,14 @@ def test_corrupt_model_directories_end_in_clear_errors(model_dir, tmp_path):
     for name, mutate in _mutations(random.Random(SEED), config):
         shutil.copytree(model_dir, cases / name, symlinks=True)
         mutate(cases / name)
-    r = subprocess.run([sys.executable, "-c", WORKER, str(cases)], cwd=ROOT, capture_output=True, text=True,
-                       timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    r = subprocess.run(
+        [sys.executable, "-c", WORKER, str(cases)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     results = json.loads(r.stdout.strip().splitlines()[-1])
     assert len(results) == 13 + N_CONFIGS
@@ -121,8 +138,20 @@ def test_corrupt_model_directories_end_in_clear_errors(model_dir, tmp_path):
     assert all(v.startswith("error:") for v in fixed.values()), fixed
 
 
-FLAGS = ["--steps", "--batch-size", "--lr", "--clip", "--seed", "--save-every", "--grad-accum", "--warmup",
-         "--limit", "--keep", "--image-size", "--workers"]
+FLAGS = [
+    "--steps",
+    "--batch-size",
+    "--lr",
+    "--clip",
+    "--seed",
+    "--save-every",
+    "--grad-accum",
+    "--warmup",
+    "--limit",
+    "--keep",
+    "--image-size",
+    "--workers",
+]
 
 
 def test_random_flags_on_the_command_line(tmp_path):
@@ -134,9 +163,26 @@ def test_random_flags_on_the_command_line(tmp_path):
         for flag in rng.sample(FLAGS, 3):
             flags += [flag, str(rng.choice([-3, 0, 1, 7, 2**64, "nan", "inf", "1e30", "x", "0.5"]))]
         out = tmp_path / f"run{i}"
-        r = subprocess.run([sys.executable, "train.py", "tokenizer", "--data", str(tmp_path / "no-data"), "--out",
-                            str(out), "--preset", "tiny", "--device", "cpu", *flags], cwd=ROOT, capture_output=True,
-                           text=True, timeout=120, env={**os.environ, "OMP_NUM_THREADS": "1",
-                                                        "WANDB_MODE": "disabled", "VQGPT_CACHE": str(tmp_path)})
+        r = subprocess.run(
+            [
+                sys.executable,
+                "train.py",
+                "tokenizer",
+                "--data",
+                str(tmp_path / "no-data"),
+                "--out",
+                str(out),
+                "--preset",
+                "tiny",
+                "--device",
+                "cpu",
+                *flags,
+            ],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=120,
+            env={**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled", "VQGPT_CACHE": str(tmp_path)},
+        )
         assert r.returncode == 2, (flags, r.returncode, r.stderr[-1500:])
         assert "Traceback" not in r.stderr and "error:" in r.stderr, (flags, r.stderr[-1500:])

@@ -366,7 +366,7 @@ def test_kernels_backend_draws_the_same_codes(monkeypatch):
 
 
 def test_triton_backend_off_cuda_is_a_one_line_error(monkeypatch):
-    """"triton" means Triton or an error: on a CPU without the interpreter it no longer runs PyTorch quietly."""
+    """ "triton" means Triton or an error: on a CPU without the interpreter it no longer runs PyTorch quietly."""
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     model = tiny_model()
     model.config.attn_backend = "triton"
@@ -378,21 +378,41 @@ def test_triton_backend_off_cuda_is_a_one_line_error(monkeypatch):
 # tiny_model(n_kv_head=2) for prompts(2) and seeds (7, 2**40 + 3), with the noise table and per step alike.
 # Seeded sampling must keep giving exactly these images.
 PINNED_DRAWS = {
-    "cfg3-topk20": (SamplingConfig(cfg_scale=3.0, top_k=20), [
-        [61, 46, 42, 42, 42, 31, 38, 37, 20, 21, 4, 8, 20, 21, 18, 52],
-        [61, 46, 46, 42, 0, 43, 13, 1, 14, 37, 59, 12, 0, 21, 18, 15]]),
-    "cfg2-topk10-topp0.8-t0.7": (SamplingConfig(cfg_scale=2.0, top_k=10, top_p=0.8, temperature=0.7), [
-        [61, 46, 42, 42, 42, 42, 42, 0, 39, 62, 25, 7, 57, 26, 43, 46],
-        [61, 46, 42, 42, 0, 35, 1, 14, 37, 57, 26, 43, 13, 1, 14, 60]]),
-    "nocfg-topp0.9-t1.3": (SamplingConfig(cfg_scale=1.0, top_p=0.9, temperature=1.3), [
-        [61, 46, 42, 29, 3, 10, 2, 44, 38, 35, 10, 25, 53, 22, 63, 21],
-        [61, 46, 46, 42, 0, 43, 13, 1, 14, 37, 59, 12, 0, 21, 18, 30]]),
-    "interval-cfg3-topk5": (SamplingConfig(cfg_scale=3.0, cfg_schedule="interval", cfg_interval=6, top_k=5), [
-        [48, 55, 55, 55, 37, 57, 26, 0, 35, 22, 58, 36, 56, 39, 23, 49],
-        [61, 46, 42, 42, 0, 11, 30, 5, 3, 36, 35, 22, 58, 44, 30, 5]]),
-    "linear-cfg4": (SamplingConfig(cfg_scale=4.0, cfg_schedule="linear"), [
-        [61, 46, 42, 42, 48, 16, 39, 44, 51, 14, 37, 53, 22, 58, 40, 41],
-        [61, 46, 46, 42, 0, 43, 13, 1, 14, 37, 59, 12, 0, 21, 18, 15]]),
+    "cfg3-topk20": (
+        SamplingConfig(cfg_scale=3.0, top_k=20),
+        [
+            [61, 46, 42, 42, 42, 31, 38, 37, 20, 21, 4, 8, 20, 21, 18, 52],
+            [61, 46, 46, 42, 0, 43, 13, 1, 14, 37, 59, 12, 0, 21, 18, 15],
+        ],
+    ),
+    "cfg2-topk10-topp0.8-t0.7": (
+        SamplingConfig(cfg_scale=2.0, top_k=10, top_p=0.8, temperature=0.7),
+        [
+            [61, 46, 42, 42, 42, 42, 42, 0, 39, 62, 25, 7, 57, 26, 43, 46],
+            [61, 46, 42, 42, 0, 35, 1, 14, 37, 57, 26, 43, 13, 1, 14, 60],
+        ],
+    ),
+    "nocfg-topp0.9-t1.3": (
+        SamplingConfig(cfg_scale=1.0, top_p=0.9, temperature=1.3),
+        [
+            [61, 46, 42, 29, 3, 10, 2, 44, 38, 35, 10, 25, 53, 22, 63, 21],
+            [61, 46, 46, 42, 0, 43, 13, 1, 14, 37, 59, 12, 0, 21, 18, 30],
+        ],
+    ),
+    "interval-cfg3-topk5": (
+        SamplingConfig(cfg_scale=3.0, cfg_schedule="interval", cfg_interval=6, top_k=5),
+        [
+            [48, 55, 55, 55, 37, 57, 26, 0, 35, 22, 58, 36, 56, 39, 23, 49],
+            [61, 46, 42, 42, 0, 11, 30, 5, 3, 36, 35, 22, 58, 44, 30, 5],
+        ],
+    ),
+    "linear-cfg4": (
+        SamplingConfig(cfg_scale=4.0, cfg_schedule="linear"),
+        [
+            [61, 46, 42, 42, 48, 16, 39, 44, 51, 14, 37, 53, 22, 58, 40, 41],
+            [61, 46, 46, 42, 0, 43, 13, 1, 14, 37, 59, 12, 0, 21, 18, 15],
+        ],
+    ),
 }
 
 
@@ -424,7 +444,9 @@ def test_seeded_draws_are_those_of_before(name, table_max, monkeypatch):
         (dict(top_k=2.5), "top_k"),
         (dict(top_p=0.0), r"top_p must be in \[1e-06, 1\]"),
         # finite in Python, not in float32: every code would come out 0
-        (dict(temperature=1e-40), "temperature"), (dict(cfg_scale=1e39), "cfg_scale"), (dict(top_p=1e-300), "top_p"),
+        (dict(temperature=1e-40), "temperature"),
+        (dict(cfg_scale=1e39), "cfg_scale"),
+        (dict(top_p=1e-300), "top_p"),
         (dict(top_p=1.5), "top_p"),
         (dict(top_p=float("nan")), "top_p"),
         (dict(temperature=-0.1), "temperature"),

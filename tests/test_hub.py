@@ -55,8 +55,16 @@ def tiny_tokenizer(seed: int) -> ImageTokenizer:
 def tiny_pipeline(trained_on: dict | None = None) -> TextToImage:
     tok = tiny_tokenizer(0)
     text = TextTokenizer.train(["green apple", "red heart", "blue car"] * 5, vocab_size=300)
-    gpt = GPT(gpt_config("tiny", text_vocab_size=text.vocab_size, text_pad_id=text.pad_id, text_len=8,
-                         image_vocab_size=tok.codebook_size, image_grid=(tok.grid_size, tok.grid_size)))
+    gpt = GPT(
+        gpt_config(
+            "tiny",
+            text_vocab_size=text.vocab_size,
+            text_pad_id=text.pad_id,
+            text_len=8,
+            image_vocab_size=tok.codebook_size,
+            image_grid=(tok.grid_size, tok.grid_size),
+        )
+    )
     torch.nn.init.normal_(gpt.head.weight, std=1.0)
     return TextToImage(gpt.eval(), tok, text, SamplingConfig(cfg_scale=2.0, top_k=8), trained_on=trained_on)
 
@@ -158,19 +166,28 @@ def test_recorded_evaluations_reach_config_and_card(tmp_path):
 
 
 def test_missing_or_unreachable_repos_are_one_line_errors(tmp_path, offline, monkeypatch):
-    with pytest.raises(FileNotFoundError, match=r"'nobody/absent' is not in the hub cache and HF_HUB_OFFLINE is set: "
-                                                r"unset it to download the repo, or pass a local directory") as e:
+    with pytest.raises(
+        FileNotFoundError,
+        match=r"'nobody/absent' is not in the hub cache and HF_HUB_OFFLINE is set: "
+        r"unset it to download the repo, or pass a local directory",
+    ) as e:
         TextToImage.from_pretrained("nobody/absent", cache_dir=tmp_path / "hub")
     assert "\n" not in str(e.value)
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
     monkeypatch.delenv("HF_HUB_OFFLINE")
     monkeypatch.setattr(constants, "ENDPOINT", "http://127.0.0.1:9")  # nothing listens there
-    with pytest.raises(FileNotFoundError, match=r"cannot reach the hub \(http://127.0.0.1:9\) for tokenizer "
-                                                r"'nobody/absent', and it is not in the cache") as e:
+    with pytest.raises(
+        FileNotFoundError,
+        match=r"cannot reach the hub \(http://127.0.0.1:9\) for tokenizer "
+        r"'nobody/absent', and it is not in the cache",
+    ) as e:
         ImageTokenizer.from_pretrained("nobody/absent", cache_dir=tmp_path / "hub")
     assert "\n" not in str(e.value)
-    with pytest.raises(OSError, match=r"could not push to the hub repo 'nobody/t2i' at http://127.0.0.1:9 .*"
-                                      r"`hf auth login`") as e:
+    with pytest.raises(
+        OSError,
+        match=r"could not push to the hub repo 'nobody/t2i' at http://127.0.0.1:9 .*"
+        r"`hf auth login`",
+    ) as e:
         tiny_tokenizer(0).push_to_hub("nobody/t2i", token="hf_x")
     assert "\n" not in str(e.value)
     monkeypatch.chdir(tmp_path)

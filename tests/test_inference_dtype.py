@@ -64,8 +64,16 @@ def test_from_pretrained_torch_dtype(tmp_path):
 
     tok = ImageTokenizer(tokenizer_config("tiny", image_size=16, fsq_levels=(4, 4)))
     text = TextTokenizer.train(["a red square", "a blue circle"] * 5, vocab_size=300)
-    gpt = GPT(gpt_config("tiny", text_vocab_size=text.vocab_size, text_pad_id=text.pad_id, text_len=8,
-                         image_vocab_size=tok.codebook_size, image_grid=(tok.grid_size, tok.grid_size)))
+    gpt = GPT(
+        gpt_config(
+            "tiny",
+            text_vocab_size=text.vocab_size,
+            text_pad_id=text.pad_id,
+            text_len=8,
+            image_vocab_size=tok.codebook_size,
+            image_grid=(tok.grid_size, tok.grid_size),
+        )
+    )
     torch.nn.init.normal_(gpt.head.weight, std=0.5)
     TextToImage(gpt, tok, text, SamplingConfig()).save_pretrained(tmp_path / "m")
     fp32 = TextToImage.from_pretrained(tmp_path / "m")  # "auto" on a CPU

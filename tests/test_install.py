@@ -30,8 +30,10 @@ def test_requirements_txt_is_the_union_of_pyproject():
     own = [r for group in py["optional-dependencies"].values() for r in group if not r.startswith("vqgpt[")]
     expected = sorted(str(Requirement(r)) for r in py["dependencies"] + own)
     listed = sorted(str(Requirement(r)) for r in requirement_lines(ROOT / "requirements.txt"))
-    assert listed == expected, "requirements.txt and pyproject.toml disagree: requirements.txt lists the union " \
-                               "of pyproject's dependencies and extras"
+    assert listed == expected, (
+        "requirements.txt and pyproject.toml disagree: requirements.txt lists the union "
+        "of pyproject's dependencies and extras"
+    )
     extras = py["optional-dependencies"]
     for name in ("inference", "train", "app", "triton", "dev"):
         assert name in extras, name
@@ -83,12 +85,37 @@ def test_sampling_needs_neither_datasets_nor_wandb(tmp_path):
     torch.manual_seed(0)
     tok = ImageTokenizer(tokenizer_config("tiny", image_size=16, fsq_levels=(4, 4)))
     text = TextTokenizer.train(["a red square", "a blue circle"] * 5, vocab_size=300)
-    gpt = GPT(gpt_config("tiny", text_vocab_size=text.vocab_size, text_pad_id=text.pad_id, text_len=8,
-                         image_vocab_size=tok.codebook_size, image_grid=(tok.grid_size, tok.grid_size)))
+    gpt = GPT(
+        gpt_config(
+            "tiny",
+            text_vocab_size=text.vocab_size,
+            text_pad_id=text.pad_id,
+            text_len=8,
+            image_vocab_size=tok.codebook_size,
+            image_grid=(tok.grid_size, tok.grid_size),
+        )
+    )
     TextToImage(gpt, tok, text, SamplingConfig()).save_pretrained(tmp_path / "model")
-    r = subprocess.run([sys.executable, "-c", BLOCK_TRAINING_LIBS, str(ROOT / "sample.py"), "--ckpt",
-                        str(tmp_path / "model"), "--prompt", "a red square", "--n", "2", "--out",
-                        str(tmp_path / "grid.png")], cwd=ROOT, capture_output=True, text=True, timeout=300,
-                       env={**os.environ, "OMP_NUM_THREADS": "1"})
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            BLOCK_TRAINING_LIBS,
+            str(ROOT / "sample.py"),
+            "--ckpt",
+            str(tmp_path / "model"),
+            "--prompt",
+            "a red square",
+            "--n",
+            "2",
+            "--out",
+            str(tmp_path / "grid.png"),
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     assert (tmp_path / "grid.png").is_file() and len(list(tmp_path.glob("grid-*.png"))) == 2

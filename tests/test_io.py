@@ -81,5 +81,7 @@ def test_state_problems_name_every_misfit():
     problems = state_problems(expected, {"w": torch.zeros(3, 2), "step": expected["step"], "extra": torch.zeros(1)})
     assert problems == ["missing 1 (b)", "unexpected 1 (extra)", "misshapen 1 (w: checkpoint (3, 2) vs model (2, 3))"]
     values = {"w": torch.full((2, 3), float("nan")), "step": torch.zeros((), dtype=torch.int32), "b": torch.zeros(3)}
-    assert state_problems(expected, values) == ["wrong dtype 1 (step: torch.int32 vs torch.int64)",
-                                                "non-finite values (NaN or inf) in 1 (w)"]
+    assert state_problems(expected, values) == [
+        "wrong dtype 1 (step: torch.int32 vs torch.int64)",
+        "non-finite values (NaN or inf) in 1 (w)",
+    ]

@@ -150,7 +150,7 @@ def test_attention_reference_matches_sdpa():
 
 
 def test_backend_switch(monkeypatch):
-    """"auto" is Triton on CUDA only (the reference here); "triton" runs Triton or says in one line why not."""
+    """ "auto" is Triton on CUDA only (the reference here); "triton" runs Triton or says in one line why not."""
     q, k, v, _ = _attn_inputs((1, 2, 1, 5, 5, 16, True), torch.float32)
     if not ON_GPU:
         launches = []
@@ -302,8 +302,9 @@ def test_cfg_sample_noise_is_generate_counter_uniform():
     for step, top_k in ((0, 0), (7, 0), (2**33 + 1, 0), (4, 10)):
         u = vqgpt.generate.counter_uniform(seeds.cpu(), step, V)
         expected = (u[:, :top_k] if top_k else u).argmax(-1)
-        out = K.cfg_sample(logits, cfg_scale=1.0, temperature=1.0, top_k=top_k, seeds=seeds, step=step,
-                           backend="triton")
+        out = K.cfg_sample(
+            logits, cfg_scale=1.0, temperature=1.0, top_k=top_k, seeds=seeds, step=step, backend="triton"
+        )
         assert torch.equal(out.cpu(), expected), f"step {step}, top_k {top_k}: {out.tolist()} vs {expected.tolist()}"
 
 
@@ -315,8 +316,11 @@ def test_cfg_sample_scale_on_the_device(scale):
     B, V = (64, 16384) if ON_GPU else (4, 100)
     logits = _logits(B, V, seed=13)
     scale_t = torch.full((1,), scale, device=DEVICE)
-    for kw in (dict(temperature=1.0, top_k=10), dict(temperature=0.8, top_k=0, top_p=0.7),
-               dict(temperature=0.0, top_k=0)):
+    for kw in (
+        dict(temperature=1.0, top_k=10),
+        dict(temperature=0.8, top_k=0, top_p=0.7),
+        dict(temperature=0.0, top_k=0),
+    ):
         step = torch.tensor(2, device=DEVICE)
         out = K.cfg_sample(logits, cfg_scale=scale_t, seeds=_seeds(B), step=step, backend="triton", **kw)
         ref = K.cfg_sample_reference(logits, cfg_scale=scale_t, seeds=_seeds(B), step=step, **kw)
@@ -601,8 +605,10 @@ def test_self_check_passes_a_correct_kernel_per_class(fresh_checks):
     logits = _logits(B, V, seed=3)
     kw = dict(cfg_scale=2.0, temperature=1.0, top_k=5, seeds=_seeds(B), step=1)
     assert torch.equal(K.cfg_sample(logits, backend="triton", **kw), K.cfg_sample_reference(logits, **kw))
-    assert torch.equal(K.cfg_sample(logits, backend="triton", **dict(kw, temperature=0.0)),
-                       K.cfg_sample_reference(logits, **dict(kw, temperature=0.0)))
+    assert torch.equal(
+        K.cfg_sample(logits, backend="triton", **dict(kw, temperature=0.0)),
+        K.cfg_sample_reference(logits, **dict(kw, temperature=0.0)),
+    )
     classes = [key for key, failure in selfcheck._RESULTS.items() if key[0] == "cfg_sample"]
     assert len(classes) == 2 and all(selfcheck._RESULTS[key] is None for key in classes), selfcheck._RESULTS
 

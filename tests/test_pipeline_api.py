@@ -20,8 +20,16 @@ def pipe():
     torch.manual_seed(0)
     tok = ImageTokenizer(tokenizer_config("tiny", image_size=16, fsq_levels=(4, 4)))
     text = TextTokenizer.train(CAPTIONS * 5, vocab_size=300)
-    gpt = GPT(gpt_config("tiny", text_vocab_size=text.vocab_size, text_pad_id=text.pad_id, text_len=8,
-                         image_vocab_size=tok.codebook_size, image_grid=(tok.grid_size, tok.grid_size)))
+    gpt = GPT(
+        gpt_config(
+            "tiny",
+            text_vocab_size=text.vocab_size,
+            text_pad_id=text.pad_id,
+            text_len=8,
+            image_vocab_size=tok.codebook_size,
+            image_grid=(tok.grid_size, tok.grid_size),
+        )
+    )
     torch.nn.init.normal_(gpt.head.weight, std=1.0)
     return TextToImage(gpt.eval(), tok.eval(), text, SamplingConfig(cfg_scale=3.0, top_k=8))
 
@@ -126,8 +134,9 @@ def test_negative_prompt_is_the_caption_of_the_guidance_rows(pipe):
     plain = pipe.generate_codes([prompt], seed=4, cfg_scale=3.0, top_k=8)
     assert torch.equal(plain, reference_codes(pipe, prompt, "", 3.0, 4)) and not torch.equal(plain, codes)
     assert torch.equal(plain, pipe.generate_codes([prompt], seed=4, cfg_scale=3.0, top_k=8, negative_prompt=""))
-    out = pipe([prompt, "a yellow moon"], num_images=2, seed=4, negative_prompt=[negative, "a red square"],
-               output_type="pt")
+    out = pipe(
+        [prompt, "a yellow moon"], num_images=2, seed=4, negative_prompt=[negative, "a red square"], output_type="pt"
+    )
     assert out.negative_prompts == [negative] * 2 + ["a red square"] * 2
     alone = pipe("a yellow moon", seed=6, negative_prompt="a red square", output_type="pt").images[0]
     assert same_image(out.images[2], alone)  # per-prompt negatives, and the batch does not change an image

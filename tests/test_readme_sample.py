@@ -58,12 +58,57 @@ def model(tmp_path_factory):
         pairs = list(zip(train.DEMO_GPT_ARGS[::2], train.DEMO_GPT_ARGS[1::2]))
         demo_sampling = [a for flag, value in pairs if flag.startswith("--sample-") for a in (flag, value)]
         assert "--sample-temperature" in demo_sampling  # the demo saves a low temperature with its model
-        common = ["--data", str(folder), "--preset", "tiny", "--batch-size", "16", "--eval-every", "1000",
-                  "--save-every", "1000", "--log-every", "50", "--device", "cpu", "--wandb", "disabled"]
-        train.main(["tokenizer", *common, "--out", str(root / "tok"), "--image-size", str(SIZE), "--steps", "200",
-                    "--lr", "5e-3", "--fsq-levels", "8", "4", "4"])  # 128 codes: room for a top-k of 100
-        train.main(["gpt", *common, "--tokenizer", str(root / "tok"), "--out", str(root / "t2i"), "--steps", "150",
-                    "--lr", "3e-3", *demo_sampling])
+        common = [
+            "--data",
+            str(folder),
+            "--preset",
+            "tiny",
+            "--batch-size",
+            "16",
+            "--eval-every",
+            "1000",
+            "--save-every",
+            "1000",
+            "--log-every",
+            "50",
+            "--device",
+            "cpu",
+            "--wandb",
+            "disabled",
+        ]
+        train.main(
+            [
+                "tokenizer",
+                *common,
+                "--out",
+                str(root / "tok"),
+                "--image-size",
+                str(SIZE),
+                "--steps",
+                "200",
+                "--lr",
+                "5e-3",
+                "--fsq-levels",
+                "8",
+                "4",
+                "4",
+            ]
+        )  # 128 codes: room for a top-k of 100
+        train.main(
+            [
+                "gpt",
+                *common,
+                "--tokenizer",
+                str(root / "tok"),
+                "--out",
+                str(root / "t2i"),
+                "--steps",
+                "150",
+                "--lr",
+                "3e-3",
+                *demo_sampling,
+            ]
+        )
         from vqgpt import ImageTokenizer
         from vqgpt import data as vdata
 
@@ -85,8 +130,9 @@ def check_drawn(samples: torch.Tensor, prompts: list[str], images: torch.Tensor,
     ratio = (d_sample / d_noise).tolist()
     hits = [captions[j] == p for j, p in zip(nearest.tolist(), prompts)]
     assert max(ratio) < 0.25, f"samples no nearer a training image than scrambled pixels: {ratio}"
-    assert sum(hits) >= 0.75 * len(hits), f"{sum(hits)}/{len(hits)} samples drew their prompt: " + \
-        str([(p, captions[j]) for p, j in zip(prompts, nearest.tolist())])
+    assert sum(hits) >= 0.75 * len(hits), f"{sum(hits)}/{len(hits)} samples drew their prompt: " + str(
+        [(p, captions[j]) for p, j in zip(prompts, nearest.tolist())]
+    )
 
 
 def test_readme_sample_command_draws_the_prompts(model, tmp_path):
@@ -103,15 +149,25 @@ def test_readme_sample_command_draws_the_prompts(model, tmp_path):
                 continue
             args += [flag, {"--ckpt": str(ckpt), "--out": str(tmp_path / f"{i}" / "grid.png")}.get(flag, value)]
         args += [a for p in prompts for a in ("--prompt", p)]
-        out = subprocess.run([sys.executable, "sample.py", *args], cwd=ROOT, capture_output=True, text=True,
-                             env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=300)
+        out = subprocess.run(
+            [sys.executable, "sample.py", *args],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            env={**os.environ, "OMP_NUM_THREADS": "1"},
+            timeout=300,
+        )
         assert out.returncode == 0, out.stderr[-2000:]
         n = int(dict(zip(argv[2::2], argv[3::2])).get("--n", 4))
-        files = [sorted((tmp_path / f"{i}").glob(f"grid-{k:02d}-{j}-*.png")) for k in range(len(prompts))
-                 for j in range(n)]
+        files = [
+            sorted((tmp_path / f"{i}").glob(f"grid-{k:02d}-{j}-*.png")) for k in range(len(prompts)) for j in range(n)
+        ]
         assert all(len(f) == 1 for f in files), files
-        samples = torch.stack([torch.from_numpy(np.array(Image.open(f[0]).convert("RGB"))).permute(2, 0, 1)
-                               for f in files]).float().div(255)
+        samples = (
+            torch.stack([torch.from_numpy(np.array(Image.open(f[0]).convert("RGB"))).permute(2, 0, 1) for f in files])
+            .float()
+            .div(255)
+        )
         check_drawn(samples, [p for p in prompts for _ in range(n)], images, captions)
 
 

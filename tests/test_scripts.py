@@ -35,8 +35,9 @@ def folder(tmp_path_factory):
 
 def run(*args, env=None, check=True, timeout=600):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled", **(env or {})}
-    out = subprocess.run([sys.executable, *map(str, args)], cwd=ROOT, capture_output=True, text=True, env=env,
-                         timeout=timeout)
+    out = subprocess.run(
+        [sys.executable, *map(str, args)], cwd=ROOT, capture_output=True, text=True, env=env, timeout=timeout
+    )
     if check and out.returncode != 0:
         raise AssertionError(f"{args} failed ({out.returncode}):\n{out.stdout[-3000:]}\n{out.stderr[-3000:]}")
     return out
@@ -50,10 +51,38 @@ GPT = ["--preset", "tiny", "--batch-size", "8", "--eval-every", "1000", "--log-e
 def trained(folder, tmp_path_factory):
     runs = tmp_path_factory.mktemp("runs")
     cache = {"VQGPT_CACHE": str(runs / "cache")}
-    run("train.py", "tokenizer", "--data", folder, "--out", runs / "tok", "--steps", "30",
-        "--fsq-levels", "5", "4", "3", *TOK, env=cache)
-    run("train.py", "gpt", "--data", folder, "--tokenizer", runs / "tok", "--out", runs / "t2i", "--steps", "30",
-        "--exclude", "yellow", *GPT, env=cache)  # the recall test reads this filter back
+    run(
+        "train.py",
+        "tokenizer",
+        "--data",
+        folder,
+        "--out",
+        runs / "tok",
+        "--steps",
+        "30",
+        "--fsq-levels",
+        "5",
+        "4",
+        "3",
+        *TOK,
+        env=cache,
+    )
+    run(
+        "train.py",
+        "gpt",
+        "--data",
+        folder,
+        "--tokenizer",
+        runs / "tok",
+        "--out",
+        runs / "t2i",
+        "--steps",
+        "30",
+        "--exclude",
+        "yellow",
+        *GPT,
+        env=cache,
+    )  # the recall test reads this filter back
     return runs, cache
 
 
@@ -83,12 +112,38 @@ def test_gpt_stage_and_sampling(trained, tmp_path):
     b = pipe(["a red square on the left"], num_images=2, seed=3, cfg_scale=2.0, top_k=8).images
     assert [im.size for im in a] == [(32, 32)] * 2
     assert all(list(x.getdata()) == list(y.getdata()) for x, y in zip(a, b))
-    out = run("sample.py", "--ckpt", runs / "t2i", "--prompt", "a red square on the left", "--prompt", "a blue square",
-              "--n", "2", "--top-k", "8", "--out", tmp_path / "grid.png", "--compile", env=cache)  # compiled step
+    out = run(
+        "sample.py",
+        "--ckpt",
+        runs / "t2i",
+        "--prompt",
+        "a red square on the left",
+        "--prompt",
+        "a blue square",
+        "--n",
+        "2",
+        "--top-k",
+        "8",
+        "--out",
+        tmp_path / "grid.png",
+        "--compile",
+        env=cache,
+    )  # compiled step
     assert (tmp_path / "grid.png").is_file() and "images/s" in out.stdout
     assert len(list(tmp_path.glob("grid-*.png"))) == 4
-    bad = run("sample.py", "--ckpt", runs / "t2i", "--prompt", "x", "--top-k", "0", "--out", tmp_path / "g.png",
-              check=False, env=cache)
+    bad = run(
+        "sample.py",
+        "--ckpt",
+        runs / "t2i",
+        "--prompt",
+        "x",
+        "--top-k",
+        "0",
+        "--out",
+        tmp_path / "g.png",
+        check=False,
+        env=cache,
+    )
     assert bad.returncode != 0 and "top_k" in bad.stderr and "Traceback" not in bad.stderr
     # --batch-size bounds the rows sampled at once (and the KV cache); the images do not depend on it
     prompts = ["a red square on the left", "a blue square", "a green square on the right"]
@@ -99,9 +154,25 @@ def test_gpt_stage_and_sampling(trained, tmp_path):
 
     def close(x, y):  # the decoder's convolutions may round differently at another batch size: 1 level of 255
         return np.abs(np.asarray(x, np.int16) - np.asarray(y, np.int16)).max() <= 1
+
     cli = tmp_path / "cli"
-    run("sample.py", "--ckpt", runs / "t2i", *[a for p in prompts for a in ("--prompt", p)], "--n", "3", "--seed", "5",
-        "--top-k", "8", "--batch-size", "2", "--out", cli / "grid.png", env=cache)
+    run(
+        "sample.py",
+        "--ckpt",
+        runs / "t2i",
+        *[a for p in prompts for a in ("--prompt", p)],
+        "--n",
+        "3",
+        "--seed",
+        "5",
+        "--top-k",
+        "8",
+        "--batch-size",
+        "2",
+        "--out",
+        cli / "grid.png",
+        env=cache,
+    )
     from PIL import Image
 
     for i in range(3):
@@ -109,8 +180,11 @@ def test_gpt_stage_and_sampling(trained, tmp_path):
             (path,) = cli.glob(f"grid-{i:02d}-{j}-*.png")
             assert close(Image.open(path), many[i * 3 + j])
     # bad --out, --batch-size and seeds are refused before any sampling, in one line
-    for flags, says in ((["--out", tmp_path], "is a directory"), (["--batch-size", "0"], "--batch-size"),
-                        (["--seed", str(2**64)], "--seed")):
+    for flags, says in (
+        (["--out", tmp_path], "is a directory"),
+        (["--batch-size", "0"], "--batch-size"),
+        (["--seed", str(2**64)], "--seed"),
+    ):
         bad = run("sample.py", "--ckpt", runs / "t2i", "--prompt", "x", *flags, check=False, env=cache)
         assert bad.returncode != 0 and says in bad.stderr and "Traceback" not in bad.stderr, bad.stderr[-1500:]
 
@@ -185,14 +259,29 @@ def test_killed_run_resumes_to_identical_weights(stage, trained, folder, new_fol
     elif stage == "gpt":
         flags = [stage, "--data", str(folder), *GPT, "--tokenizer", str(runs / "tok")]
     else:  # LoRA fine-tuning: only the adapters are checkpointed, the base is reloaded and checked on resume
-        flags = ["gpt", "--data", str(new_folder), *GPT, "--init", str(runs / "t2i"), "--lora-rank", "4",
-                 "--add-text-tokens", "4"]
+        flags = [
+            "gpt",
+            "--data",
+            str(new_folder),
+            *GPT,
+            "--init",
+            str(runs / "t2i"),
+            "--lora-rank",
+            "4",
+            "--add-text-tokens",
+            "4",
+        ]
     common = [*flags, "--steps", "24", "--save-every", "4"]
     run("train.py", *common, "--out", tmp_path / "straight", env=cache)
 
     env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled", **cache}
-    proc = subprocess.Popen([sys.executable, "train.py", *common, "--out", str(tmp_path / "killed")], cwd=ROOT,
-                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [sys.executable, "train.py", *common, "--out", str(tmp_path / "killed")],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     ckpts = tmp_path / "killed" / "checkpoints"
     deadline = time.time() + 300
     while time.time() < deadline and not any(p.name >= "step-00000008" for p in ckpts.glob("step-*")):
@@ -216,13 +305,33 @@ def test_torchrun_two_processes_match_one(trained, folder, tmp_path):
     floating-point reductions (per-rank means averaged by the all-reduce), so weights agree to ~1e-5.
     """
     runs, cache = trained
-    common = ["gpt", "--data", str(folder), "--tokenizer", str(runs / "tok"), "--steps", "10", "--save-every", "10",
-              "--cfg-dropout", "0", *GPT, "--precision", "fp32"]  # bf16 rounding would swamp reduction order
+    common = [
+        "gpt",
+        "--data",
+        str(folder),
+        "--tokenizer",
+        str(runs / "tok"),
+        "--steps",
+        "10",
+        "--save-every",
+        "10",
+        "--cfg-dropout",
+        "0",
+        *GPT,
+        "--precision",
+        "fp32",
+    ]  # bf16 rounding would swamp reduction order
     run("train.py", *common, "--out", tmp_path / "one", env=cache)
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled", **cache}
-    out = subprocess.run([*torchrun, "train.py", *common, "--out", str(tmp_path / "two")], cwd=ROOT, env=env,
-                         capture_output=True, text=True, timeout=600)
+    out = subprocess.run(
+        [*torchrun, "train.py", *common, "--out", str(tmp_path / "two")],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert out.returncode == 0, out.stderr[-3000:]
     a, b = _final_weights(tmp_path / "one"), _final_weights(tmp_path / "two")
     worst = max((a[k] - b[k]).abs().max().item() for k in a)
@@ -232,8 +341,22 @@ def test_torchrun_two_processes_match_one(trained, folder, tmp_path):
 def test_fsdp_two_processes_match_one_and_resume(trained, folder, tmp_path):
     """--fsdp (FSDP2 over 2 gloo ranks): same weights as one process, and a sharded resume continues it."""
     runs, cache = trained
-    common = ["gpt", "--data", str(folder), "--tokenizer", str(runs / "tok"), "--steps", "8", "--save-every", "4",
-              "--cfg-dropout", "0", *GPT, "--precision", "fp32"]  # bf16 rounding would swamp reduction order
+    common = [
+        "gpt",
+        "--data",
+        str(folder),
+        "--tokenizer",
+        str(runs / "tok"),
+        "--steps",
+        "8",
+        "--save-every",
+        "4",
+        "--cfg-dropout",
+        "0",
+        *GPT,
+        "--precision",
+        "fp32",
+    ]  # bf16 rounding would swamp reduction order
     run("train.py", *common, "--out", tmp_path / "one", env=cache)
     torchrun = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "train.py", *common, "--fsdp"]
     run(*torchrun, "--out", tmp_path / "fsdp", env=cache)
@@ -257,8 +380,27 @@ def test_diverging_run_stops_with_a_clear_message_and_keeps_its_checkpoint(folde
     out = tmp_path / "nan"
     run("train.py", "tokenizer", "--data", folder, "--out", out, "--steps", "4", "--save-every", "4", *TOK, env=cache)
     good = _final_weights(out)
-    bad = run("train.py", "tokenizer", "--data", folder, "--out", out, "--resume", out, "--steps", "60",
-              "--save-every", "100", "--lr", "1e30", "--warmup", "1", *TOK, check=False, env=cache)
+    bad = run(
+        "train.py",
+        "tokenizer",
+        "--data",
+        folder,
+        "--out",
+        out,
+        "--resume",
+        out,
+        "--steps",
+        "60",
+        "--save-every",
+        "100",
+        "--lr",
+        "1e30",
+        "--warmup",
+        "1",
+        *TOK,
+        check=False,
+        env=cache,
+    )
     assert bad.returncode == 2, bad.stderr[-2000:]
     assert "non-finite loss or gradient" in bad.stderr and "last good checkpoint is intact" in bad.stderr
     assert "Traceback" not in bad.stderr
@@ -272,19 +414,44 @@ def test_bad_arguments_are_one_line_errors(folder, tmp_path):
     cache = {"VQGPT_CACHE": str(tmp_path / "cache")}
     r = run("train.py", "tokenizer", "--data", tmp_path / "nope", "--out", tmp_path / "x", *TOK, check=False, env=cache)
     assert r.returncode == 2 and "error:" in r.stderr and "Traceback" not in r.stderr
-    r = run("train.py", "tokenizer", "--data", folder, "--preset", "huge", "--out", tmp_path / "x", check=False,
-            env=cache)
+    r = run(
+        "train.py", "tokenizer", "--data", folder, "--preset", "huge", "--out", tmp_path / "x", check=False, env=cache
+    )
     assert r.returncode == 2 and "invalid choice: 'huge'" in r.stderr  # checked before any data work
-    r = run("train.py", "gpt", "--data", folder, "--resume", tmp_path / "x", "--out", tmp_path / "x", *GPT,
-            check=False, env=cache)
+    r = run(
+        "train.py",
+        "gpt",
+        "--data",
+        folder,
+        "--resume",
+        tmp_path / "x",
+        "--out",
+        tmp_path / "x",
+        *GPT,
+        check=False,
+        env=cache,
+    )
     assert r.returncode == 2 and "no usable checkpoint" in r.stderr
 
 
 def test_patchgan_loss_trains_and_resumes(folder, tmp_path):
     """The optional PatchGAN hinge loss switches on after --gan-start; its discriminator is checkpointed."""
     cache = {"VQGPT_CACHE": str(tmp_path / "cache")}
-    args = ["train.py", "tokenizer", "--data", folder, "--out", tmp_path / "gan", "--gan-weight", "0.1",
-            "--gan-start", "2", "--save-every", "3", *TOK]
+    args = [
+        "train.py",
+        "tokenizer",
+        "--data",
+        folder,
+        "--out",
+        tmp_path / "gan",
+        "--gan-weight",
+        "0.1",
+        "--gan-start",
+        "2",
+        "--save-every",
+        "3",
+        *TOK,
+    ]
     run(*args, "--steps", "3", env=cache)
     from vqgpt.checkpoint import CheckpointManager
 
@@ -340,8 +507,9 @@ def test_finetune_full_and_lora_with_new_words(trained, new_folder, tmp_path):
     assert not (tmp_path / "lora" / "model.safetensors").exists()
     assert (tmp_path / "lora" / "adapter" / "adapter_model.safetensors").is_file()
     lora = TextToImage.from_pretrained(tmp_path / "lora", merge=False)
-    merged_out = run("-m", "vqgpt.finetune", "merge", "--ckpt", tmp_path / "lora", "--out", tmp_path / "merged",
-                     env=cache)
+    merged_out = run(
+        "-m", "vqgpt.finetune", "merge", "--ckpt", tmp_path / "lora", "--out", tmp_path / "merged", env=cache
+    )
     assert json.loads(merged_out.stdout.strip().splitlines()[-1])["merged"] == str(tmp_path / "merged")
     merged = TextToImage.from_pretrained(tmp_path / "merged")
     assert "base" not in json.loads((tmp_path / "merged" / "config.json").read_text())
@@ -354,6 +522,19 @@ def test_finetune_full_and_lora_with_new_words(trained, new_folder, tmp_path):
     assert not torch.allclose(a[1:], before, atol=1e-4), "the adapters changed nothing"
     with pytest.raises(ValueError, match="not the base the adapter"):
         TextToImage.from_pretrained(tmp_path / "lora", base=tmp_path / "full")
-    bad = run("train.py", "gpt", "--data", new_folder, "--lora-rank", "4", "--out", tmp_path / "x", *GPT,
-              "--tokenizer", runs / "tok", check=False, env=cache)
+    bad = run(
+        "train.py",
+        "gpt",
+        "--data",
+        new_folder,
+        "--lora-rank",
+        "4",
+        "--out",
+        tmp_path / "x",
+        *GPT,
+        "--tokenizer",
+        runs / "tok",
+        check=False,
+        env=cache,
+    )
     assert bad.returncode == 2 and "--lora-rank needs --init" in bad.stderr

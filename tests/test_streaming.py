@@ -41,9 +41,25 @@ def test_streamed_store_equals_the_copied_one_and_two_ranks_agree(shards, tok, t
     streamed = encode(str(root), "train", tok, tmp_path / "one", streaming=True, progress=False)
     assert not (tmp_cache / "datasets").exists() or streamed.manifest["data"]["streaming"]
     tok.save_pretrained(tmp_path / "tok")
-    r = _run("-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "vqgpt.encode",
-             "--data", root, "--streaming", "--split", "train", "--tokenizer", tmp_path / "tok", "--out",
-             tmp_path / "two", cache=tmp_cache)
+    r = _run(
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        "2",
+        "-m",
+        "vqgpt.encode",
+        "--data",
+        root,
+        "--streaming",
+        "--split",
+        "train",
+        "--tokenizer",
+        tmp_path / "tok",
+        "--out",
+        tmp_path / "two",
+        cache=tmp_cache,
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     two = CodeStore.open(tmp_path / "two")
     assert copied.manifest["codes_sha256"] == streamed.manifest["codes_sha256"] == two.manifest["codes_sha256"]
@@ -75,17 +91,40 @@ def test_stream_images_resume_replays_and_ranks_read_their_own_files(shards):
 
 def _run(*args, cache):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled", "VQGPT_CACHE": str(cache)}
-    r = subprocess.run([sys.executable, *map(str, args)], cwd=ROOT, capture_output=True, text=True, env=env,
-                       timeout=300)
+    r = subprocess.run(
+        [sys.executable, *map(str, args)], cwd=ROOT, capture_output=True, text=True, env=env, timeout=300
+    )
     return r
 
 
 def test_streamed_training_stages_and_exact_resume(shards, tmp_path):
     root, _ = shards
     cache = tmp_path / "cache"
-    tok = ["train.py", "tokenizer", "--data", root, "--streaming", "--preset", "tiny", "--image-size", "16",
-           "--fsq-levels", "5", "4", "3", "--batch-size", "8", "--steps", "8", "--save-every", "4",
-           "--eval-every", "1000", "--device", "cpu"]
+    tok = [
+        "train.py",
+        "tokenizer",
+        "--data",
+        root,
+        "--streaming",
+        "--preset",
+        "tiny",
+        "--image-size",
+        "16",
+        "--fsq-levels",
+        "5",
+        "4",
+        "3",
+        "--batch-size",
+        "8",
+        "--steps",
+        "8",
+        "--save-every",
+        "4",
+        "--eval-every",
+        "1000",
+        "--device",
+        "cpu",
+    ]
     r = _run(*tok, "--out", tmp_path / "tok", cache=cache)
     assert r.returncode == 0, r.stderr[-3000:]
     assert "4 streamed files of train" in r.stdout
@@ -101,8 +140,27 @@ def test_streamed_training_stages_and_exact_resume(shards, tmp_path):
     a, b = load_file(tmp_path / "tok" / "model.safetensors"), load_file(tmp_path / "cut" / "model.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), "the resumed stream run differs"
 
-    gpt = ["train.py", "gpt", "--data", root, "--streaming", "--tokenizer", tmp_path / "tok", "--preset", "tiny",
-           "--batch-size", "8", "--steps", "3", "--eval-every", "1000", "--device", "cpu", "--limit", "40"]
+    gpt = [
+        "train.py",
+        "gpt",
+        "--data",
+        root,
+        "--streaming",
+        "--tokenizer",
+        tmp_path / "tok",
+        "--preset",
+        "tiny",
+        "--batch-size",
+        "8",
+        "--steps",
+        "3",
+        "--eval-every",
+        "1000",
+        "--device",
+        "cpu",
+        "--limit",
+        "40",
+    ]
     r = _run(*gpt, "--out", tmp_path / "t2i", cache=cache)
     assert r.returncode == 0, r.stderr[-3000:]
     assert (tmp_path / "t2i" / "model.safetensors").is_file()
@@ -121,8 +179,9 @@ def test_crops_store_views_of_every_training_image(shards, tok, tmp_path, tmp_ca
     root, _ = shards
     plain = encode(str(root), "train", tok, tmp_path / "plain", progress=False)
     crops = encode(str(root), "train", tok, tmp_path / "crops", crops=3, progress=False)
-    streamed = encode(str(root), "train", tok, tmp_path / "streamed", crops=3, shard_size=24, streaming=True,
-                      progress=False)
+    streamed = encode(
+        str(root), "train", tok, tmp_path / "streamed", crops=3, shard_size=24, streaming=True, progress=False
+    )
     n = len(plain)
     assert len(crops) == 3 * n and crops.manifest["data"]["crops"] == 3
     assert torch.equal(crops.codes(range(0, 3 * n, 3)), plain.codes(range(n)))

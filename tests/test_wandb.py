@@ -78,16 +78,32 @@ def test_resumed_training_continues_the_same_offline_run(offline, tmp_path, monk
     monkeypatch.setenv("WANDB_NAME", "not-this-one")  # the flag wins over the environment
     out = tmp_path / "tok"
     train = load_train_script()
-    common = ["tokenizer", "--data", str(folder), "--preset", "tiny", "--batch-size", "4", "--eval-every", "1000",
-              "--save-every", "2", "--device", "cpu", "--workers", "0"]
+    common = [
+        "tokenizer",
+        "--data",
+        str(folder),
+        "--preset",
+        "tiny",
+        "--batch-size",
+        "4",
+        "--eval-every",
+        "1000",
+        "--save-every",
+        "2",
+        "--device",
+        "cpu",
+        "--workers",
+        "0",
+    ]
     train.main([*common, "--out", str(out), "--steps", "2", "--wandb-project", "vqgpt-test", "--wandb-name", "tiny"])
     train.main([*common, "--resume", str(out), "--steps", "4"])
     record = json.loads((out / WANDB_RUN_FILE).read_text())
     assert record["project"] == "vqgpt-test" and record["name"] == "tiny"
     runs = sorted((out / "wandb").glob("offline-run-*"))
     # one wandb run, written twice (a second start within the same second gets a "-1" folder, same run id)
-    assert len(runs) == 2 and all([f.name for f in r.glob("*.wandb")] == [f"run-{record['id']}.wandb"]
-                                  for r in runs), [list(r.iterdir()) for r in runs]
+    assert len(runs) == 2 and all([f.name for f in r.glob("*.wandb")] == [f"run-{record['id']}.wandb"] for r in runs), [
+        list(r.iterdir()) for r in runs
+    ]
     logged = (runs[0] / "logs" / "debug.log").read_text()  # what wandb.init received as the run config
     assert "'tokenizer': {" in logged and "'schedule': {'steps': 2" in logged
     assert "'schedule': {'steps': 4" in (runs[1] / "logs" / "debug.log").read_text()

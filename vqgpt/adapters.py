@@ -38,8 +38,7 @@ class Adapter:
     base_fingerprint: str  # weights_fingerprint of the base GPT (before any vocabulary growth)
 
 
-def add_lora(gpt: GPT, rank: int, alpha: float | None = None, dropout: float = 0.0,
-             new_token_ids: list[int] = ()):
+def add_lora(gpt: GPT, rank: int, alpha: float | None = None, dropout: float = 0.0, new_token_ids: list[int] = ()):
     """Wrap `gpt` (modified in place) with LoRA adapters on LORA_TARGETS; only adapters (and the embedding
     rows of `new_token_ids`) stay trainable. Returns the peft.PeftModel."""
     from peft import LoraConfig, get_peft_model
@@ -69,8 +68,10 @@ def load_adapter_state(peft_model, state: dict[str, torch.Tensor], where: str) -
 
     problems = state_problems(adapter_state(peft_model), state)
     if problems:
-        raise ValueError(f"adapter weights in {where} do not fit this model: {'; '.join(problems)} "
-                         f"(a different LoRA rank, targets or base?)")
+        raise ValueError(
+            f"adapter weights in {where} do not fit this model: {'; '.join(problems)} "
+            f"(a different LoRA rank, targets or base?)"
+        )
     set_peft_model_state_dict(peft_model, state)
 
 
@@ -90,8 +91,13 @@ def load_adapter(gpt: GPT, path: Path, trainable: bool = False):
         raise FileNotFoundError(f"{path} has no adapter_config.json: not a LoRA adapter directory")
     with open(config_file) as f:
         config = json.load(f)
-    peft_model = add_lora(gpt, config["r"], config["lora_alpha"], config.get("lora_dropout", 0.0),
-                          (config.get("trainable_token_indices") or {}).get("text_emb", []))
+    peft_model = add_lora(
+        gpt,
+        config["r"],
+        config["lora_alpha"],
+        config.get("lora_dropout", 0.0),
+        (config.get("trainable_token_indices") or {}).get("text_emb", []),
+    )
     load_adapter_state(peft_model, load_weights(path / "adapter_model.safetensors"), str(path))
     if not trainable:
         peft_model.eval()

@@ -176,9 +176,7 @@ class CheckpointManager:
             problem = self.verify(ckpt)
             if problem is None:
                 return ckpt
-            warnings.warn(
-                f"skipping checkpoint {ckpt.path}: {problem}; falling back to an older one", stacklevel=2
-            )
+            warnings.warn(f"skipping checkpoint {ckpt.path}: {problem}; falling back to an older one", stacklevel=2)
         return None
 
     def require_latest(self) -> Checkpoint:
@@ -195,8 +193,16 @@ class CheckpointManager:
 # --- one writer per run directory --------------------------------------------------------------------
 LOCK = ".lock"
 # What a run writes into its directory; any of them marks the directory as holding a run.
-PUBLIC_FILES = ("config.json", "model.safetensors", "checkpoints", "image_tokenizer", "text_tokenizer", "adapter",
-                "samples", "README.md")
+PUBLIC_FILES = (
+    "config.json",
+    "model.safetensors",
+    "checkpoints",
+    "image_tokenizer",
+    "text_tokenizer",
+    "adapter",
+    "samples",
+    "README.md",
+)
 
 
 def holds_a_run(run_dir: str | os.PathLike) -> bool:
@@ -237,12 +243,16 @@ def claim_run_dir(run_dir: str | os.PathLike, *, resume: bool, overwrite: bool) 
             if e.errno not in (errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK):
                 raise
             holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "unknown"
-            raise ValueError(f"another process (pid {holder}) is training into {run_dir}; wait for it to finish, "
-                             f"or use another --out") from None
+            raise ValueError(
+                f"another process (pid {holder}) is training into {run_dir}; wait for it to finish, "
+                f"or use another --out"
+            ) from None
         if not resume and holds_a_run(run_dir):
             if not overwrite:
-                raise ValueError(f"--out {run_dir} already holds a run; pass --resume {run_dir} to continue it, "
-                                 f"or --overwrite to replace it")
+                raise ValueError(
+                    f"--out {run_dir} already holds a run; pass --resume {run_dir} to continue it, "
+                    f"or --overwrite to replace it"
+                )
             for name in PUBLIC_FILES:
                 target = run_dir / name
                 shutil.rmtree(target) if target.is_dir() else target.unlink(missing_ok=True)

@@ -34,8 +34,11 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescript
 
 
 def add_debug_flag(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--debug", action="store_true",
-                        help="show the full traceback of an error (also VQGPT_DEBUG=1) instead of one line")
+    parser.add_argument(
+        "--debug",
+        action="store_true",
+        help="show the full traceback of an error (also VQGPT_DEBUG=1) instead of one line",
+    )
 
 
 # The sampling flags, one per SamplingConfig field: (flags, type, what it is called, what it does). sample.py and
@@ -64,9 +67,14 @@ def add_sampling_flags(parser: argparse.ArgumentParser, *, cfg_flag: bool = True
             text = f"the saved {called} (default: {shown})"
         else:
             text = f"{does} (default: the model's)"
-        parser.add_argument(*(f"--{'sample-' if saved else ''}{name}" for name in names), dest=_dest(names[0], saved),
-                            type=kind, default=None, choices=CFG_SCHEDULES if field == "cfg_schedule" else None,
-                            help=text)
+        parser.add_argument(
+            *(f"--{'sample-' if saved else ''}{name}" for name in names),
+            dest=_dest(names[0], saved),
+            type=kind,
+            default=None,
+            choices=CFG_SCHEDULES if field == "cfg_schedule" else None,
+            help=text,
+        )
 
 
 def sampling_overrides(args: argparse.Namespace, *, cfg_flag: bool = True, saved: bool = False) -> dict:
@@ -87,9 +95,13 @@ def _dest(name: str, saved: bool) -> str:
 def add_rerank_flags(parser: argparse.ArgumentParser) -> None:
     """--rerank N and --scorer, of sample.py and `vqgpt.eval adherence|recall` (vqgpt/rerank.py)."""
     parser.add_argument("--rerank", type=int, default=1, metavar="N", help="keep the best of N candidates per image")
-    parser.add_argument("--scorer", default=None, metavar="DIR|self",
-                        help="with --rerank: a LiT scorer directory (train.py lit) or 'self' (the GPT's own "
-                             "evidence); default: the model's saved scorer, else self")
+    parser.add_argument(
+        "--scorer",
+        default=None,
+        metavar="DIR|self",
+        help="with --rerank: a LiT scorer directory (train.py lit) or 'self' (the GPT's own "
+        "evidence); default: the model's saved scorer, else self",
+    )
 
 
 def pick_device(name: str) -> str:
@@ -99,8 +111,9 @@ def pick_device(name: str) -> str:
     if name == "cuda" and not torch.cuda.is_available():
         raise ValueError("--device cuda was asked for but torch sees no CUDA device")
     if name == "mps" and not torch.backends.mps.is_available():
-        raise ValueError("--device mps was asked for but torch sees no MPS device (Apple silicon, a macOS build "
-                         "of torch)")
+        raise ValueError(
+            "--device mps was asked for but torch sees no MPS device (Apple silicon, a macOS build of torch)"
+        )
     if name == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
     return name
@@ -109,7 +122,8 @@ def pick_device(name: str) -> str:
 def is_out_of_memory(e: BaseException) -> bool:
     """A CUDA out-of-memory error, or the MPS backend's (a plain RuntimeError that says so)."""
     return isinstance(e, torch.cuda.OutOfMemoryError) or (
-        isinstance(e, RuntimeError) and "out of memory" in str(e).lower())
+        isinstance(e, RuntimeError) and "out of memory" in str(e).lower()
+    )
 
 
 def run_or_exit(fn, *, debug: bool = False, oom_hint: str, errors: tuple = USER_ERRORS):

@@ -51,8 +51,7 @@ def data_identity(spec: str, split: str, image_size: int, **spec_kwargs) -> dict
     set's version, local files' names, sizes and mtimes, a hub revision), the split, size and loader options."""
     options = {"image_column": "image", "caption_column": "text", **spec_kwargs}  # defaults spelled out: one key
     source = vdata.source_identity(spec, revision=options.get("revision"))
-    return {**source, "split": split, "size": image_size,
-            **{k: v for k, v in sorted(options.items()) if v is not None}}
+    return {**source, "split": split, "size": image_size, **{k: v for k, v in sorted(options.items()) if v is not None}}
 
 
 def store_dir(spec: str, split: str, tokenizer, image_size: int | None = None, **spec_kwargs) -> Path:
@@ -98,8 +97,10 @@ class CodeStore:
         try:
             manifest = json.loads((path / MANIFEST).read_text())
         except FileNotFoundError:
-            raise ValueError(f"{path} is not a finished codes store: no {MANIFEST} (run `python -m vqgpt.encode` "
-                             f"again with the same --out to finish it)") from None
+            raise ValueError(
+                f"{path} is not a finished codes store: no {MANIFEST} (run `python -m vqgpt.encode` "
+                f"again with the same --out to finish it)"
+            ) from None
         except (OSError, json.JSONDecodeError) as e:
             raise ValueError(f"{path / MANIFEST} is unreadable ({e}); delete {path} and encode again") from e
         if not isinstance(manifest, dict) or manifest.get("version") != VERSION or "shards" not in manifest:
@@ -115,8 +116,9 @@ class CodeStore:
     def _locate(self, idx) -> tuple[np.ndarray, np.ndarray]:
         idx = np.asarray(idx, dtype=np.int64).reshape(-1)
         if idx.size and (idx.min() < 0 or idx.max() >= len(self)):
-            raise IndexError(f"row {int(idx.max() if idx.max() >= len(self) else idx.min())} is outside the "
-                             f"store's {len(self)} rows")
+            raise IndexError(
+                f"row {int(idx.max() if idx.max() >= len(self) else idx.min())} is outside the store's {len(self)} rows"
+            )
         shard = np.searchsorted(self._starts, idx, side="right") - 1
         return shard, idx - self._starts[shard]
 
@@ -131,8 +133,11 @@ class CodeStore:
             _evict(self._text)
             name = self.manifest["shards"][k]["file"]
             offsets = np.load(self.path / f"{name}.offsets.npy", mmap_mode="r")
-            text = np.memmap(self.path / f"{name}.text.bin", dtype=np.uint8, mode="r") if offsets[-1] else \
-                np.zeros(0, np.uint8)
+            text = (
+                np.memmap(self.path / f"{name}.text.bin", dtype=np.uint8, mode="r")
+                if offsets[-1]
+                else np.zeros(0, np.uint8)
+            )
             self._text[k] = (text, offsets)
         return self._text[k]
 
@@ -150,7 +155,7 @@ class CodeStore:
         out = []
         for k, r in zip(shard.tolist(), row.tolist()):
             text, offsets = self._shard_text(k)
-            out.append(bytes(text[offsets[r]:offsets[r + 1]]).decode("utf-8"))
+            out.append(bytes(text[offsets[r] : offsets[r + 1]]).decode("utf-8"))
         return out
 
     def caption(self, i: int) -> str:
@@ -162,7 +167,7 @@ class CodeStore:
             text, offsets = self._shard_text(k)
             blob = bytes(text)
             for r in range(shard["count"]):
-                yield blob[offsets[r]:offsets[r + 1]].decode("utf-8")
+                yield blob[offsets[r] : offsets[r + 1]].decode("utf-8")
 
 
 # --- writing ----------------------------------------------------------------------------------------------
@@ -207,13 +212,14 @@ def _table_rows(ds, rows: range, batch_size: int):
 
     raw = ds.cast_column("image", datasets.Image(decode=False))
     for start in range(rows.start, rows.stop, batch_size):
-        batch = raw[start:min(start + batch_size, rows.stop)]
+        batch = raw[start : min(start + batch_size, rows.stop)]
         yield from ({"image": v, "text": t} for v, t in zip(batch["image"], batch["text"]))
 
 
 @torch.no_grad()
-def _encode_rows(rows, tokenizer, size: int, batch_size: int, dtype, crops: int = 1,
-                 seed: int = 0) -> tuple[np.ndarray, list, Counter]:
+def _encode_rows(
+    rows, tokenizer, size: int, batch_size: int, dtype, crops: int = 1, seed: int = 0
+) -> tuple[np.ndarray, list, Counter]:
     """Codes and captions of undecoded {"image", "text"} rows; rows that fail to decode are skipped and counted.
     crops > 1: each image is stored as that many rows, its views (`vqgpt.loader.decode_views`), the i-th row's
     drawn from seed + i."""
@@ -242,15 +248,13 @@ def _encode_rows(rows, tokenizer, size: int, batch_size: int, dtype, crops: int 
     return (np.concatenate(codes) if codes else np.zeros((0, h, w), dtype)), captions, skipped
 
 
-def _write_shard(out: Path, name: str, key: str, rows: list, codes: np.ndarray, captions: list[str],
-                 skipped: Counter):
+def _write_shard(out: Path, name: str, key: str, rows: list, codes: np.ndarray, captions: list[str], skipped: Counter):
     blobs = [c.encode("utf-8") for c in captions]
     offsets = np.concatenate([[0], np.cumsum([len(b) for b in blobs], dtype=np.int64)]).astype(np.int64)
     _atomic_npy(out / f"{name}.codes.npy", codes)
     atomic_write_bytes(out / f"{name}.text.bin", b"".join(blobs))
     _atomic_npy(out / f"{name}.offsets.npy", offsets)
-    record = {"count": len(codes), "rows": rows, "key": key, "skipped": dict(skipped),
-              "sha256": _codes_sha256(codes)}
+    record = {"count": len(codes), "rows": rows, "key": key, "skipped": dict(skipped), "sha256": _codes_sha256(codes)}
     atomic_write_bytes(out / f"{name}.json", json.dumps(record).encode())  # last: the shard is finished
     return record
 
@@ -261,9 +265,13 @@ def _source(spec: str, split: str, size: int, shard_size: int, batch_size: int, 
     if streaming:
         if spec_kwargs.get("limit") is not None:
             raise ValueError("--limit does not apply to a stream, which is read file by file: pass fewer files")
-        stream = vdata.stream_shards(spec, split, image_column=spec_kwargs.get("image_column", "image"),
-                                     caption_column=spec_kwargs.get("caption_column", "text"),
-                                     revision=spec_kwargs.get("revision"))
+        stream = vdata.stream_shards(
+            spec,
+            split,
+            image_column=spec_kwargs.get("image_column", "image"),
+            caption_column=spec_kwargs.get("caption_column", "text"),
+            revision=spec_kwargs.get("revision"),
+        )
         return [["stream", k] for k in range(stream.n)], stream.rows, stream
     with rank_zero_first():  # one rank renders / converts the data into the shared cache, then the others read it
         ds = vdata.load_captioned(spec, split, image_size=size, **spec_kwargs)
@@ -272,9 +280,22 @@ def _source(spec: str, split: str, size: int, shard_size: int, batch_size: int, 
     return [[r.start, r.stop] for r in spans], lambda k: _table_rows(ds, spans[k], batch_size), None
 
 
-def encode(spec: str, split: str, tokenizer, out: str | os.PathLike | None = None, *, image_size: int | None = None,
-           batch_size: int = 256, shard_size: int = SHARD_SIZE, rank: int = 0, world: int = 1, progress: bool = True,
-           streaming: bool = False, crops: int = 1, **spec_kwargs) -> CodeStore:
+def encode(
+    spec: str,
+    split: str,
+    tokenizer,
+    out: str | os.PathLike | None = None,
+    *,
+    image_size: int | None = None,
+    batch_size: int = 256,
+    shard_size: int = SHARD_SIZE,
+    rank: int = 0,
+    world: int = 1,
+    progress: bool = True,
+    streaming: bool = False,
+    crops: int = 1,
+    **spec_kwargs,
+) -> CodeStore:
     """Encode split `split` of `spec` into the store at `out` (default: `store_dir`) and open it.
 
     A finished store of the same tokenizer and data is opened at once; one of another is an error. Every rank
@@ -297,9 +318,11 @@ def encode(spec: str, split: str, tokenizer, out: str | os.PathLike | None = Non
         if store.manifest.get("tokenizer") == fingerprint and store.manifest.get("data") == identity:
             return store
         theirs = store.manifest.get("data") or {}
-        raise ValueError(f"{out} holds the codes of another tokenizer or data ({theirs.get('spec')} "
-                         f"{theirs.get('split')}, tokenizer {str(store.manifest.get('tokenizer'))[:12]}); "
-                         f"use another --out")
+        raise ValueError(
+            f"{out} holds the codes of another tokenizer or data ({theirs.get('spec')} "
+            f"{theirs.get('split')}, tokenizer {str(store.manifest.get('tokenizer'))[:12]}); "
+            f"use another --out"
+        )
     t0 = time.time()
     row_ids, shard_rows, stream = _source(spec, split, size, shard_size, batch_size, streaming, spec_kwargs)
     dtype = np.int16 if tokenizer.codebook_size <= np.iinfo(np.int16).max else np.int32
@@ -315,8 +338,9 @@ def encode(spec: str, split: str, tokenizer, out: str | os.PathLike | None = Non
             if _shard_done(out, names[k], key, row_ids[k]) is not None:
                 continue
             dropped = stream.no_caption if stream else 0
-            codes, captions, skipped = _encode_rows(shard_rows(k), tokenizer, size, batch_size, dtype, crops,
-                                                    seed=k << 32)
+            codes, captions, skipped = _encode_rows(
+                shard_rows(k), tokenizer, size, batch_size, dtype, crops, seed=k << 32
+            )
             if stream and stream.no_caption > dropped:
                 skipped["no caption"] += stream.no_caption - dropped
             _write_shard(out, names[k], key, row_ids[k], codes, captions, skipped)
@@ -333,8 +357,9 @@ def encode(spec: str, split: str, tokenizer, out: str | os.PathLike | None = Non
     return CodeStore.open(out)
 
 
-def _write_manifest(out: Path, names: list[str], rows: list[list], key: str, identity: dict, fingerprint: str,
-                    tokenizer, dtype) -> None:
+def _write_manifest(
+    out: Path, names: list[str], rows: list[list], key: str, identity: dict, fingerprint: str, tokenizer, dtype
+) -> None:
     for stale in out.glob("shard-*"):  # shards of an earlier layout (another --shard-size) beyond this one's
         if stale.name.split(".")[0] not in names:
             stale.unlink()
@@ -342,20 +367,31 @@ def _write_manifest(out: Path, names: list[str], rows: list[list], key: str, ide
     for name, shard_rows in zip(names, rows):
         record = _shard_done(out, name, key, shard_rows)
         if record is None:
-            raise RuntimeError(f"{out / name} is missing or corrupt after encoding (another process writing "
-                               f"into {out}?); run the same command again")
+            raise RuntimeError(
+                f"{out / name} is missing or corrupt after encoding (another process writing "
+                f"into {out}?); run the same command again"
+            )
         codes = np.load(out / f"{name}.codes.npy", mmap_mode="r")
         digest.update(np.ascontiguousarray(codes, dtype="<i4").tobytes())
         shards.append({"file": name, "count": record["count"], "sha256": record["sha256"]})
         skipped.update(record["skipped"])
         total += record["count"]
     if total == 0:
-        raise ValueError(f"no image of {identity['spec']} ({identity['split']}) could be encoded: "
-                         f"skipped {dict(skipped)}")
-    manifest = {"version": VERSION, "count": total, "codes_sha256": digest.hexdigest(), "tokenizer": fingerprint,
-                "data": identity, "grid": [tokenizer.grid_size, tokenizer.grid_size],
-                "codebook_size": tokenizer.codebook_size, "dtype": np.dtype(dtype).name, "skipped": dict(skipped),
-                "shards": shards}
+        raise ValueError(
+            f"no image of {identity['spec']} ({identity['split']}) could be encoded: skipped {dict(skipped)}"
+        )
+    manifest = {
+        "version": VERSION,
+        "count": total,
+        "codes_sha256": digest.hexdigest(),
+        "tokenizer": fingerprint,
+        "data": identity,
+        "grid": [tokenizer.grid_size, tokenizer.grid_size],
+        "codebook_size": tokenizer.codebook_size,
+        "dtype": np.dtype(dtype).name,
+        "skipped": dict(skipped),
+        "shards": shards,
+    }
     if skipped:
         log.warning("encode: skipped %d images of %s: %s", sum(skipped.values()), identity["spec"], dict(skipped))
     atomic_write_json(out / MANIFEST, manifest, indent=1)
@@ -367,13 +403,25 @@ def main(argv=None) -> None:
     p.add_argument("--data", required=True, help="openmoji | shapes | a folder | tar shards | parquet | a hub name")
     p.add_argument("--tokenizer", required=True, help="an ImageTokenizer directory (train.py tokenizer --out)")
     p.add_argument("--out", required=True, help="the store's directory")
-    p.add_argument("--split", default="all", choices=[*vdata.SPLITS, "all"],
-                   help="all (default): the train and test splits, into OUT/train and OUT/test")
+    p.add_argument(
+        "--split",
+        default="all",
+        choices=[*vdata.SPLITS, "all"],
+        help="all (default): the train and test splits, into OUT/train and OUT/test",
+    )
     p.add_argument("--revision", default=None, help="a hub dataset's branch, tag or commit")
-    p.add_argument("--streaming", action="store_true",
-                   help="read tar shards, parquet files or a hub set file by file, copying nothing to the cache")
-    p.add_argument("--crops", type=int, default=1, metavar="N",
-                   help="store each training image as N rows: its centre crop and N-1 random crops, half flipped")
+    p.add_argument(
+        "--streaming",
+        action="store_true",
+        help="read tar shards, parquet files or a hub set file by file, copying nothing to the cache",
+    )
+    p.add_argument(
+        "--crops",
+        type=int,
+        default=1,
+        metavar="N",
+        help="store each training image as N rows: its centre crop and N-1 random crops, half flipped",
+    )
     p.add_argument("--image-column", default="image")
     p.add_argument("--caption-column", default="text")
     p.add_argument("--limit", type=int, default=None)
@@ -391,18 +439,35 @@ def main(argv=None) -> None:
         d = setup_distributed(args.device)
         tok = ImageTokenizer.from_pretrained(args.tokenizer, device=d.device)
         summary = {}
-        for split in (vdata.SPLITS if args.split == "all" else [args.split]):
+        for split in vdata.SPLITS if args.split == "all" else [args.split]:
             t0 = time.time()
-            store = encode(args.data, split, tok, split_dir(args.out, split) if args.split == "all" else args.out,
-                           batch_size=args.batch_size, shard_size=args.shard_size, rank=d.rank, world=d.world,
-                           progress=d.main, image_column=args.image_column, caption_column=args.caption_column,
-                           revision=args.revision, streaming=args.streaming,
-                           crops=args.crops if split == "train" else 1,
-                           limit=args.limit if split == "train" else None)
+            store = encode(
+                args.data,
+                split,
+                tok,
+                split_dir(args.out, split) if args.split == "all" else args.out,
+                batch_size=args.batch_size,
+                shard_size=args.shard_size,
+                rank=d.rank,
+                world=d.world,
+                progress=d.main,
+                image_column=args.image_column,
+                caption_column=args.caption_column,
+                revision=args.revision,
+                streaming=args.streaming,
+                crops=args.crops if split == "train" else 1,
+                limit=args.limit if split == "train" else None,
+            )
             seconds, m = time.time() - t0, store.manifest
-            summary[split] = {"store": str(store.path), "count": m["count"], "codes_sha256": m["codes_sha256"],
-                              "skipped": m["skipped"], "shards": len(m["shards"]), "seconds": round(seconds, 2),
-                              "images_per_s": round(m["count"] / max(seconds, 1e-9), 1)}
+            summary[split] = {
+                "store": str(store.path),
+                "count": m["count"],
+                "codes_sha256": m["codes_sha256"],
+                "skipped": m["skipped"],
+                "shards": len(m["shards"]),
+                "seconds": round(seconds, 2),
+                "images_per_s": round(m["count"] / max(seconds, 1e-9), 1),
+            }
         cleanup_distributed()
     except (ValueError, FileNotFoundError, RuntimeError, OSError) as e:
         if os.environ.get("VQGPT_DEBUG"):

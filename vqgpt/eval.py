@@ -36,16 +36,25 @@ from .records import record_evaluation
 
 
 # ----------------------------------------------------------------------------------------------------
-def eval_tokenizer(ckpt: str, data: str, split: str = "test", limit: int | None = None, device: str = "cpu",
-                   batch_size: int = 128, image_column: str = "image", caption_column: str = "text") -> dict:
+def eval_tokenizer(
+    ckpt: str,
+    data: str,
+    split: str = "test",
+    limit: int | None = None,
+    device: str = "cpu",
+    batch_size: int = 128,
+    image_column: str = "image",
+    caption_column: str = "text",
+) -> dict:
     """Reconstruction quality and code usage of an ImageTokenizer on a split (held out by default)."""
     from . import data as vdata
     from .metrics import codebook_stats, psnr, ssim
     from .tokenizer import ImageTokenizer
 
     tok = ImageTokenizer.from_pretrained(ckpt, device=device)
-    images, _ = vdata.load_image_tensors(data, split, tok.image_size, image_column=image_column,
-                                         caption_column=caption_column, limit=limit)
+    images, _ = vdata.load_image_tensors(
+        data, split, tok.image_size, image_column=image_column, caption_column=caption_column, limit=limit
+    )
     x = images.float().div(255)
     t0 = time.perf_counter()
     codes = torch.cat([tok.encode(b.to(device)).cpu() for b in x.split(batch_size)])
@@ -67,17 +76,23 @@ def eval_tokenizer(ckpt: str, data: str, split: str = "test", limit: int | None 
 
 
 # ----------------------------------------------------------------------------------------------------
-def _pipeline_codes(pipe, prompts: list[str], seed: int, batch_size: int = 128, rerank: int = 1, scorer=None,
-                    **sampling) -> torch.Tensor:
+def _pipeline_codes(
+    pipe, prompts: list[str], seed: int, batch_size: int = 128, rerank: int = 1, scorer=None, **sampling
+) -> torch.Tensor:
     """Codes (len(prompts), h, w): one sample per prompt, image i drawn with seed + i; with rerank > 1 (or a
     scorer), the best of `rerank` candidates (vqgpt/rerank.py: candidate 0 is the plain sample)."""
     if rerank > 1 or scorer is not None:
         from .rerank import rerank_codes
 
-        return rerank_codes(pipe, prompts, 1, seed=seed, rerank=rerank, scorer=scorer, batch_size=batch_size,
-                            **sampling)[0]
-    return torch.cat([pipe.generate_codes(prompts[i : i + batch_size], 1, seed + i, **sampling).cpu()
-                      for i in range(0, len(prompts), batch_size)])
+        return rerank_codes(
+            pipe, prompts, 1, seed=seed, rerank=rerank, scorer=scorer, batch_size=batch_size, **sampling
+        )[0]
+    return torch.cat(
+        [
+            pipe.generate_codes(prompts[i : i + batch_size], 1, seed + i, **sampling).cpu()
+            for i in range(0, len(prompts), batch_size)
+        ]
+    )
 
 
 def _pipeline_images(pipe, prompts: list[str], seed: int, batch_size: int = 128, **kw) -> torch.Tensor:
@@ -98,9 +113,20 @@ def _scorer(pipe, scorer, rerank: int = 1, required: bool = False):
     return scorer
 
 
-def eval_adherence(ckpt: str, cfg_scales: list[float], seed: int = 0, device: str = "cpu",
-                   grid: str | None = None, include: str | None = None, exclude: str | None = None,
-                   repeat: int = 1, rerank: int = 1, scorer=None, batch_size: int = 128, **sampling) -> dict:
+def eval_adherence(
+    ckpt: str,
+    cfg_scales: list[float],
+    seed: int = 0,
+    device: str = "cpu",
+    grid: str | None = None,
+    include: str | None = None,
+    exclude: str | None = None,
+    repeat: int = 1,
+    rerank: int = 1,
+    scorer=None,
+    batch_size: int = 128,
+    **sampling,
+) -> dict:
     """Per-attribute accuracy of samples on `shapes` prompts, judged by ShapesJudge.
 
     "cfg": on the held-out attribute combinations (never seen in training), `repeat` images per combination;
@@ -137,8 +163,9 @@ def eval_adherence(ckpt: str, cfg_scales: list[float], seed: int = 0, device: st
         for name, specs in (("cfg", held), ("seen", seen)):
             prompts = [vdata.shape_caption(s) for s in specs]
             t0 = time.perf_counter()
-            images = _pipeline_images(pipe, prompts, seed, batch_size, rerank=rerank, scorer=scorer, cfg_scale=scale,
-                                      **sampling)
+            images = _pipeline_images(
+                pipe, prompts, seed, batch_size, rerank=rerank, scorer=scorer, cfg_scale=scale, **sampling
+            )
             if name == "cfg":
                 result["seconds_per_image"][f"{scale:g}"] = round((time.perf_counter() - t0) / len(specs), 4)
             result[name][f"{scale:g}"] = {k: round(v, 4) for k, v in judge.score(images, specs).items()}
@@ -150,8 +177,9 @@ def eval_adherence(ckpt: str, cfg_scales: list[float], seed: int = 0, device: st
     result["judge"] = {k: round(v, 4) for k, v in fresh.items()}
     true, captions = vdata.load_image_tensors("shapes", "test", pipe.image_tokenizer.image_size)
     x = true.float().div(255)
-    recon = torch.cat([pipe.image_tokenizer.decode(pipe.image_tokenizer.encode(b.to(device))).cpu()
-                       for b in x.split(batch_size)])
+    recon = torch.cat(
+        [pipe.image_tokenizer.decode(pipe.image_tokenizer.encode(b.to(device))).cpu() for b in x.split(batch_size)]
+    )
     specs = [vdata.parse_shape_caption(c) for c in captions]
     ceiling = judge.score(recon, specs)
     result["ceiling"] = round(ceiling["mean"], 4)
@@ -176,8 +204,18 @@ def recall_prompts(captions: list[str], n: int = 16) -> list[str]:
     return [distinct[int(i * len(distinct) / n)] for i in range(n)]
 
 
-def eval_recall(ckpt: str, data: str | None = None, n: int = 16, seed: int = 0, device: str = "cpu",
-                grid: str | None = None, rerank: int = 1, scorer=None, batch_size: int = 128, **sampling) -> dict:
+def eval_recall(
+    ckpt: str,
+    data: str | None = None,
+    n: int = 16,
+    seed: int = 0,
+    device: str = "cpu",
+    grid: str | None = None,
+    rerank: int = 1,
+    scorer=None,
+    batch_size: int = 128,
+    **sampling,
+) -> dict:
     """Do samples show their prompt? For n fixed training captions, sample one image each (the
     checkpoint's default settings) and find the nearest training image in pixel space (MSE): a hit when
     that image carries the prompted caption.
@@ -195,8 +233,9 @@ def eval_recall(ckpt: str, data: str | None = None, n: int = 16, seed: int = 0, 
     rule = own if own.get("data") == data else {}
     include, exclude, limit = rule.get("include"), rule.get("exclude"), rule.get("limit")
     filtered = include is not None or exclude is not None
-    images, captions = vdata.load_image_tensors(data, "train", pipe.image_tokenizer.image_size,
-                                                limit=None if filtered else limit)
+    images, captions = vdata.load_image_tensors(
+        data, "train", pipe.image_tokenizer.image_size, limit=None if filtered else limit
+    )
     if filtered:  # as train.py: filter, then the first `limit`
         keep = vdata.caption_filter(captions, include, exclude)[:limit]
         images, captions = images[keep], [captions[i] for i in keep]
@@ -228,7 +267,6 @@ def _scorer_name(scorer) -> str:
     return scorer if isinstance(scorer, str) else f"lit:{scorer.config.readout}/{scorer.config.head}"
 
 
-
 # ----------------------------------------------------------------------------------------------------
 def _spread(n_total: int, n: int | None) -> torch.Tensor:
     """Indices of at most n of n_total items, evenly spread (all of them when n is None or larger)."""
@@ -241,8 +279,16 @@ def _encode(tok, images_u8: torch.Tensor, batch_size: int = 128) -> torch.Tensor
     return torch.cat([tok.encode(b.float().div(255)).cpu() for b in images_u8.split(batch_size)])
 
 
-def eval_alignment(ckpt: str, scorer: str, data: str | None = None, n: int | None = 512, seed: int = 0,
-                   device: str = "cpu", rerank: int = 1, **sampling) -> dict:
+def eval_alignment(
+    ckpt: str,
+    scorer: str,
+    data: str | None = None,
+    n: int | None = 512,
+    seed: int = 0,
+    device: str = "cpu",
+    rerank: int = 1,
+    **sampling,
+) -> dict:
     """How well images agree with captions in the LiT scorer's space, on held-out data (the test split):
     "samples" (one per held-out caption, the checkpoint's sampling defaults; reranked with rerank > 1),
     "true" (the true images: the ceiling) and "shuffled" (true images against other images' captions: the
@@ -266,8 +312,7 @@ def eval_alignment(ckpt: str, scorer: str, data: str | None = None, n: int | Non
     other = captions[shift:] + captions[:shift]
     differ = torch.tensor([a != b for a, b in zip(captions, other)])
     t0 = time.perf_counter()
-    sample_codes = _pipeline_codes(pipe, captions, seed, rerank=rerank, scorer=lit if rerank > 1 else None,
-                                   **sampling)
+    sample_codes = _pipeline_codes(pipe, captions, seed, rerank=rerank, scorer=lit if rerank > 1 else None, **sampling)
     seconds = time.perf_counter() - t0
     result = {
         "samples": score_codes(pipe, lit, sample_codes, captions).mean().item(),
@@ -283,9 +328,18 @@ def eval_alignment(ckpt: str, scorer: str, data: str | None = None, n: int | Non
         judge = load_judge(pipe.image_tokenizer.image_size, device=device)
         result["zero_shot"] = {k: round(v, 4) for k, v in zero_shot_attributes(lit, true_codes, specs).items()}
         result["judge"] = {k: round(v, 4) for k, v in judge.score(images.float() / 255, specs).items()}
-    result.update({"images": len(captions), "distinct_captions": len(set(captions)), "data": data, "split": "test",
-                   "scorer": _scorer_name(lit), "rerank": rerank, "seconds_per_sample": round(seconds / len(pick), 4),
-                   "sampling": {**vars(pipe.sampling), **sampling}})
+    result.update(
+        {
+            "images": len(captions),
+            "distinct_captions": len(set(captions)),
+            "data": data,
+            "split": "test",
+            "scorer": _scorer_name(lit),
+            "rerank": rerank,
+            "seconds_per_sample": round(seconds / len(pick), 4),
+            "sampling": {**vars(pipe.sampling), **sampling},
+        }
+    )
     return result
 
 
@@ -317,7 +371,7 @@ def _diversity_row(pipe, judge, lit, prompts, per_prompt, seed, train_specs, **k
     ratios, plugin, said_right, said_total, by_attr = [], [], 0, 0, {}
     for i, prompt in enumerate(prompts):
         said = vdata.parse_partial_caption(prompt)
-        mine = judged[i * per_prompt:(i + 1) * per_prompt]
+        mine = judged[i * per_prompt : (i + 1) * per_prompt]
         said_right += sum(p[k] == v for p in mine for k, v in said.items())
         said_total += len(said) * len(mine)
         for attr in [a for a in vdata.UNSAID_ATTRS if a not in said]:
@@ -328,10 +382,13 @@ def _diversity_row(pipe, judge, lit, prompts, per_prompt, seed, train_specs, **k
             ratios.append(entropy(values, miller_madow=True) / h_data)
             plugin.append(entropy(values) / h_data)
             by_attr.setdefault(attr, []).append(ratios[-1])
-    row = {"unsaid_entropy_ratio": sum(ratios) / len(ratios), "unsaid_entropy_ratio_plugin": sum(plugin) / len(plugin),
-           "said_accuracy": said_right / max(said_total, 1),
-           "by_attribute": {a: round(sum(v) / len(v), 4) for a, v in by_attr.items()},
-           "seconds_per_image": seconds / len(texts)}
+    row = {
+        "unsaid_entropy_ratio": sum(ratios) / len(ratios),
+        "unsaid_entropy_ratio_plugin": sum(plugin) / len(plugin),
+        "said_accuracy": said_right / max(said_total, 1),
+        "by_attribute": {a: round(sum(v) / len(v), 4) for a, v in by_attr.items()},
+        "seconds_per_image": seconds / len(texts),
+    }
     if lit is not None:
         row["pairwise"] = _pairwise(lit, codes, per_prompt)
     return {k: round(v, 4) if isinstance(v, float) else v for k, v in row.items()}
@@ -346,9 +403,18 @@ def _pairwise(lit, codes: torch.Tensor, per_group: int) -> float:
     return (1 - sim[:, off]).mean().item()
 
 
-def eval_diversity(ckpt: str, scorer: str | None = None, cfg_scales: list[float] | None = None,
-                   temperatures: list[float] | None = None, reranks: list[int] | None = None, per_prompt: int = 32,
-                   seed: int = 0, device: str = "cpu", prompts: list[str] | None = None, **sampling) -> dict:
+def eval_diversity(
+    ckpt: str,
+    scorer: str | None = None,
+    cfg_scales: list[float] | None = None,
+    temperatures: list[float] | None = None,
+    reranks: list[int] | None = None,
+    per_prompt: int = 32,
+    seed: int = 0,
+    device: str = "cpu",
+    prompts: list[str] | None = None,
+    **sampling,
+) -> dict:
     """Diversity on shapes prompts that leave attributes unsaid: for each setting (CFG x temperature x rerank),
     the entropy of each unsaid attribute over per_prompt judged samples (Miller-Madow corrected; the plug-in
     value beside it) over its entropy in the training data given what is said (1 = as varied as the data),
@@ -376,8 +442,13 @@ def eval_diversity(ckpt: str, scorer: str | None = None, cfg_scales: list[float]
                 rer = {"rerank": n, "scorer": (lit or "self") if n > 1 else None}
                 row = _diversity_row(pipe, judge, lit, prompts, per_prompt, seed, train_specs, **rer, **kw)
                 settings.append({"cfg": scale, "temperature": temp, "rerank": n, **row})
-    result = {"settings": settings, "prompts": prompts, "per_prompt": per_prompt,
-              "scorer": _scorer_name(lit) if lit is not None else None, "rerank_scorer": _scorer_name(lit or "self")}
+    result = {
+        "settings": settings,
+        "prompts": prompts,
+        "per_prompt": per_prompt,
+        "scorer": _scorer_name(lit) if lit is not None else None,
+        "rerank_scorer": _scorer_name(lit or "self"),
+    }
     default = [r for r in settings if r["cfg"] == default_cfg and r["temperature"] == default_t]
     base = next((r for r in default if r["rerank"] == 1), (default or settings)[0])
     result["unsaid_entropy_ratio"] = base["unsaid_entropy_ratio"]
@@ -390,8 +461,9 @@ def eval_diversity(ckpt: str, scorer: str | None = None, cfg_scales: list[float]
         for prompt in prompts:
             said = vdata.parse_partial_caption(prompt)
             fits = [s for s in train_specs if all(getattr(s, k) == v for k, v in said.items())]
-            true += [vdata.square_tensor(vdata.render_shape(rng.choice(fits), size, rng), size)
-                     for _ in range(per_prompt)]
+            true += [
+                vdata.square_tensor(vdata.render_shape(rng.choice(fits), size, rng), size) for _ in range(per_prompt)
+            ]
         result["pairwise_data"] = round(_pairwise(lit, _encode(pipe.image_tokenizer, torch.stack(true)), per_prompt), 4)
     return result
 
@@ -400,27 +472,33 @@ def _common_args(p, what: str):
     p.add_argument("--ckpt", required=True, help=f"the {what} directory, or a hub repo owner/name")
     p.add_argument("--device", default="auto", choices=DEVICES, help="auto: cuda when torch sees one, else cpu")
     p.add_argument("--batch-size", type=int, default=128, help="images encoded, sampled or decoded at once")
-    p.add_argument("--record", action="store_true",
-                   help="also keep the figures in --ckpt's config.json and model card (README.md)")
+    p.add_argument(
+        "--record", action="store_true", help="also keep the figures in --ckpt's config.json and model card (README.md)"
+    )
     add_debug_flag(p)
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     sub = p.add_subparsers(dest="what", required=True)
-    t = sub.add_parser("tokenizer", help="PSNR, SSIM, code usage and perplexity on held-out images",
-                       formatter_class=HelpFormatter)
+    t = sub.add_parser(
+        "tokenizer", help="PSNR, SSIM, code usage and perplexity on held-out images", formatter_class=HelpFormatter
+    )
     _common_args(t, "ImageTokenizer")
     t.add_argument("--data", default="openmoji", help="the images: a --data spec as in train.py")
     t.add_argument("--split", default="test", choices=["train", "test"], help="the split to reconstruct")
     t.add_argument("--limit", type=int, default=None, help="at most this many images (default: all)")
     t.add_argument("--image-column", default="image", help="a hub dataset's image column")
     t.add_argument("--caption-column", default="text", help="a hub dataset's caption column")
-    a = sub.add_parser("adherence", help="per-attribute accuracy on held-out and seen shapes combinations",
-                       formatter_class=HelpFormatter)
+    a = sub.add_parser(
+        "adherence",
+        help="per-attribute accuracy on held-out and seen shapes combinations",
+        formatter_class=HelpFormatter,
+    )
     _common_args(a, "TextToImage (trained on shapes)")
-    a.add_argument("--cfg", "--cfg-scale", dest="cfg", type=float, nargs="+", default=[1.0, 3.0],
-                   help="guidance scales to score")
+    a.add_argument(
+        "--cfg", "--cfg-scale", dest="cfg", type=float, nargs="+", default=[1.0, 3.0], help="guidance scales to score"
+    )
     a.add_argument("--seed", type=int, default=0, help="image i is drawn with seed + i")
     a.add_argument("--grid", default=None, help="write a PNG of samples per CFG scale here (default: none)")
     a.add_argument("--include", default=None, metavar="REGEX", help="score only captions matching REGEX (default: all)")
@@ -428,8 +506,11 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--repeat", type=int, default=1, help="images per combination")
     add_rerank_flags(a)
     add_sampling_flags(a, cfg_flag=False)
-    r = sub.add_parser("recall", help="fraction of fixed training captions whose sample's nearest image is theirs",
-                       formatter_class=HelpFormatter)
+    r = sub.add_parser(
+        "recall",
+        help="fraction of fixed training captions whose sample's nearest image is theirs",
+        formatter_class=HelpFormatter,
+    )
     _common_args(r, "TextToImage")
     r.add_argument("--data", default=None, help="default: the data the model was trained on (else openmoji)")
     r.add_argument("--n", type=int, default=16, help="training captions sampled")
@@ -437,8 +518,11 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--grid", default=None, help="write a PNG of samples and their nearest images here (default: none)")
     add_sampling_flags(r)
     add_rerank_flags(r)
-    al = sub.add_parser("alignment", help="LiT scorer agreement of samples and true held-out images, retrieval",
-                        formatter_class=HelpFormatter)
+    al = sub.add_parser(
+        "alignment",
+        help="LiT scorer agreement of samples and true held-out images, retrieval",
+        formatter_class=HelpFormatter,
+    )
     _common_args(al, "TextToImage")
     al.add_argument("--scorer", required=True, metavar="DIR", help="an ImageTextScorer (`train.py lit --out DIR`)")
     al.add_argument("--data", default=None, help="default: the data the model was trained on (else openmoji)")
@@ -446,13 +530,25 @@ def build_parser() -> argparse.ArgumentParser:
     al.add_argument("--seed", type=int, default=0, help="image i is drawn with seed + i")
     al.add_argument("--rerank", type=int, default=1, help="score the best of N samples per caption")
     add_sampling_flags(al)
-    dv = sub.add_parser("diversity", help="variety of the unsaid attributes of partial shapes prompts",
-                        formatter_class=HelpFormatter)
+    dv = sub.add_parser(
+        "diversity", help="variety of the unsaid attributes of partial shapes prompts", formatter_class=HelpFormatter
+    )
     _common_args(dv, "TextToImage (trained on shapes)")
-    dv.add_argument("--scorer", default=None, metavar="DIR",
-                    help="a LiT scorer: pairwise distances in its space, and the reranking scorer (default: none)")
-    dv.add_argument("--cfg", "--cfg-scale", dest="cfg", type=float, nargs="+", default=None,
-                    help="guidance scales (default: the checkpoint's)")
+    dv.add_argument(
+        "--scorer",
+        default=None,
+        metavar="DIR",
+        help="a LiT scorer: pairwise distances in its space, and the reranking scorer (default: none)",
+    )
+    dv.add_argument(
+        "--cfg",
+        "--cfg-scale",
+        dest="cfg",
+        type=float,
+        nargs="+",
+        default=None,
+        help="guidance scales (default: the checkpoint's)",
+    )
     dv.add_argument("--temperatures", type=float, nargs="+", default=None, help="default: the checkpoint's")
     dv.add_argument("--rerank", type=int, nargs="+", default=[1], help="candidates per image, e.g. 1 8")
     dv.add_argument("--per-prompt", type=int, default=32, help="samples of each prompt")
@@ -486,21 +582,52 @@ def main(argv=None):
 def run(args) -> dict:
     device = pick_device(args.device)
     if args.what == "tokenizer":
-        return eval_tokenizer(args.ckpt, args.data, args.split, args.limit, device, args.batch_size,
-                              image_column=args.image_column, caption_column=args.caption_column)
+        return eval_tokenizer(
+            args.ckpt,
+            args.data,
+            args.split,
+            args.limit,
+            device,
+            args.batch_size,
+            image_column=args.image_column,
+            caption_column=args.caption_column,
+        )
     # adherence and diversity score several --cfg scales; recall and alignment take one, an override as --top-k
     sampling = sampling_overrides(args, cfg_flag=args.what in ("recall", "alignment"))
     if args.what == "adherence":
-        return eval_adherence(args.ckpt, args.cfg, args.seed, device, args.grid, args.include, args.exclude,
-                              args.repeat, args.rerank, args.scorer, args.batch_size, **sampling)
+        return eval_adherence(
+            args.ckpt,
+            args.cfg,
+            args.seed,
+            device,
+            args.grid,
+            args.include,
+            args.exclude,
+            args.repeat,
+            args.rerank,
+            args.scorer,
+            args.batch_size,
+            **sampling,
+        )
     if args.what == "alignment":
         return eval_alignment(args.ckpt, args.scorer, args.data, args.n, args.seed, device, args.rerank, **sampling)
     if args.what == "diversity":
         temps = args.temperatures or ([sampling.pop("temperature")] if "temperature" in sampling else None)
-        return eval_diversity(args.ckpt, args.scorer, args.cfg, temps, args.rerank, args.per_prompt, args.seed,
-                              device, **sampling)
-    return eval_recall(args.ckpt, args.data, args.n, args.seed, device, args.grid, args.rerank, args.scorer,
-                       args.batch_size, **sampling)
+        return eval_diversity(
+            args.ckpt, args.scorer, args.cfg, temps, args.rerank, args.per_prompt, args.seed, device, **sampling
+        )
+    return eval_recall(
+        args.ckpt,
+        args.data,
+        args.n,
+        args.seed,
+        device,
+        args.grid,
+        args.rerank,
+        args.scorer,
+        args.batch_size,
+        **sampling,
+    )
 
 
 if __name__ == "__main__":

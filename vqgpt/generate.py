@@ -76,10 +76,17 @@ class SamplingConfig:
         if isinstance(p, bool) or not isinstance(p, numbers.Real) or not MIN_TOP_P <= p <= 1:
             raise ValueError(f"top_p must be in [{MIN_TOP_P:g}, 1] (1 = off), got {p!r}")
         t = self.temperature
-        if isinstance(t, bool) or not isinstance(t, numbers.Real) or not math.isfinite(t) or t < 0 or \
-                0 < t < MIN_TEMPERATURE or t > MAX_TEMPERATURE:
-            raise ValueError(f"temperature must be 0 (greedy) or in [{MIN_TEMPERATURE:g}, {MAX_TEMPERATURE:g}], "
-                             f"got {t!r}")
+        if (
+            isinstance(t, bool)
+            or not isinstance(t, numbers.Real)
+            or not math.isfinite(t)
+            or t < 0
+            or 0 < t < MIN_TEMPERATURE
+            or t > MAX_TEMPERATURE
+        ):
+            raise ValueError(
+                f"temperature must be 0 (greedy) or in [{MIN_TEMPERATURE:g}, {MAX_TEMPERATURE:g}], got {t!r}"
+            )
 
     def scales(self, n_tokens: int) -> list[float]:
         """Guidance scale at each of the n_tokens image steps (python floats: known before sampling)."""
@@ -314,11 +321,20 @@ class Sampler:
         if use_triton(config.attn_backend, seeds):
             from vqgpt import kernels
         noise = None
-        if kernels is None and sampling.temperature > 0 and \
-                seeds.shape[0] * config.n_image * config.image_vocab_size <= NOISE_TABLE_MAX:
+        if (
+            kernels is None
+            and sampling.temperature > 0
+            and seeds.shape[0] * config.n_image * config.image_vocab_size <= NOISE_TABLE_MAX
+        ):
             noise = exponential_noise_table(seeds, config.n_image, config.image_vocab_size)  # (B, N, V)
-        return cls(sampling, seeds, torch.tensor(scales, device=seeds.device) if guided else None, noise, kernels,
-                   config.attn_backend)
+        return cls(
+            sampling,
+            seeds,
+            torch.tensor(scales, device=seeds.device) if guided else None,
+            noise,
+            kernels,
+            config.attn_backend,
+        )
 
     @property
     def guided(self) -> bool:
@@ -330,8 +346,16 @@ class Sampler:
         scale = self.scales.index_select(0, step.view(1)) if self.guided else 1.0
         if self.kernels is not None:
             s = self.sampling
-            return self.kernels.cfg_sample(logits, cfg_scale=scale, temperature=s.temperature, top_k=s.top_k or 0,
-                                           top_p=s.top_p, seeds=self.seeds, step=step, backend=self.backend)
+            return self.kernels.cfg_sample(
+                logits,
+                cfg_scale=scale,
+                temperature=s.temperature,
+                top_k=s.top_k or 0,
+                top_p=s.top_p,
+                seeds=self.seeds,
+                step=step,
+                backend=self.backend,
+            )
         if self.guided:
             logits = apply_cfg(logits, scale)
         noise = self.noise.index_select(1, step.view(1)).squeeze(1) if self.noise is not None else None  # (B, V)
@@ -372,8 +396,15 @@ def capture_cuda_graph(fn, warmup: int = 2) -> torch.cuda.CUDAGraph:
     return graph
 
 
-def _check_generate_args(model, text_ids: Tensor, sampling: SamplingConfig, seeds: Tensor,
-                         uncond_ids: Tensor | None, cuda_graph: bool, compile: bool) -> None:
+def _check_generate_args(
+    model,
+    text_ids: Tensor,
+    sampling: SamplingConfig,
+    seeds: Tensor,
+    uncond_ids: Tensor | None,
+    cuda_graph: bool,
+    compile: bool,
+) -> None:
     """Every argument error of `generate`, before any work: one ValueError naming the argument."""
     config, device = model.config, model.head.weight.device
     if text_ids.ndim != 2 or text_ids.shape[0] == 0:

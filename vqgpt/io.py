@@ -140,8 +140,11 @@ def state_problems(expected: Mapping[str, torch.Tensor], state: Mapping[str, tor
     values (weights that would load and then draw garbage). Empty when it fits."""
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
-    misshapen = [f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(v.shape)}"
-                 for k, v in expected.items() if k in state and state[k].shape != v.shape]
+    misshapen = [
+        f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(v.shape)}"
+        for k, v in expected.items()
+        if k in state and state[k].shape != v.shape
+    ]
     problems = []
     if missing:
         problems.append(_listed("missing", missing))
@@ -151,8 +154,11 @@ def state_problems(expected: Mapping[str, torch.Tensor], state: Mapping[str, tor
         problems.append(_listed("misshapen", misshapen, 3, "; "))
     if problems:
         return problems
-    wrong = [f"{k}: {state[k].dtype} vs {v.dtype}" for k, v in expected.items()
-             if state[k].dtype != v.dtype and not (state[k].is_floating_point() and v.is_floating_point())]
+    wrong = [
+        f"{k}: {state[k].dtype} vs {v.dtype}"
+        for k, v in expected.items()
+        if state[k].dtype != v.dtype and not (state[k].is_floating_point() and v.is_floating_point())
+    ]
     if wrong:
         problems.append(_listed("wrong dtype", wrong, 3, "; "))
     bad = [k for k, v in state.items() if v.is_floating_point() and not torch.isfinite(v).all()]
@@ -166,8 +172,10 @@ def load_state_strict(model: torch.nn.Module, weights_file: str | os.PathLike) -
     state = load_weights(weights_file)
     problems = state_problems(model.state_dict(), state)
     if problems:
-        raise ValueError(f"weights in {weights_file} do not match the {type(model).__name__} described by its "
-                         f"config: " + "; ".join(problems))
+        raise ValueError(
+            f"weights in {weights_file} do not match the {type(model).__name__} described by its "
+            f"config: " + "; ".join(problems)
+        )
     model.load_state_dict(state, strict=True)
 
 
@@ -234,7 +242,7 @@ def image_grid(rows: list, labels: list[str] | None = None, pad: int = 2):
     W, H = rows[0][0].size
     n = max(len(r) for r in rows)
     if labels:  # a label is one line of the default font, 6 px a character: long prompts are cut short
-        labels = [s if len(s) <= MAX_LABEL else s[:MAX_LABEL - 3] + "..." for s in labels]
+        labels = [s if len(s) <= MAX_LABEL else s[: MAX_LABEL - 3] + "..." for s in labels]
     label_w = 0 if not labels else 8 + 6 * max(len(s) for s in labels)
     grid = Image.new("RGB", (label_w + n * (W + pad) + pad, len(rows) * (H + pad) + pad), "white")
     draw = ImageDraw.Draw(grid)

@@ -34,8 +34,18 @@ class StepImages(torch.utils.data.Dataset):
     positions in it.
     """
 
-    def __init__(self, ds, image_size: int, *, global_batch: int, per_rank: int, rank: int, seed: int,
-                 flip: bool = True, rows: np.ndarray | None = None):
+    def __init__(
+        self,
+        ds,
+        image_size: int,
+        *,
+        global_batch: int,
+        per_rank: int,
+        rank: int,
+        seed: int,
+        flip: bool = True,
+        rows: np.ndarray | None = None,
+    ):
         import datasets
 
         self.ds = ds.cast_column("image", datasets.Image(decode=False)).select_columns(["image"])
@@ -45,8 +55,11 @@ class StepImages(torch.utils.data.Dataset):
         # Sets whose decoded pixels fit in DECODED_CACHE_BYTES keep them (decoding is then paid once per image,
         # not once per epoch); larger ones are decoded batch by batch. Memory is bounded either way.
         n, pixels = len(ds), 3 * image_size * image_size
-        self._decoded = torch.empty((n, 3, image_size, image_size), dtype=torch.uint8) \
-            if n * pixels <= DECODED_CACHE_BYTES else None
+        self._decoded = (
+            torch.empty((n, 3, image_size, image_size), dtype=torch.uint8)
+            if n * pixels <= DECODED_CACHE_BYTES
+            else None
+        )
         self._have = np.zeros(n, dtype=bool)
 
     def __len__(self) -> int:  # any step may be asked for; the sampler says which
@@ -54,7 +67,7 @@ class StepImages(torch.utils.data.Dataset):
 
     def indices(self, step: int) -> np.ndarray:
         pos = epoch_batch(len(self.rows), step, self.global_batch, self.seed)
-        return self.rows[pos[self.rank * self.per_rank:(self.rank + 1) * self.per_rank].numpy()]
+        return self.rows[pos[self.rank * self.per_rank : (self.rank + 1) * self.per_rank].numpy()]
 
     def __getitem__(self, step: int) -> torch.Tensor:
         rows = self.indices(step)
@@ -83,15 +96,29 @@ class StreamImages(torch.utils.data.IterableDataset):
     stopped; the ranks read disjoint files, so 2 ranks do not see the batches of 1 (the map-style path does).
     """
 
-    def __init__(self, stream, image_size: int, *, per_rank: int, rank: int, world: int, seed: int, start: int,
-                 steps: int, buffer: int = 1024, flip: bool = True):
+    def __init__(
+        self,
+        stream,
+        image_size: int,
+        *,
+        per_rank: int,
+        rank: int,
+        world: int,
+        seed: int,
+        start: int,
+        steps: int,
+        buffer: int = 1024,
+        flip: bool = True,
+    ):
         self.stream, self.image_size, self.flip = stream, image_size, flip
         self.per_rank, self.rank, self.world, self.seed = per_rank, rank, world, seed
         self.start, self.steps, self.buffer = start, steps, buffer
         self.files = list(range(rank, stream.n, world))
         if not self.files:
-            raise ValueError(f"{stream.where} has {stream.n} files, fewer than the {world} ranks: each rank streams "
-                             "whole files (split the data into more files, or use fewer ranks)")
+            raise ValueError(
+                f"{stream.where} has {stream.n} files, fewer than the {world} ranks: each rank streams "
+                "whole files (split the data into more files, or use fewer ranks)"
+            )
 
     def rows(self):
         """This rank's undecoded rows, epoch after epoch, in their fixed order."""
@@ -209,14 +236,20 @@ def _worker_init(_):
     torch.set_num_threads(1)  # decoding is per image; threads would only fight the training process
 
 
-def image_batches(dataset: StepImages | StreamImages, start: int, steps: int, *, workers: int,
-                  pin_memory: bool = False):
+def image_batches(
+    dataset: StepImages | StreamImages, start: int, steps: int, *, workers: int, pin_memory: bool = False
+):
     """The batches of steps [start, steps), in order, prefetched by `workers` processes (0: in this one). A
     stream is read in order by one worker at most (several would each read all of it)."""
     if isinstance(dataset, StreamImages):
-        return torch.utils.data.DataLoader(dataset, batch_size=None, num_workers=min(workers, 1),
-                                           pin_memory=pin_memory, worker_init_fn=_worker_init if workers else None,
-                                           prefetch_factor=4 if workers else None)
+        return torch.utils.data.DataLoader(
+            dataset,
+            batch_size=None,
+            num_workers=min(workers, 1),
+            pin_memory=pin_memory,
+            worker_init_fn=_worker_init if workers else None,
+            prefetch_factor=4 if workers else None,
+        )
     return torch.utils.data.DataLoader(
         dataset,
         batch_size=None,  # an item is already a batch

@@ -33,11 +33,24 @@ ATTN_BACKENDS = ("auto", "torch", "triton")
 
 # What a config may hold: far beyond any real model, so that a corrupt or hostile config.json is an error
 # before any memory is sized from it (n_layer=100000 would allocate gigabytes before the weights are read).
-INT_LIMITS = {"text_vocab_size": (1, 2**24), "text_pad_id": (0, 2**24), "text_len": (0, 8192),
-              "image_vocab_size": (1, 2**24), "dim": (4, 32768), "n_layer": (1, 512), "n_head": (1, 1024),
-              "n_kv_head": (1, 1024), "ffn_hidden": (1, 2**18)}
-FLOAT_LIMITS = {"rope_base": (1.0, 1e12), "dropout": (0.0, 1.0), "norm_eps": (0.0, 1.0),
-                "text_loss_weight": (0.0, 1e6), "cfg_dropout": (0.0, 1.0)}
+INT_LIMITS = {
+    "text_vocab_size": (1, 2**24),
+    "text_pad_id": (0, 2**24),
+    "text_len": (0, 8192),
+    "image_vocab_size": (1, 2**24),
+    "dim": (4, 32768),
+    "n_layer": (1, 512),
+    "n_head": (1, 1024),
+    "n_kv_head": (1, 1024),
+    "ffn_hidden": (1, 2**18),
+}
+FLOAT_LIMITS = {
+    "rope_base": (1.0, 1e12),
+    "dropout": (0.0, 1.0),
+    "norm_eps": (0.0, 1.0),
+    "text_loss_weight": (0.0, 1e6),
+    "cfg_dropout": (0.0, 1.0),
+}
 MAX_GRID = 512
 
 
@@ -84,8 +97,11 @@ class GPTConfig:
 
     def __post_init__(self):
         check_fields(self, INT_LIMITS, FLOAT_LIMITS)  # before anything is sized from them
-        if not isinstance(self.image_grid, (list, tuple)) or len(self.image_grid) != 2 or \
-                not all(_is_int(s) and 1 <= s <= MAX_GRID for s in self.image_grid):
+        if (
+            not isinstance(self.image_grid, (list, tuple))
+            or len(self.image_grid) != 2
+            or not all(_is_int(s) and 1 <= s <= MAX_GRID for s in self.image_grid)
+        ):
             raise ValueError(f"image_grid must be two ints (h, w) in [1, {MAX_GRID}], got {self.image_grid!r}")
         self.image_grid = tuple(int(s) for s in self.image_grid)
         if self.n_kv_head is None:
@@ -226,12 +242,15 @@ def use_triton(backend: str, *tensors: Tensor, needs_grad: bool = False) -> bool
     if backend != "triton":
         raise ValueError(f"unknown backend {backend!r}; choose one of {list(ATTN_BACKENDS)}")
     if not triton_installed():
-        raise RuntimeError("backend 'triton' needs the triton package (pip install 'vqgpt[triton]' on Linux); "
-                           "use 'auto' or 'torch'")
+        raise RuntimeError(
+            "backend 'triton' needs the triton package (pip install 'vqgpt[triton]' on Linux); use 'auto' or 'torch'"
+        )
     if not (_on_triton_device(tensors) or interpreting()):
         devices = sorted({str(t.device) for t in tensors})
-        raise RuntimeError(f"backend 'triton' needs CUDA tensors, these are on {', '.join(devices)}; use 'auto' or "
-                           "'torch', or set TRITON_INTERPRET=1 before importing triton (the CPU interpreter)")
+        raise RuntimeError(
+            f"backend 'triton' needs CUDA tensors, these are on {', '.join(devices)}; use 'auto' or "
+            "'torch', or set TRITON_INTERPRET=1 before importing triton (the CPU interpreter)"
+        )
     return True
 
 

@@ -50,8 +50,15 @@ from .tokenizer import ImageTokenizer
 MODEL_TYPE = "vqgpt-text-to-image"
 OUTPUT_TYPES = ("pil", "pt", "np")
 # What a hub snapshot of a pipeline fetches: the public format, never a pushed run's checkpoints/ or samples/.
-HUB_FILES = ["config.json", "model.safetensors", "README.md", "image_tokenizer/*", "text_tokenizer/*", "adapter/*",
-             "scorer/*"]
+HUB_FILES = [
+    "config.json",
+    "model.safetensors",
+    "README.md",
+    "image_tokenizer/*",
+    "text_tokenizer/*",
+    "adapter/*",
+    "scorer/*",
+]
 
 
 @dataclass
@@ -65,13 +72,21 @@ class TextToImageOutput:
     scores: list[float] | None = None  # with rerank: image k's score, the best of its candidates (vqgpt/rerank.py)
 
     def __getitem__(self, index):
-        raise TypeError("a TextToImage call returns an output object, not a list: use out.images[k] "
-                        "(and out.seeds[k], its seed)")
+        raise TypeError(
+            "a TextToImage call returns an output object, not a list: use out.images[k] (and out.seeds[k], its seed)"
+        )
 
 
 class TextToImage:
-    def __init__(self, gpt: GPT, image_tokenizer: ImageTokenizer, text_tokenizer, sampling=None, adapter=None,
-                 trained_on: dict | None = None):
+    def __init__(
+        self,
+        gpt: GPT,
+        image_tokenizer: ImageTokenizer,
+        text_tokenizer,
+        sampling=None,
+        adapter=None,
+        trained_on: dict | None = None,
+    ):
         check_compatible(gpt.config, image_tokenizer, text_tokenizer)
         self.gpt = gpt
         self.image_tokenizer = image_tokenizer
@@ -109,9 +124,18 @@ class TextToImage:
 
     # --- sampling ---------------------------------------------------------------------------------------
     @torch.no_grad()
-    def generate_codes(self, prompts: str | list[str], num_images: int = 1, seed: int | list[int] = 0,
-                       progress=False, compile: bool = False, cuda_graph: bool = False,
-                       batch_size: int | None = None, negative_prompt: str | list[str] | None = None, **kw):
+    def generate_codes(
+        self,
+        prompts: str | list[str],
+        num_images: int = 1,
+        seed: int | list[int] = 0,
+        progress=False,
+        compile: bool = False,
+        cuda_graph: bool = False,
+        batch_size: int | None = None,
+        negative_prompt: str | list[str] | None = None,
+        **kw,
+    ):
         """Codes (len(prompts) * num_images, h, w), prompt-major; image j of prompt i uses seed + i * num_images
         + j, or seed[i * num_images + j] for a list of seeds (one per image).
 
@@ -132,24 +156,49 @@ class TextToImage:
         cfg = SamplingConfig(**{**asdict(self.sampling), **kw})
         cfg.validate(self.gpt.config.image_vocab_size)
         if negatives is not None and all(s == 1 for s in cfg.scales(self.gpt.config.n_image)):
-            raise ValueError("negative_prompt acts through guidance, which is off (cfg_scale=1): "
-                             "pass cfg_scale != 1, or leave negative_prompt out")
+            raise ValueError(
+                "negative_prompt acts through guidance, which is off (cfg_scale=1): "
+                "pass cfg_scale != 1, or leave negative_prompt out"
+            )
         if batch_size is not None and (not isinstance(batch_size, int) or batch_size < 1):
             raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
         step, text_len = batch_size or len(rows), self.gpt.config.text_len
         out = []
         for start in range(0, len(rows), step):
-            text_ids = self.text_tokenizer(rows[start:start + step], text_len)
-            uncond = None if negatives is None else self.text_tokenizer(negatives[start:start + step], text_len)
-            out.append(generate(self.gpt, text_ids, cfg, torch.tensor(seeds[start:start + step]), progress=progress,
-                                compile=compile, cuda_graph=cuda_graph, uncond_ids=uncond))
+            text_ids = self.text_tokenizer(rows[start : start + step], text_len)
+            uncond = None if negatives is None else self.text_tokenizer(negatives[start : start + step], text_len)
+            out.append(
+                generate(
+                    self.gpt,
+                    text_ids,
+                    cfg,
+                    torch.tensor(seeds[start : start + step]),
+                    progress=progress,
+                    compile=compile,
+                    cuda_graph=cuda_graph,
+                    uncond_ids=uncond,
+                )
+            )
         return torch.cat(out)
 
-    def __call__(self, prompt: str | list[str], num_images: int | None = None, *, seed: int | list[int] | None = None,
-                 negative_prompt: str | list[str] | None = None, output_type: str = "pil", batch_size: int = 64,
-                 guidance_scale: float | None = None, num_images_per_prompt: int | None = None,
-                 generator: torch.Generator | list[torch.Generator] | None = None, rerank: int = 1, scorer=None,
-                 min_score: float | None = None, max_rounds: int = 1, **kw) -> TextToImageOutput:
+    def __call__(
+        self,
+        prompt: str | list[str],
+        num_images: int | None = None,
+        *,
+        seed: int | list[int] | None = None,
+        negative_prompt: str | list[str] | None = None,
+        output_type: str = "pil",
+        batch_size: int = 64,
+        guidance_scale: float | None = None,
+        num_images_per_prompt: int | None = None,
+        generator: torch.Generator | list[torch.Generator] | None = None,
+        rerank: int = 1,
+        scorer=None,
+        min_score: float | None = None,
+        max_rounds: int = 1,
+        **kw,
+    ) -> TextToImageOutput:
         """Sample num_images images per prompt -> TextToImageOutput(images, seeds, prompts), prompt-major.
 
         seed: an int (image k of the call gets seed + k), a list (one seed per image), or None: a fresh seed,
@@ -175,20 +224,34 @@ class TextToImage:
         if rerank != 1 or scorer is not None or min_score is not None:
             from .rerank import rerank_codes
 
-            codes, scores, seeds = rerank_codes(self, prompts, n, seed=seeds, rerank=rerank, scorer=scorer,
-                                                min_score=min_score, max_rounds=max_rounds, batch_size=batch_size,
-                                                negative_prompt=negative_prompt, **kw)
+            codes, scores, seeds = rerank_codes(
+                self,
+                prompts,
+                n,
+                seed=seeds,
+                rerank=rerank,
+                scorer=scorer,
+                min_score=min_score,
+                max_rounds=max_rounds,
+                batch_size=batch_size,
+                negative_prompt=negative_prompt,
+                **kw,
+            )
             scores = scores.tolist()
         else:
-            codes = self.generate_codes(prompts, n, seeds, batch_size=batch_size, negative_prompt=negative_prompt,
-                                        **kw)
+            codes = self.generate_codes(prompts, n, seeds, batch_size=batch_size, negative_prompt=negative_prompt, **kw)
         images = [_pixels_as(self.image_tokenizer.decode(c), output_type) for c in codes.split(batch_size)]
         if output_type == "pil":
             images = [im for chunk in images for im in chunk]
         else:
             images = torch.cat(images) if output_type == "pt" else np.concatenate(images)
-        return TextToImageOutput(images=images, seeds=seeds, prompts=[p for p in prompts for _ in range(n)],
-                                 negative_prompts=negative_rows(negative_prompt, len(prompts), n), scores=scores)
+        return TextToImageOutput(
+            images=images,
+            seeds=seeds,
+            prompts=[p for p in prompts for _ in range(n)],
+            negative_prompts=negative_rows(negative_prompt, len(prompts), n),
+            scores=scores,
+        )
 
     # --- persistence ------------------------------------------------------------------------------------
     def config_dict(self) -> dict:
@@ -205,8 +268,9 @@ class TextToImage:
             **({"evaluation": self.evaluation} if self.evaluation else {}),
         }
 
-    def save_pretrained(self, path: str | os.PathLike, gpt_state: dict | None = None, *,
-                        repo_id: str | None = None) -> None:
+    def save_pretrained(
+        self, path: str | os.PathLike, gpt_state: dict | None = None, *, repo_id: str | None = None
+    ) -> None:
         """Write the pipeline directory and its model card (README.md); `gpt_state` overrides the GPT's own
         state_dict (e.g. gathered shards); repo_id: the hub repo the card's usage snippet names.
 
@@ -227,29 +291,53 @@ class TextToImage:
         if self.scorer is not None:
             self.scorer.check_image_tokenizer(self.image_tokenizer)
             self.scorer.save_pretrained(path / SCORER_DIR)
-        card = model_card(config, kind="text-to-image", repo_id=repo_id, where=str(path),
-                          n_params=self.gpt.num_params())
+        card = model_card(
+            config, kind="text-to-image", repo_id=repo_id, where=str(path), n_params=self.gpt.num_params()
+        )
         atomic_write_bytes(path / CARD_NAME, card.encode())
         # config.json last: a directory with a config names weights that are already in place.
         atomic_write_json(path / "config.json", config)
 
-    def push_to_hub(self, repo_id: str, *, token: str | bool | None = None, private: bool | None = None,
-                    revision: str | None = None, commit_message: str | None = None) -> str:
+    def push_to_hub(
+        self,
+        repo_id: str,
+        *,
+        token: str | bool | None = None,
+        private: bool | None = None,
+        revision: str | None = None,
+        commit_message: str | None = None,
+    ) -> str:
         """save_pretrained into a fresh directory (the model, its tokenizers and card; no training state) and
         upload it to the hub repo `repo_id`, created if need be -> the commit's URL."""
         from .hub import push_pretrained
 
         if self.adapter is not None:
-            raise ValueError("this pipeline holds LoRA adapters over a local base model: merge_adapter() first, "
-                             "so that the hub repo holds a model that loads on its own")
-        return push_pretrained(self, repo_id, token=token, private=private, revision=revision,
-                               commit_message=commit_message or "Upload vqgpt text-to-image model")
+            raise ValueError(
+                "this pipeline holds LoRA adapters over a local base model: merge_adapter() first, "
+                "so that the hub repo holds a model that loads on its own"
+            )
+        return push_pretrained(
+            self,
+            repo_id,
+            token=token,
+            private=private,
+            revision=revision,
+            commit_message=commit_message or "Upload vqgpt text-to-image model",
+        )
 
     @classmethod
-    def from_pretrained(cls, path: str | os.PathLike, *, device: str | torch.device = "cpu",
-                        torch_dtype: torch.dtype | str = "auto", base: str | os.PathLike | None = None,
-                        merge: bool = True, revision: str | None = None, token: str | bool | None = None,
-                        cache_dir: str | os.PathLike | None = None) -> TextToImage:
+    def from_pretrained(
+        cls,
+        path: str | os.PathLike,
+        *,
+        device: str | torch.device = "cpu",
+        torch_dtype: torch.dtype | str = "auto",
+        base: str | os.PathLike | None = None,
+        merge: bool = True,
+        revision: str | None = None,
+        token: str | bool | None = None,
+        cache_dir: str | os.PathLike | None = None,
+    ) -> TextToImage:
         """Load a pipeline directory, or a hub repo "owner/name" (huggingface_hub's snapshot_download: revision
         a branch, tag or commit; token for private repos; cache_dir instead of the hub cache). For a LoRA
         fine-tune, its base is loaded from the path recorded at training time (or `base`), checked, and the
@@ -259,8 +347,14 @@ class TextToImage:
         from .hub import snapshot
 
         dtype = resolve_dtype(torch_dtype, device)  # a bad name fails before anything is loaded
-        path = snapshot(path, what="text-to-image model", revision=revision, token=token, cache_dir=cache_dir,
-                        allow_patterns=HUB_FILES)
+        path = snapshot(
+            path,
+            what="text-to-image model",
+            revision=revision,
+            token=token,
+            cache_dir=cache_dir,
+            allow_patterns=HUB_FILES,
+        )
         config = read_config(path)
         image_tok, text_tok = _load_tokenizers(path, config, device)
         sampling = _saved_sampling(path, config, image_tok.codebook_size)
@@ -320,11 +414,16 @@ def load_base_gpt(adapter_dir: Path, config: dict, base: str | os.PathLike | Non
     """The base GPT a LoRA adapter was trained on, checked against the fingerprint recorded in config.json."""
     recorded = config["base"]
     base_path = Path(base) if base is not None else (adapter_dir / recorded["path"])
-    if base_path.resolve() == Path(adapter_dir).resolve() or \
-            (base_path / "config.json").is_file() and "base" in read_config(base_path):
+    if (
+        base_path.resolve() == Path(adapter_dir).resolve()
+        or (base_path / "config.json").is_file()
+        and "base" in read_config(base_path)
+    ):
         # a base that is itself an adapter (or this very directory) would recurse without end
-        raise ValueError(f"the base of the LoRA adapter in {adapter_dir}, {base_path}, is not a plain model; "
-                         f"an adapter's base must be one (merge a LoRA base first: python -m vqgpt.finetune merge)")
+        raise ValueError(
+            f"the base of the LoRA adapter in {adapter_dir}, {base_path}, is not a plain model; "
+            f"an adapter's base must be one (merge a LoRA base first: python -m vqgpt.finetune merge)"
+        )
     try:
         base_pipe = TextToImage.from_pretrained(base_path, device=device)
     except FileNotFoundError as e:
@@ -369,8 +468,14 @@ def _pixels_as(pixels: torch.Tensor, output_type: str):
     return to_pil_list(pixels)
 
 
-DTYPE_NAMES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
-               "fp16": torch.float16, "float16": torch.float16}
+DTYPE_NAMES = {
+    "fp32": torch.float32,
+    "float32": torch.float32,
+    "bf16": torch.bfloat16,
+    "bfloat16": torch.bfloat16,
+    "fp16": torch.float16,
+    "float16": torch.float16,
+}
 
 
 def resolve_dtype(torch_dtype: torch.dtype | str, device: str | torch.device) -> torch.dtype:
@@ -384,8 +489,9 @@ def resolve_dtype(torch_dtype: torch.dtype | str, device: str | torch.device) ->
     elif torch_dtype in DTYPE_NAMES:
         dtype = DTYPE_NAMES[torch_dtype]
     else:
-        raise ValueError(f"unknown torch_dtype {torch_dtype!r}; choose 'auto', a torch dtype or one of "
-                         f"{sorted(DTYPE_NAMES)}")
+        raise ValueError(
+            f"unknown torch_dtype {torch_dtype!r}; choose 'auto', a torch dtype or one of {sorted(DTYPE_NAMES)}"
+        )
     if dtype not in (torch.float32, torch.bfloat16, torch.float16):
         raise ValueError(f"torch_dtype must be float32, bfloat16 or float16, got {dtype}")
     return dtype

@@ -29,8 +29,9 @@ def _text_list(texts, what: str) -> list[str]:
         try:
             t.encode("utf-8")
         except UnicodeEncodeError:
-            raise ValueError(f"{what} {t!r:.80} is not valid text (lone surrogates: bytes that were not "
-                             f"UTF-8)") from None
+            raise ValueError(
+                f"{what} {t!r:.80} is not valid text (lone surrogates: bytes that were not UTF-8)"
+            ) from None
     return list(texts)
 
 
@@ -42,8 +43,9 @@ def negative_rows(negative_prompt, n_prompts: int, num_images: int) -> list[str]
     if len(negatives) == 1:
         negatives = negatives * n_prompts
     if len(negatives) != n_prompts:
-        raise ValueError(f"negative_prompt has {len(negatives)} entries for {n_prompts} prompts: "
-                         f"give one string, or one per prompt")
+        raise ValueError(
+            f"negative_prompt has {len(negatives)} entries for {n_prompts} prompts: give one string, or one per prompt"
+        )
     return [t for t in negatives for _ in range(num_images)]
 
 

@@ -47,10 +47,12 @@ from .training import (
 
 DEFAULT_PROMPTS = {  # the GPT's sample grids, unless --sample-prompts (else the first 8 captions)
     "openmoji": ["green apple", "red heart", "grinning face", "dog face", "sun", "rocket", "pizza", "snowman"],
-    "shapes": ["a large red circle at the center on a white background",
-               "a small blue square at the top left on a black background",
-               "a large green triangle at the bottom right on a white background",
-               "a small yellow star at the top right on a blue background"],
+    "shapes": [
+        "a large red circle at the center on a white background",
+        "a small blue square at the top left on a black background",
+        "a large green triangle at the bottom right on a white background",
+        "a small yellow star at the top right on a blue background",
+    ],
 }
 MAX_HELD_OUT = 2048  # held-out images evaluated during training (bits per token), spread over the split
 MAX_TEXT_SAMPLE = 100_000  # captions a new BPE and the text context are fitted on, spread over the set
@@ -60,8 +62,17 @@ MAX_TEXT_LEN = 256  # the fitted text context never exceeds this (--text-len may
 def schedule(args: argparse.Namespace) -> Schedule:
     """The loop's schedule from the flags; the warm-up defaults to 5% of the steps."""
     warmup = args.warmup if args.warmup is not None else max(1, args.steps // 20)
-    return Schedule(steps=args.steps, lr=args.lr, warmup=warmup, grad_accum=args.grad_accum, clip=args.clip,
-                    seed=args.seed, save_every=args.save_every, eval_every=args.eval_every, log_every=args.log_every)
+    return Schedule(
+        steps=args.steps,
+        lr=args.lr,
+        warmup=warmup,
+        grad_accum=args.grad_accum,
+        clip=args.clip,
+        seed=args.seed,
+        save_every=args.save_every,
+        eval_every=args.eval_every,
+        log_every=args.log_every,
+    )
 
 
 def save_grid(rows: list[torch.Tensor], path: Path, labels: list[str] | None = None) -> Path:
@@ -91,8 +102,17 @@ class TokenizerLoss:
     """L1 + MSE reconstruction plus the quantizer's auxiliary loss; optionally a perceptual loss and, from step
     `gan_start`, a PatchGAN hinge loss, whose discriminator steps after each generator update."""
 
-    def __init__(self, model, *, perceptual=None, perceptual_weight: float = 0.0, disc=None, disc_opt=None,
-                 gan_weight: float = 0.0, gan_start: int = 0):
+    def __init__(
+        self,
+        model,
+        *,
+        perceptual=None,
+        perceptual_weight: float = 0.0,
+        disc=None,
+        disc_opt=None,
+        gan_weight: float = 0.0,
+        gan_start: int = 0,
+    ):
         self.model, self.perceptual, self.perceptual_weight = model, perceptual, perceptual_weight
         self.disc, self.disc_opt, self.gan_weight, self.gan_start = disc, disc_opt, gan_weight, gan_start
 
@@ -114,15 +134,15 @@ class TokenizerLoss:
         """Hinge loss on the detached reconstructions, after the generator's update."""
         if self._adversarial(step):
             self.disc_opt.zero_grad(set_to_none=True)
-            d_loss = (F.relu(1 - self.disc(x * 2 - 1)).mean()
-                      + F.relu(1 + self.disc(stats["recon"].detach() * 2 - 1)).mean())
+            d_loss = (
+                F.relu(1 - self.disc(x * 2 - 1)).mean() + F.relu(1 + self.disc(stats["recon"].detach() * 2 - 1)).mean()
+            )
             d_loss.backward()
             self.disc_opt.step()
 
 
 @torch.no_grad()
-def evaluate_tokenizer(model: ImageTokenizer, images: torch.Tensor, batch_size: int = 256
-                       ) -> tuple[dict, torch.Tensor]:
+def evaluate_tokenizer(model: ImageTokenizer, images: torch.Tensor, batch_size: int = 256) -> tuple[dict, torch.Tensor]:
     """(PSNR, code usage and perplexity on uint8 `images`; their reconstructions in [0, 1])."""
     from .metrics import codebook_stats, psnr
 
@@ -140,14 +160,22 @@ def report_tokenizer(model: ImageTokenizer, held_out: torch.Tensor, out: Path, d
     metrics, recon = evaluate_tokenizer(model, held_out)
     pick = torch.linspace(0, len(held_out) - 1, 8).long()  # spread over the split, not its first rows
     grid = save_grid([held_out[pick].float() / 255, recon[pick]], out / "samples" / f"recon-{done:07d}.png")
-    bar.write(f"step {done}: held-out PSNR {metrics['psnr']:.2f} dB, usage {metrics['usage']:.1%}, "
-              f"perplexity {metrics['perplexity']:.0f} -> {grid}")
+    bar.write(
+        f"step {done}: held-out PSNR {metrics['psnr']:.2f} dB, usage {metrics['usage']:.1%}, "
+        f"perplexity {metrics['perplexity']:.0f} -> {grid}"
+    )
     if wb:
         import wandb
 
-        wb.log({"eval/psnr": metrics["psnr"], "eval/usage": metrics["usage"], "eval/perplexity": metrics["perplexity"],
-                "eval/recon": wandb.Image(str(grid), caption="top: held-out images, bottom: reconstructions")},
-               step=done)
+        wb.log(
+            {
+                "eval/psnr": metrics["psnr"],
+                "eval/usage": metrics["usage"],
+                "eval/perplexity": metrics["perplexity"],
+                "eval/recon": wandb.Image(str(grid), caption="top: held-out images, bottom: reconstructions"),
+            },
+            step=done,
+        )
 
 
 def tokenizer_data(args: argparse.Namespace, image_size: int, d: Dist):
@@ -170,11 +198,20 @@ def tokenizer_batches(args: argparse.Namespace, train_set, image_size: int, per_
     """Each step's images from `start` on, decoded and flipped in loader workers, as floats in [0, 1] on the
     device."""
     if args.streaming:
-        step_images = StreamImages(train_set, image_size, per_rank=per_rank, rank=d.rank, world=d.world,
-                                   seed=args.seed, start=start, steps=args.steps)
+        step_images = StreamImages(
+            train_set,
+            image_size,
+            per_rank=per_rank,
+            rank=d.rank,
+            world=d.world,
+            seed=args.seed,
+            start=start,
+            steps=args.steps,
+        )
     else:
-        step_images = StepImages(train_set, image_size, global_batch=args.batch_size, per_rank=per_rank,
-                                 rank=d.rank, seed=args.seed)
+        step_images = StepImages(
+            train_set, image_size, global_batch=args.batch_size, per_rank=per_rank, rank=d.rank, seed=args.seed
+        )
     workers = default_workers(d.device) if args.workers is None else args.workers
     loader = image_batches(step_images, start, args.steps, workers=workers, pin_memory=d.device.type == "cuda")
     return (x.to(d.device, non_blocking=True).float().div_(255) for x in loader)
@@ -191,9 +228,16 @@ def train_tokenizer(args: argparse.Namespace) -> Path:
     if resume is not None:
         config = TokenizerConfig.from_dict(json.loads(resume.file("tokenizer_config.json").read_text()))
     else:
-        overrides = {k: v for k, v in (("image_size", args.image_size), ("quantizer", args.quantizer),
-                                       ("fsq_levels", args.fsq_levels and tuple(args.fsq_levels)),
-                                       ("norm", args.norm)) if v}
+        overrides = {
+            k: v
+            for k, v in (
+                ("image_size", args.image_size),
+                ("quantizer", args.quantizer),
+                ("fsq_levels", args.fsq_levels and tuple(args.fsq_levels)),
+                ("norm", args.norm),
+            )
+            if v
+        }
         config = tokenizer_config(args.preset, **overrides)
     torch.manual_seed(args.seed)  # the same initial weights on every rank and every run
     model = ImageTokenizer(config).to(d.device)
@@ -215,36 +259,72 @@ def train_tokenizer(args: argparse.Namespace) -> Path:
     if disc is not None and "disc" in state:
         disc.load_state_dict(state["disc"])
         disc_opt.load_state_dict(state["disc_optimizer"])
-    loss = TokenizerLoss(wrap_for_training(model, d, args.compile), perceptual=perceptual,
-                         perceptual_weight=args.perceptual_weight, disc=disc, disc_opt=disc_opt,
-                         gan_weight=args.gan_weight,
-                         gan_start=args.gan_start if args.gan_start is not None else args.steps // 2)
+    loss = TokenizerLoss(
+        wrap_for_training(model, d, args.compile),
+        perceptual=perceptual,
+        perceptual_weight=args.perceptual_weight,
+        disc=disc,
+        disc_opt=disc_opt,
+        gan_weight=args.gan_weight,
+        gan_start=args.gan_start if args.gan_start is not None else args.steps // 2,
+    )
 
     per_rank = rank_batch_size(args.batch_size, args.grad_accum, d)
     bf16 = use_bf16(d.device, args.precision)
-    run_config = {"stage": "tokenizer", "tokenizer": config.to_dict(), "schedule": asdict(schedule(args)),
-                  "args": vars(args), "world": d.world, "params": sum(p.numel() for p in model.parameters())}
-    wb = init_wandb(args.wandb, args.wandb_project, args.wandb_name, run_config, str(out), enabled=d.main,
-                    resume=resume is not None, default_name=f"tok-{out.name}")
+    run_config = {
+        "stage": "tokenizer",
+        "tokenizer": config.to_dict(),
+        "schedule": asdict(schedule(args)),
+        "args": vars(args),
+        "world": d.world,
+        "params": sum(p.numel() for p in model.parameters()),
+    }
+    wb = init_wandb(
+        args.wandb,
+        args.wandb_project,
+        args.wandb_name,
+        run_config,
+        str(out),
+        enabled=d.main,
+        resume=resume is not None,
+        default_name=f"tok-{out.name}",
+    )
     if d.main:
         n_train = f"{train_set.n} streamed files of" if args.streaming else len(train_set)
-        print(f"tokenizer: {run_config['params'] / 1e6:.2f}M params, {n_train} train / {len(held_out)} "
-              f"held-out images, codes {config.grid_size}x{config.grid_size} of {config.codebook_size}, "
-              f"{'bf16' if bf16 else 'fp32'} autocast", flush=True)
+        print(
+            f"tokenizer: {run_config['params'] / 1e6:.2f}M params, {n_train} train / {len(held_out)} "
+            f"held-out images, codes {config.grid_size}x{config.grid_size} of {config.codebook_size}, "
+            f"{'bf16' if bf16 else 'fp32'} autocast",
+            flush=True,
+        )
 
     def save(step):
         if not d.main:
             return
         extra = {"disc": disc.state_dict(), "disc_optimizer": disc_opt.state_dict()} if disc else {}
-        ckpts.save(step, model.state_dict(), trainer_state(step, optimizer, guard, extra),
-                   files={"tokenizer_config.json": json.dumps(config.to_dict())}, export=model.save_pretrained)
+        ckpts.save(
+            step,
+            model.state_dict(),
+            trainer_state(step, optimizer, guard, extra),
+            files={"tokenizer_config.json": json.dumps(config.to_dict())},
+            export=model.save_pretrained,
+        )
 
     batches = tokenizer_batches(args, train_set, config.image_size, per_rank, start, d)
     bar = progress(args.steps, start, d.main)
     evaluate = (lambda done: report_tokenizer(model, held_out, out, done, wb, bar)) if d.main else None
-    stage = Stage(model=model, optimizer=optimizer, batches=batches, loss=loss, save=save, rate_name="images_per_s",
-                  items=len, evaluate=evaluate, after_update=loss.discriminator_step,
-                  log_stats=lambda stats: {"train/rec_loss": stats["rec"].item()})
+    stage = Stage(
+        model=model,
+        optimizer=optimizer,
+        batches=batches,
+        loss=loss,
+        save=save,
+        rate_name="images_per_s",
+        items=len,
+        evaluate=evaluate,
+        after_update=loss.discriminator_step,
+        log_stats=lambda stats: {"train/rec_loss": stats["rec"].item()},
+    )
     fit(stage, schedule(args), start=start, d=d, guard=guard, bf16=bf16, wb=wb, bar=bar)
     bar.close()
     if wb:
@@ -263,29 +343,40 @@ def load_gpt_data(args: argparse.Namespace, image_tok: ImageTokenizer, d: Dist):
     MAX_HELD_OUT, spread over the split."""
     from .encode import encode, split_dir
 
-    kw = dict(image_column=args.image_column, caption_column=args.caption_column, revision=args.revision,
-              rank=d.rank, world=d.world, progress=d.main, streaming=args.streaming)
+    kw = dict(
+        image_column=args.image_column,
+        caption_column=args.caption_column,
+        revision=args.revision,
+        rank=d.rank,
+        world=d.world,
+        progress=d.main,
+        streaming=args.streaming,
+    )
     filtered = args.include is not None or args.exclude is not None
     limit_later = filtered or args.streaming  # a stream is encoded whole: --limit then takes its first rows
 
     def where(split):
         return split_dir(args.codes, split) if args.codes else None
 
-    train = encode(args.data, "train", image_tok, where("train"), limit=None if limit_later else args.limit,
-                   crops=args.crops, **kw)
+    train = encode(
+        args.data, "train", image_tok, where("train"), limit=None if limit_later else args.limit, crops=args.crops, **kw
+    )
     test = encode(args.data, "test", image_tok, where("test"), **kw)
     cap = None if args.limit is None else args.limit * args.crops  # rows of the first --limit images
     rows, test_rows = np.arange(len(train), dtype=np.int64)[:cap], np.arange(len(test), dtype=np.int64)
     if filtered:
-        rows = np.asarray(vdata.caption_filter(train.iter_captions(), args.include, args.exclude)[:cap],
-                          dtype=np.int64)
+        rows = np.asarray(vdata.caption_filter(train.iter_captions(), args.include, args.exclude)[:cap], dtype=np.int64)
         test_rows = np.asarray(vdata.caption_filter(test.iter_captions(), args.include, args.exclude), dtype=np.int64)
         if not len(rows):
-            raise ValueError(f"no training caption of {args.data} passes --include {args.include!r} "
-                             f"--exclude {args.exclude!r}")
+            raise ValueError(
+                f"no training caption of {args.data} passes --include {args.include!r} --exclude {args.exclude!r}"
+            )
         if d.main:
-            print(f"data: {len(rows)} of {len(train)} training and {len(test_rows)} of {len(test)} held-out "
-                  "images pass --include/--exclude", flush=True)
+            print(
+                f"data: {len(rows)} of {len(train)} training and {len(test_rows)} of {len(test)} held-out "
+                "images pass --include/--exclude",
+                flush=True,
+            )
     return train, rows, test, spread(test_rows, MAX_HELD_OUT)
 
 
@@ -304,17 +395,21 @@ def fit_text_len(text_tok, captions: list[str], quantile: float = 0.99, verbose:
     text_len = min(MAX_TEXT_LEN, max(8, -(-need // 8) * 8))
     cut = sum(n > text_len for n in lengths)
     if cut and verbose:
-        print(f"text context {text_len} tokens: {cut} of {len(lengths)} captions looked at are longer and will be "
-              f"truncated (--text-len sets it)", flush=True)
+        print(
+            f"text context {text_len} tokens: {cut} of {len(lengths)} captions looked at are longer and will be "
+            f"truncated (--text-len sets it)",
+            flush=True,
+        )
     return text_len
 
 
-def caption_batches(args: argparse.Namespace, store, rows: np.ndarray, text_tok, text_len: int, start: int,
-                    d: Dist, per_rank: int):
+def caption_batches(
+    args: argparse.Namespace, store, rows: np.ndarray, text_tok, text_len: int, start: int, d: Dist, per_rank: int
+):
     """This rank's rows of each step's batch from `start` on, read from the memory-mapped store: (text ids
     (B, T_text), codes (B, h*w)) on the device."""
     for step in range(start, args.steps):
-        pos = epoch_batch(len(rows), step, args.batch_size, args.seed)[d.rank * per_rank:(d.rank + 1) * per_rank]
+        pos = epoch_batch(len(rows), step, args.batch_size, args.seed)[d.rank * per_rank : (d.rank + 1) * per_rank]
         idx = rows[pos.numpy()]
         yield text_tok(store.captions(idx), text_len).to(d.device), store.codes(idx).to(d.device)
 
@@ -356,16 +451,22 @@ def sample_grid(pipe, prompts: list[str], cfg_scale: float, path: Path, n: int =
     return save_grid(list(images.split(n)), path, labels=prompts)
 
 
-def report_gpt(pipe, test_ids: torch.Tensor, test_codes: torch.Tensor, prompts: list[str], out: Path, done: int,
-               wb, bar) -> None:
+def report_gpt(
+    pipe, test_ids: torch.Tensor, test_codes: torch.Tensor, prompts: list[str], out: Path, done: int, wb, bar
+) -> None:
     """The in-training evaluation: held-out bits per image token and sample grids without and with guidance."""
     bits = held_out_bits(pipe.gpt, test_ids, test_codes)
     scales = (1.0, 3.0)
     paths = [sample_grid(pipe, prompts, s, out / "samples" / f"step-{done:07d}-cfg{s:g}.png") for s in scales]
     bar.write(f"step {done}: held-out {bits:.3f} bits/image token -> {paths[-1]}")
     if wb:
-        wb.log({"eval/bits_per_token": bits,
-                **{f"samples/cfg{s:g}": wandb_grid(p, prompts) for s, p in zip(scales, paths)}}, step=done)
+        wb.log(
+            {
+                "eval/bits_per_token": bits,
+                **{f"samples/cfg{s:g}": wandb_grid(p, prompts) for s, p in zip(scales, paths)},
+            },
+            step=done,
+        )
 
 
 def gpt_image_tokenizer(args: argparse.Namespace, resume, d: Dist):
@@ -376,10 +477,14 @@ def gpt_image_tokenizer(args: argparse.Namespace, resume, d: Dist):
     init = None
     if resume is None and args.init:  # fine-tuning: the init model brings its (locked) image tokenizer
         init = TextToImage.from_pretrained(args.init, device=d.device)
-        if args.tokenizer and ImageTokenizer.from_pretrained(args.tokenizer).fingerprint() != \
-                init.image_tokenizer.fingerprint():
-            raise ValueError(f"--tokenizer {args.tokenizer} is not the image tokenizer of --init {args.init}; "
-                             "leave --tokenizer out when fine-tuning (the init model's own is used)")
+        if (
+            args.tokenizer
+            and ImageTokenizer.from_pretrained(args.tokenizer).fingerprint() != init.image_tokenizer.fingerprint()
+        ):
+            raise ValueError(
+                f"--tokenizer {args.tokenizer} is not the image tokenizer of --init {args.init}; "
+                "leave --tokenizer out when fine-tuning (the init model's own is used)"
+            )
         image_tok = init.image_tokenizer
     else:
         tok_dir = resume.file("image_tokenizer") if resume is not None else Path(args.tokenizer or "runs/tok")
@@ -387,8 +492,9 @@ def gpt_image_tokenizer(args: argparse.Namespace, resume, d: Dist):
     return init, image_tok.requires_grad_(False)
 
 
-def gpt_text_and_config(args: argparse.Namespace, resume, init, image_tok: ImageTokenizer, captions: list[str],
-                        finetune: dict, d: Dist):
+def gpt_text_and_config(
+    args: argparse.Namespace, resume, init, image_tok: ImageTokenizer, captions: list[str], finetune: dict, d: Dist
+):
     """(text tokenizer, GPTConfig, new text token id -> the old ids that spelled it, fine-tuning record): the
     resumed run's, the --init model's (grown by --add-text-tokens), or new ones fitted on `captions`."""
     from .finetune import add_text_tokens, new_words, weights_fingerprint
@@ -407,19 +513,36 @@ def gpt_text_and_config(args: argparse.Namespace, resume, init, image_tok: Image
                 print(f"text vocabulary: +{len(new_ids)} tokens {text_tok.hf.convert_ids_to_tokens(list(new_ids))}")
         overrides = {k: v for k, v in (("cfg_dropout", args.cfg_dropout),) if v is not None}
         config = replace(init.gpt.config, text_vocab_size=text_tok.vocab_size, **overrides)
-        finetune = {"base": str(Path(args.init).resolve()), "base_gpt": weights_fingerprint(init.gpt),
-                    "lora_rank": args.lora_rank, "lora_alpha": args.lora_alpha, "new_token_ids": sorted(new_ids)}
+        finetune = {
+            "base": str(Path(args.init).resolve()),
+            "base_gpt": weights_fingerprint(init.gpt),
+            "lora_rank": args.lora_rank,
+            "lora_alpha": args.lora_alpha,
+            "new_token_ids": sorted(new_ids),
+        }
     else:
         if args.lora_rank:
             raise ValueError("--lora-rank needs --init: adapters fine-tune a trained model")
-        text_tok = (TextTokenizer.from_pretrained(args.text_tokenizer) if args.text_tokenizer
-                    else TextTokenizer.train(captions, vocab_size=args.text_vocab))
+        text_tok = (
+            TextTokenizer.from_pretrained(args.text_tokenizer)
+            if args.text_tokenizer
+            else TextTokenizer.train(captions, vocab_size=args.text_vocab)
+        )
         text_len = args.text_len or fit_text_len(text_tok, captions, verbose=d.main)
-        overrides = {k: v for k, v in (("cfg_dropout", args.cfg_dropout), ("text_loss_weight", args.text_loss_weight))
-                     if v is not None}
-        config = gpt_config(args.preset, text_vocab_size=text_tok.vocab_size, text_pad_id=text_tok.pad_id,
-                            text_len=text_len, image_vocab_size=image_tok.codebook_size,
-                            image_grid=(image_tok.grid_size, image_tok.grid_size), **overrides)
+        overrides = {
+            k: v
+            for k, v in (("cfg_dropout", args.cfg_dropout), ("text_loss_weight", args.text_loss_weight))
+            if v is not None
+        }
+        config = gpt_config(
+            args.preset,
+            text_vocab_size=text_tok.vocab_size,
+            text_pad_id=text_tok.pad_id,
+            text_len=text_len,
+            image_vocab_size=image_tok.codebook_size,
+            image_grid=(image_tok.grid_size, image_tok.grid_size),
+            **overrides,
+        )
     return text_tok, config, new_ids, finetune
 
 
@@ -438,8 +561,9 @@ def gpt_model(args: argparse.Namespace, config, init, finetune: dict, new_ids: d
             raise ValueError(f"the base model {finetune['base']} changed since this LoRA run started")
         model = grow_text_vocab(base, config.text_vocab_size, new_ids)
         model.config.cfg_dropout = config.cfg_dropout
-        peft_model = add_lora(model, finetune["lora_rank"], finetune["lora_alpha"],
-                              new_token_ids=finetune["new_token_ids"])
+        peft_model = add_lora(
+            model, finetune["lora_rank"], finetune["lora_alpha"], new_token_ids=finetune["new_token_ids"]
+        )
         return model, Adapter(peft_model, finetune["base"], finetune["base_gpt"])
     if init is not None:
         model = grow_text_vocab(init.gpt, config.text_vocab_size, new_ids)
@@ -501,15 +625,34 @@ def train_gpt(args: argparse.Namespace) -> Path:
     prompts = args.sample_prompts or DEFAULT_PROMPTS.get(args.data) or store.captions(rows[:8])
     trainable = trainable_summary(model)
     if d.main:
-        print(f"gpt: {model.num_params() / 1e6:.2f}M params ({trainable['trainable_params'] / 1e6:.3f}M trainable), "
-              f"{len(rows)} train / {len(test_codes)} held-out images, sequence {config.text_len} text + 1 + "
-              f"{config.n_image} image tokens, {'bf16' if bf16 else 'fp32'} autocast", flush=True)
+        print(
+            f"gpt: {model.num_params() / 1e6:.2f}M params ({trainable['trainable_params'] / 1e6:.3f}M trainable), "
+            f"{len(rows)} train / {len(test_codes)} held-out images, sequence {config.text_len} text + 1 + "
+            f"{config.n_image} image tokens, {'bf16' if bf16 else 'fp32'} autocast",
+            flush=True,
+        )
     sampling = saved_sampling(args, init, config)
-    run_config = {"stage": "gpt", "gpt": config.to_dict(), "schedule": asdict(schedule(args)),
-                  "sampling": asdict(sampling), "args": vars(args), "world": d.world, "params": model.num_params(),
-                  "image_tokenizer": image_tok.fingerprint(), **trainable}
-    wb = init_wandb(args.wandb, args.wandb_project, args.wandb_name, run_config, str(out), enabled=d.main,
-                    resume=resume is not None, default_name=f"gpt-{out.name}")
+    run_config = {
+        "stage": "gpt",
+        "gpt": config.to_dict(),
+        "schedule": asdict(schedule(args)),
+        "sampling": asdict(sampling),
+        "args": vars(args),
+        "world": d.world,
+        "params": model.num_params(),
+        "image_tokenizer": image_tok.fingerprint(),
+        **trainable,
+    }
+    wb = init_wandb(
+        args.wandb,
+        args.wandb_project,
+        args.wandb_name,
+        run_config,
+        str(out),
+        enabled=d.main,
+        resume=resume is not None,
+        default_name=f"gpt-{out.name}",
+    )
     trained_on = {"data": args.data, "include": args.include, "exclude": args.exclude, "limit": args.limit}
 
     def pipeline():
@@ -525,22 +668,41 @@ def train_gpt(args: argparse.Namespace) -> Path:
         files = {"gpt_config.json": json.dumps(config.to_dict())}
         if finetune:
             files["finetune.json"] = json.dumps(finetune)
-        ckpts.save(step, weights, {**trainer_state(step, optimizer, guard), "optimizer": optim_state}, files=files,
-                   writers={"image_tokenizer": image_tok.save_pretrained, "text_tokenizer": text_tok.save_pretrained},
-                   export=lambda run_dir: pipeline().save_pretrained(run_dir, gpt_state=weights))
+        ckpts.save(
+            step,
+            weights,
+            {**trainer_state(step, optimizer, guard), "optimizer": optim_state},
+            files=files,
+            writers={"image_tokenizer": image_tok.save_pretrained, "text_tokenizer": text_tok.save_pretrained},
+            export=lambda run_dir: pipeline().save_pretrained(run_dir, gpt_state=weights),
+        )
 
     bar = progress(args.steps, start, d.main)
-    evaluate = None if not d.main or args.fsdp else (
-        lambda done: report_gpt(pipeline(), test_ids, test_codes, prompts, out, done, wb, bar))
-    stage = Stage(model=model, optimizer=optimizer, loss=lambda b, step: loss_fn(*b), save=save,
-                  batches=caption_batches(args, store, rows, text_tok, config.text_len, start, d, per_rank),
-                  rate_name="tokens_per_s", items=lambda b: b[1].numel(), evaluate=evaluate,
-                  log_stats=lambda stats: {"train/image_acc": stats["image_acc"].item()})
+    evaluate = (
+        None
+        if not d.main or args.fsdp
+        else (lambda done: report_gpt(pipeline(), test_ids, test_codes, prompts, out, done, wb, bar))
+    )
+    stage = Stage(
+        model=model,
+        optimizer=optimizer,
+        loss=lambda b, step: loss_fn(*b),
+        save=save,
+        batches=caption_batches(args, store, rows, text_tok, config.text_len, start, d, per_rank),
+        rate_name="tokens_per_s",
+        items=lambda b: b[1].numel(),
+        evaluate=evaluate,
+        log_stats=lambda stats: {"train/image_acc": stats["image_acc"].item()},
+    )
     step_seconds = fit(stage, schedule(args), start=start, d=d, guard=guard, bf16=bf16, wb=wb, bar=bar)
     bar.close()
     if d.main and args.steps > start:  # what this run cost: the full vs LoRA comparison of the README
-        report = {**trainable, "step_ms": round(1000 * step_seconds / (args.steps - start), 1),
-                  "peak_memory_mb": round(peak_memory_mb(d.device)), "device": d.device.type}
+        report = {
+            **trainable,
+            "step_ms": round(1000 * step_seconds / (args.steps - start), 1),
+            "peak_memory_mb": round(peak_memory_mb(d.device)),
+            "device": d.device.type,
+        }
         print("cost: " + json.dumps(report), flush=True)
         if wb:
             wb.summary.update(report)
@@ -553,8 +715,7 @@ def train_gpt(args: argparse.Namespace) -> Path:
 # Stage 3 (optional): the LiT scorer, a text tower trained against the locked image tokenizer (vqgpt/lit.py)
 
 
-def lit_text_and_config(args: argparse.Namespace, resume, image_tok: ImageTokenizer, store, rows: np.ndarray,
-                        d: Dist):
+def lit_text_and_config(args: argparse.Namespace, resume, image_tok: ImageTokenizer, store, rows: np.ndarray, d: Dist):
     """(text tokenizer, LiTConfig): the resumed run's, or new ones fitted on the training captions."""
     from .lit import LiTConfig, lit_config
     from .text import TextTokenizer
@@ -563,11 +724,20 @@ def lit_text_and_config(args: argparse.Namespace, resume, image_tok: ImageTokeni
         text_tok = TextTokenizer.from_pretrained(resume.file("text_tokenizer"))
         return text_tok, LiTConfig.from_dict(json.loads(resume.file("lit_config.json").read_text()))
     captions = store.captions(spread(rows, MAX_TEXT_SAMPLE))
-    text_tok = (TextTokenizer.from_pretrained(args.text_tokenizer) if args.text_tokenizer
-                else TextTokenizer.train(captions, vocab_size=args.text_vocab))
-    config = lit_config(image_tok, text_tok, readout=args.readout, head=args.head, text_dim=args.text_dim,
-                        text_layers=args.text_layers,
-                        text_len=args.text_len or fit_text_len(text_tok, captions, verbose=d.main))
+    text_tok = (
+        TextTokenizer.from_pretrained(args.text_tokenizer)
+        if args.text_tokenizer
+        else TextTokenizer.train(captions, vocab_size=args.text_vocab)
+    )
+    config = lit_config(
+        image_tok,
+        text_tok,
+        readout=args.readout,
+        head=args.head,
+        text_dim=args.text_dim,
+        text_layers=args.text_layers,
+        text_len=args.text_len or fit_text_len(text_tok, captions, verbose=d.main),
+    )
     return text_tok, config
 
 
@@ -582,8 +752,9 @@ def train_lit(args: argparse.Namespace) -> Path:
     out = Path(args.out)
     ckpts = CheckpointManager(out, keep=args.keep)
     resume = ckpts.require_latest() if args.resume else None
-    image_tok = ImageTokenizer.from_pretrained(resume.file("image_tokenizer") if resume else args.tokenizer,
-                                               device=d.device).requires_grad_(False)
+    image_tok = ImageTokenizer.from_pretrained(
+        resume.file("image_tokenizer") if resume else args.tokenizer, device=d.device
+    ).requires_grad_(False)
     store, rows, test_store, test_rows = load_gpt_data(args, image_tok, d)
     text_tok, config = lit_text_and_config(args, resume, image_tok, store, rows, d)
     torch.manual_seed(args.seed)
@@ -595,30 +766,51 @@ def train_lit(args: argparse.Namespace) -> Path:
     test_codes = test_store.codes(test_rows)  # (N_test, h*w)
     bf16 = use_bf16(d.device, args.precision)
     n_params = sum(p.numel() for p in model.trainable_parameters())
-    run_config = {"stage": "lit", "lit": config.to_dict(), "args": vars(args), "params": n_params,
-                  "image_tokenizer": image_tok.fingerprint()}
+    run_config = {
+        "stage": "lit",
+        "lit": config.to_dict(),
+        "args": vars(args),
+        "params": n_params,
+        "image_tokenizer": image_tok.fingerprint(),
+    }
     wb = init_wandb(args.wandb, "vqgpt", f"lit-{out.name}", run_config, str(out), enabled=d.main)
-    print(f"lit: {n_params / 1e6:.2f}M trainable params (text tower{' + image head' if model.head else ''}), image "
-          f"tower locked ({config.readout} readout, {config.image_dim} dims), {len(rows)} train / {len(test_rows)} "
-          f"held-out images", flush=True)
+    print(
+        f"lit: {n_params / 1e6:.2f}M trainable params (text tower{' + image head' if model.head else ''}), image "
+        f"tower locked ({config.readout} readout, {config.image_dim} dims), {len(rows)} train / {len(test_rows)} "
+        f"held-out images",
+        flush=True,
+    )
 
     def save(step):
-        ckpts.save(step, model.state_dict(), trainer_state(step, optimizer, guard),
-                   files={"lit_config.json": json.dumps(config.to_dict())},
-                   writers={"image_tokenizer": image_tok.save_pretrained, "text_tokenizer": text_tok.save_pretrained},
-                   export=model.save_pretrained)
+        ckpts.save(
+            step,
+            model.state_dict(),
+            trainer_state(step, optimizer, guard),
+            files={"lit_config.json": json.dumps(config.to_dict())},
+            writers={"image_tokenizer": image_tok.save_pretrained, "text_tokenizer": text_tok.save_pretrained},
+            export=model.save_pretrained,
+        )
 
     def evaluate(done):
         recall = retrieval_recall(model.similarity_codes(test_codes, test_captions), test_captions, test_captions)
-        bar.write(f"step {done}: held-out text-to-image R@1 {recall['retrieval_r1']:.3f}, "
-                  f"R@5 {recall['retrieval_r5']:.3f}")
+        bar.write(
+            f"step {done}: held-out text-to-image R@1 {recall['retrieval_r1']:.3f}, R@5 {recall['retrieval_r5']:.3f}"
+        )
         if wb:
             wb.log({f"eval/{k}": v for k, v in recall.items()}, step=done)
 
     batches = caption_batches(args, store, rows, text_tok, config.text_len, start, d, per_rank=args.batch_size)
-    stage = Stage(model=model, optimizer=optimizer, batches=batches, loss=lambda b, step: model.loss(*b), save=save,
-                  rate_name="pairs_per_s", items=lambda b: len(b[0]), evaluate=evaluate,
-                  log_stats=lambda stats: {"train/acc": stats["acc"].item(), "train/scale": stats["scale"].item()})
+    stage = Stage(
+        model=model,
+        optimizer=optimizer,
+        batches=batches,
+        loss=lambda b, step: model.loss(*b),
+        save=save,
+        rate_name="pairs_per_s",
+        items=lambda b: len(b[0]),
+        evaluate=evaluate,
+        log_stats=lambda stats: {"train/acc": stats["acc"].item(), "train/scale": stats["scale"].item()},
+    )
     bar = progress(args.steps, start, d.main)
     fit(stage, schedule(args), start=start, d=d, guard=guard, bf16=bf16, wb=wb, bar=bar)
     bar.close()

@@ -69,13 +69,24 @@ class TokenizerConfig:
     def __post_init__(self):
         from .model import _is_int, check_fields
 
-        check_fields(self, {"image_size": (8, 4096), "patch_size": (1, 64), "res_blocks": (0, 16),
-                            "vq_codebook_size": (2, 2**20), "vq_codebook_dim": (1, 1024)},
-                     {"vq_commitment_weight": (0.0, 1e3), "vq_dead_code_threshold": (0.0, 1e9)})
+        check_fields(
+            self,
+            {
+                "image_size": (8, 4096),
+                "patch_size": (1, 64),
+                "res_blocks": (0, 16),
+                "vq_codebook_size": (2, 2**20),
+                "vq_codebook_dim": (1, 1024),
+            },
+            {"vq_commitment_weight": (0.0, 1e3), "vq_dead_code_threshold": (0.0, 1e9)},
+        )
         for name, low, high, most in (("channels", 1, 8192, 8), ("fsq_levels", 2, 1024, 16)):
             v = getattr(self, name)
-            if not isinstance(v, (list, tuple)) or not 1 <= len(v) <= most or \
-                    not all(_is_int(c) and low <= c <= high for c in v):
+            if (
+                not isinstance(v, (list, tuple))
+                or not 1 <= len(v) <= most
+                or not all(_is_int(c) and low <= c <= high for c in v)
+            ):
                 raise ValueError(f"TokenizerConfig.{name} must be 1 to {most} ints in [{low}, {high}], got {v!r}")
         self.channels = tuple(int(c) for c in self.channels)
         self.fsq_levels = tuple(int(v) for v in self.fsq_levels)
@@ -319,8 +330,10 @@ class ImageTokenizer(nn.Module):
         if images.numel():
             low, high = torch.aminmax(images.detach().float())
             if not (torch.isfinite(low) and torch.isfinite(high)) or low < -RANGE_SLACK or high > 1 + RANGE_SLACK:
-                raise ValueError(f"expected float images in [0, 1], got values in [{low.item():g}, {high.item():g}]"
-                                 f"{'; divide 0-255 pixels by 255' if high > 2 else ''}")
+                raise ValueError(
+                    f"expected float images in [0, 1], got values in [{low.item():g}, {high.item():g}]"
+                    f"{'; divide 0-255 pixels by 255' if high > 2 else ''}"
+                )
         images = images.to(self.device, torch.float32)
         return self.quantize(images)[1].long()
 
@@ -360,28 +373,53 @@ class ImageTokenizer(nn.Module):
         from .hub import model_card as card
 
         path = Path(path)
-        config = {"model_type": MODEL_TYPE, **self.config.to_dict(), "versions": versions(),
-                  **{k: v for k, v in (("trained_on", self.trained_on), ("evaluation", self.evaluation)) if v}}
+        config = {
+            "model_type": MODEL_TYPE,
+            **self.config.to_dict(),
+            "versions": versions(),
+            **{k: v for k, v in (("trained_on", self.trained_on), ("evaluation", self.evaluation)) if v},
+        }
         save_weights(path / WEIGHTS_NAME, self.state_dict())
         if model_card:
             n_params = sum(p.numel() for p in self.parameters())
-            atomic_write_bytes(path / CARD_NAME, card(config, kind="image-tokenizer", repo_id=repo_id,
-                                                      where=str(path), n_params=n_params).encode())
+            atomic_write_bytes(
+                path / CARD_NAME,
+                card(config, kind="image-tokenizer", repo_id=repo_id, where=str(path), n_params=n_params).encode(),
+            )
         # config.json last: a directory with a config names weights that are already in place.
         atomic_write_json(path / CONFIG_NAME, config)
 
-    def push_to_hub(self, repo_id: str, *, token: str | bool | None = None, private: bool | None = None,
-                    revision: str | None = None, commit_message: str | None = None) -> str:
+    def push_to_hub(
+        self,
+        repo_id: str,
+        *,
+        token: str | bool | None = None,
+        private: bool | None = None,
+        revision: str | None = None,
+        commit_message: str | None = None,
+    ) -> str:
         """save_pretrained into a fresh directory and upload it to the hub repo `repo_id` -> the commit URL."""
         from .hub import push_pretrained
 
-        return push_pretrained(self, repo_id, token=token, private=private, revision=revision,
-                               commit_message=commit_message or "Upload vqgpt image tokenizer")
+        return push_pretrained(
+            self,
+            repo_id,
+            token=token,
+            private=private,
+            revision=revision,
+            commit_message=commit_message or "Upload vqgpt image tokenizer",
+        )
 
     @classmethod
-    def from_pretrained(cls, path: str | os.PathLike, *, device: str | torch.device = "cpu",
-                        revision: str | None = None, token: str | bool | None = None,
-                        cache_dir: str | os.PathLike | None = None) -> ImageTokenizer:
+    def from_pretrained(
+        cls,
+        path: str | os.PathLike,
+        *,
+        device: str | torch.device = "cpu",
+        revision: str | None = None,
+        token: str | bool | None = None,
+        cache_dir: str | os.PathLike | None = None,
+    ) -> ImageTokenizer:
         """Load from a local directory, or from a hub repo id "owner/name" (huggingface_hub's snapshot_download:
         revision a branch, tag or commit; token for private repos; cache_dir instead of the hub cache)."""
         config_file, weights_file = _resolve_files(path, revision=revision, token=token, cache_dir=cache_dir)

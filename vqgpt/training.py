@@ -185,10 +185,14 @@ def precision_choice(device: torch.device, precision: str = "auto") -> tuple[boo
     if device.type != "cpu":
         return False, f"fp32: no bf16 autocast on {device.type}"
     if cpu_has_bf16():
-        return True, (f"bf16: this CPU ({cpu_name()}) multiplies bf16 natively (avx512_bf16 or amx); weights and "
-                      "optimizer state stay fp32")
-    return False, (f"fp32: this CPU ({cpu_name()}) has no native bf16 (no avx512_bf16/amx in its flags), where bf16 "
-                   "would be emulated and slower")
+        return True, (
+            f"bf16: this CPU ({cpu_name()}) multiplies bf16 natively (avx512_bf16 or amx); weights and "
+            "optimizer state stay fp32"
+        )
+    return False, (
+        f"fp32: this CPU ({cpu_name()}) has no native bf16 (no avx512_bf16/amx in its flags), where bf16 "
+        "would be emulated and slower"
+    )
 
 
 def autocast(device: torch.device, bf16: bool | None = None):
@@ -267,8 +271,9 @@ class SaveCadence:
             if ok:
                 self._write(self.pending)
             else:
-                warnings.warn(f"checkpoint {self.pending} not written: its weights gave a non-finite loss",
-                              stacklevel=2)
+                warnings.warn(
+                    f"checkpoint {self.pending} not written: its weights gave a non-finite loss", stacklevel=2
+                )
             self.pending = None
 
     def after_step(self, done: int, ok: bool) -> None:
@@ -279,7 +284,8 @@ class SaveCadence:
                 raise FloatingPointError(
                     f"training ended on weights that give a non-finite loss; step {done} was not saved and the "
                     f"last good checkpoint ({self.last_saved or 'from before this run'}) is intact: lower --lr, "
-                    f"or check the data, then --resume")
+                    f"or check the data, then --resume"
+                )
         elif done % self.every == 0:
             self.pending = done
 
@@ -292,8 +298,16 @@ class SaveCadence:
 WANDB_RUN_FILE = "wandb.json"  # in the run directory: the wandb run's id and project, so --resume continues it
 
 
-def init_wandb(mode: str | None, project: str | None, name: str | None, config: dict, out_dir: str,
-               enabled: bool = True, resume: bool = False, default_name: str = "vqgpt"):
+def init_wandb(
+    mode: str | None,
+    project: str | None,
+    name: str | None,
+    config: dict,
+    out_dir: str,
+    enabled: bool = True,
+    resume: bool = False,
+    default_name: str = "vqgpt",
+):
     """A wandb run, or None. With no account configured the default is offline, never a login prompt.
 
     project / name: the flags; unset, WANDB_PROJECT / WANDB_NAME, else "vqgpt" / `default_name`. The run's id
@@ -318,8 +332,16 @@ def init_wandb(mode: str | None, project: str | None, name: str | None, config: 
     project = project or stored.get("project") or os.environ.get("WANDB_PROJECT") or "vqgpt"
     name = name or stored.get("name") or os.environ.get("WANDB_NAME") or default_name
     run_id = stored.get("id") if stored.get("project") == project else None
-    run = wandb.init(project=project, name=name, id=run_id or secrets.token_hex(4), resume="allow",
-                     config=config, mode=mode, dir=out_dir, reinit="finish_previous")
+    run = wandb.init(
+        project=project,
+        name=name,
+        id=run_id or secrets.token_hex(4),
+        resume="allow",
+        config=config,
+        mode=mode,
+        dir=out_dir,
+        reinit="finish_previous",
+    )
     record = {"id": run.id, "project": project, "name": name}
     atomic_write_bytes(record_path, (json.dumps(record) + "\n").encode())
     return run
@@ -365,13 +387,15 @@ def rank_batch_size(batch_size: int, grad_accum: int, d: Dist) -> int:
     """This rank's share of the global batch, which must split evenly over the ranks and micro-batches."""
     per_rank = batch_size // d.world
     if per_rank * d.world != batch_size or per_rank % grad_accum:
-        raise ValueError(f"--batch-size {batch_size} must split evenly over {d.world} ranks x "
-                         f"{grad_accum} micro-batches")
+        raise ValueError(
+            f"--batch-size {batch_size} must split evenly over {d.world} ranks x {grad_accum} micro-batches"
+        )
     return per_rank
 
 
-def trainer_state(step: int, optimizer: torch.optim.Optimizer, guard: NonFiniteGuard, extra: dict | None = None
-                  ) -> dict:
+def trainer_state(
+    step: int, optimizer: torch.optim.Optimizer, guard: NonFiniteGuard, extra: dict | None = None
+) -> dict:
     """What a checkpoint holds beside the weights: the step, the optimizer and the guard's count."""
     return {"step": step, "optimizer": optimizer.state_dict(), "skipped": guard.skipped, **(extra or {})}
 
@@ -385,8 +409,9 @@ def full_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer, fsdp: b
     return get_state_dict(model, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
 
 
-def restore(resume, model: torch.nn.Module, optimizer: torch.optim.Optimizer, guard: NonFiniteGuard, d: Dist,
-            adapter=None) -> tuple[int, dict]:
+def restore(
+    resume, model: torch.nn.Module, optimizer: torch.optim.Optimizer, guard: NonFiniteGuard, d: Dist, adapter=None
+) -> tuple[int, dict]:
     """Load weights (the adapter's only, for LoRA) and optimizer from a verified checkpoint (`resume`, or None
     for a fresh run); returns (step to start at, trainer state)."""
     if resume is None:
@@ -406,8 +431,9 @@ def restore(resume, model: torch.nn.Module, optimizer: torch.optim.Optimizer, gu
     return state["step"], state
 
 
-def restore_sharded(resume, model: torch.nn.Module, optimizer: torch.optim.Optimizer, guard: NonFiniteGuard,
-                    d: Dist) -> int:
+def restore_sharded(
+    resume, model: torch.nn.Module, optimizer: torch.optim.Optimizer, guard: NonFiniteGuard, d: Dist
+) -> int:
     """restore() for an FSDP run: every rank reads the full checkpoint and keeps its shards."""
     if resume is None:
         return 0
@@ -415,8 +441,13 @@ def restore_sharded(resume, model: torch.nn.Module, optimizer: torch.optim.Optim
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
 
     state = resume.trainer_state()
-    set_state_dict(model, optimizer, model_state_dict=load_file(str(resume.file("model.safetensors"))),
-                   optim_state_dict=state["optimizer"], options=StateDictOptions(full_state_dict=True))
+    set_state_dict(
+        model,
+        optimizer,
+        model_state_dict=load_file(str(resume.file("model.safetensors"))),
+        optim_state_dict=state["optimizer"],
+        options=StateDictOptions(full_state_dict=True),
+    )
     guard.skipped = state["skipped"]
     if d.main:
         print(f"resuming {resume.path.parent.parent} from step {state['step']} (FSDP)", flush=True)
@@ -467,8 +498,9 @@ class Schedule:
     log_every: int = 25
 
 
-def fit(stage: Stage, sched: Schedule, *, start: int, d: Dist, guard: NonFiniteGuard, bf16: bool,
-        wb=None, bar=None) -> float:
+def fit(
+    stage: Stage, sched: Schedule, *, start: int, d: Dist, guard: NonFiniteGuard, bf16: bool, wb=None, bar=None
+) -> float:
     """Train from step `start` to `sched.steps`; returns the seconds spent in steps (not evaluating or saving).
 
     Each step: reseed from (seed, step, rank), set the learning rate, accumulate the micro-batches' gradients,
@@ -509,8 +541,10 @@ def fit(stage: Stage, sched: Schedule, *, start: int, d: Dist, guard: NonFiniteG
             if bar is not None:
                 bar.set_postfix(loss=f"{loss_v:.4f}", lr=f"{lr:.2e}", **{stage.rate_name: f"{rate:.0f}"})
             if wb:
-                wb.log({"train/loss": loss_v, "lr": lr, stage.rate_name: rate, "skipped_steps": guard.skipped,
-                        **extra}, step=done)
+                wb.log(
+                    {"train/loss": loss_v, "lr": lr, stage.rate_name: rate, "skipped_steps": guard.skipped, **extra},
+                    step=done,
+                )
         t_mark = time.time()
         if stage.evaluate is not None and (done % sched.eval_every == 0 or done == sched.steps):
             stage.evaluate(done)

@@ -135,7 +135,8 @@ def _folder_layout(folder: str, image_column: str) -> str | None:
     entries = list(os.scandir(root))
     dirs = [e for e in entries if e.is_dir()]
     if any(e.name.lower() in _SPLIT_DIR_NAMES for e in dirs) or any(
-            e.name.startswith("metadata.") and e.name != "metadata.jsonl" for e in entries):
+        e.name.startswith("metadata.") and e.name != "metadata.jsonl" for e in entries
+    ):
         return None
     if (root / "metadata.jsonl").is_file():
         return "metadata"
@@ -162,8 +163,10 @@ def _folder_rows(folder: str, split: str, layout: str, caption_column: str, sign
                 if is_held_out_key(Path(name).as_posix()) != test:
                     continue
                 text = record.get(caption_column) if isinstance(record, dict) else None
-                yield {"image": {"path": str(root / name), "bytes": None}, "text": text if isinstance(text, str)
-                       else None}
+                yield {
+                    "image": {"path": str(root / name), "bytes": None},
+                    "text": text if isinstance(text, str) else None,
+                }
         return
     for sub in sorted(e.name for e in os.scandir(root) if e.is_dir()):
         for name in sorted(e.name for e in os.scandir(root / sub) if Path(e.name).suffix.lower() in IMAGE_SUFFIXES):
@@ -180,10 +183,16 @@ def _load_folder(folder: str, split: str, image_column: str, caption_column: str
         # The two documented layouts are listed by hand: `datasets`' imagefolder resolves every file's metadata
         # through fsspec first, which for 300,000 small files took over 10 minutes, on every load (the cache key).
         features = datasets.Features({"image": datasets.Image(decode=False), "text": datasets.Value("string")})
-        kwargs = {"folder": folder, "split": split, "layout": layout, "caption_column": caption_column,
-                  "signature": _folder_signature(folder)}
-        ds = datasets.Dataset.from_generator(_folder_rows, features=features, gen_kwargs=kwargs,
-                                             cache_dir=str(cache_root() / "datasets"))
+        kwargs = {
+            "folder": folder,
+            "split": split,
+            "layout": layout,
+            "caption_column": caption_column,
+            "signature": _folder_signature(folder),
+        }
+        ds = datasets.Dataset.from_generator(
+            _folder_rows, features=features, gen_kwargs=kwargs, cache_dir=str(cache_root() / "datasets")
+        )
         return _drop_unusable(ds, where=folder, split=split, limit=limit)
     try:
         dd = datasets.load_dataset("imagefolder", data_dir=folder, cache_dir=str(cache_root() / "datasets"))
@@ -350,8 +359,10 @@ def caption_filter(captions: list[str], include: str | None = None, exclude: str
         try:
             return pattern.search(caption, timeout=REGEX_SECONDS) is not None
         except TimeoutError:
-            raise ValueError(f"the regular expression {pattern.pattern!r} took over {REGEX_SECONDS:g} s on the "
-                             f"caption {caption[:60]!r} (catastrophic backtracking?); simplify it") from None
+            raise ValueError(
+                f"the regular expression {pattern.pattern!r} took over {REGEX_SECONDS:g} s on the "
+                f"caption {caption[:60]!r} (catastrophic backtracking?); simplify it"
+            ) from None
 
     return [i for i, c in enumerate(captions) if (inc is None or match(inc, c)) and not (exc and match(exc, c))]
 

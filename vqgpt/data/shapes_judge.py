@@ -46,7 +46,6 @@ log = logging.getLogger("vqgpt.data")
 ATTRIBUTES = _ATTRS  # what the judge reads: every attribute of a ShapeSpec, in its order
 
 
-
 JUDGE_VERSION = 1  # bump when the judge or the shapes renderer changes: cached weights are retrained
 _TRAIN_SEED = 1234  # fresh shapes for training: not the seeds of the training set or of accuracy_on_fresh
 _FRESH_SEED = 98765
@@ -272,8 +271,13 @@ def load_judge(image_size: int = 64, device: str | torch.device = "cpu") -> Shap
 
 
 # --- the LiT scorer's reading of the same attributes (vqgpt/lit.py, `python -m vqgpt.eval alignment`) ------
-_VALUES = {"shape": SHAPES, "color": tuple(COLORS), "size": SIZES, "position": POSITIONS,
-           "background": tuple(BACKGROUNDS)}
+_VALUES = {
+    "shape": SHAPES,
+    "color": tuple(COLORS),
+    "size": SIZES,
+    "position": POSITIONS,
+    "background": tuple(BACKGROUNDS),
+}
 
 
 def zero_shot_attributes(scorer, codes: Tensor, specs: Sequence[ShapeSpec]) -> dict[str, float]:
@@ -291,7 +295,7 @@ def zero_shot_attributes(scorer, codes: Tensor, specs: Sequence[ShapeSpec]) -> d
         scores = scorer.score_codes(codes.repeat_interleave(torch.tensor(owners), 0), candidates)
         start = 0
         for n, t in zip(owners, truth):
-            hits[attr] += int(start + int(scores[start:start + n].argmax()) == t)
+            hits[attr] += int(start + int(scores[start : start + n].argmax()) == t)
             start += n
     out = {a: hits[a] / max(len(specs), 1) for a in ATTRIBUTES}
     out["mean"] = sum(out.values()) / len(ATTRIBUTES)

@@ -143,8 +143,13 @@ def _source_files(kind: str, value: str, warn: bool = False) -> list[str]:
     missing: list[str] = []
     files = _match_files(value, missing)
     if warn and files and missing:
-        log.warning("%d of the %d files named by %s do not exist: %s", len(missing), len(missing) + len(files),
-                    value, _first_names([os.path.basename(m) for m in missing]))
+        log.warning(
+            "%d of the %d files named by %s do not exist: %s",
+            len(missing),
+            len(missing) + len(files),
+            value,
+            _first_names([os.path.basename(m) for m in missing]),
+        )
     return files
 
 
@@ -193,8 +198,12 @@ def _folder_signature(folder: str) -> str:
                 continue
             h.update(f"{os.path.relpath(full, folder)}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
     if odd:
-        log.warning("ignored %d entries of %s that are not regular files (FIFOs, sockets, dangling links): %s",
-                    len(odd), folder, _first_names(odd))
+        log.warning(
+            "ignored %d entries of %s that are not regular files (FIFOs, sockets, dangling links): %s",
+            len(odd),
+            folder,
+            _first_names(odd),
+        )
     return h.hexdigest()
 
 

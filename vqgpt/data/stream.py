@@ -72,8 +72,16 @@ def iter_captioned(
     finally:
         n_bad = sum(map(len, skipped.values()))
         if n_bad:
-            log.warning("skipped %d of %d rows of %s (%s split, rank %d of %d): %s", n_bad, seen, where, split,
-                        rank, world, _skipped_summary(skipped))
+            log.warning(
+                "skipped %d of %d rows of %s (%s split, rank %d of %d): %s",
+                n_bad,
+                seen,
+                where,
+                split,
+                rank,
+                world,
+                _skipped_summary(skipped),
+            )
     if seen and n_bad == seen:
         raise ValueError(f"no usable images in {where} (rank {rank} of {world}): all {seen} rows skipped")
 
