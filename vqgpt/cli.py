@@ -23,6 +23,83 @@ DEVICES = ("auto", "cpu", "cuda", "mps")
 USER_ERRORS = (ValueError, FileNotFoundError, OSError, RuntimeError)
 
 
+def add_run_flags(sp: argparse.ArgumentParser, d: dict, presets: dict, out: str, wandb_prefix: str) -> None:
+    """The flags every training stage takes (data, run directory, model size, schedule, device, tracking), with
+    the defaults D (the demo's: data, preset, steps, batch_size, lr, eval_every), the model PRESETS, the default
+    run directory runs/OUT and wandb runs named WANDB_PREFIX-<run directory>."""
+    sp.add_argument(
+        "--data",
+        default=d["data"],
+        help="openmoji | shapes | a folder | tar shards ('dir/{00000..00099}.tar') | parquet files | "
+        "a hub dataset name",
+    )
+    sp.add_argument("--revision", default=None, help="a hub dataset's branch, tag or commit")
+    sp.add_argument(
+        "--streaming",
+        action="store_true",
+        help="read tar shards, parquet files or a hub set as a stream, file by file, copying "
+        "nothing to the cache (for sets too large to download)",
+    )
+    sp.add_argument("--image-column", default="image", help="a hub dataset's or parquet file's image column")
+    sp.add_argument("--caption-column", default="text", help="a hub dataset's or parquet file's caption column")
+    sp.add_argument("--limit", type=int, default=None, help="use at most this many training images (default: all)")
+    sp.add_argument("--out", default=None, help=f"run directory (default: --resume's, else runs/{out})")
+    sp.add_argument("--overwrite", action="store_true", help="replace the run that --out already holds")
+    sp.add_argument(
+        "--preset",
+        default=d["preset"],
+        choices=sorted(presets),
+        help="model size (PRESETS in vqgpt/tokenizer.py, vqgpt/model.py)",
+    )
+    sp.add_argument("--steps", type=int, default=d["steps"], help="optimizer steps in all")
+    sp.add_argument("--batch-size", type=int, default=d["batch_size"], help="global batch (all ranks)")
+    sp.add_argument("--grad-accum", type=int, default=1, help="micro-batches per step (per rank)")
+    sp.add_argument("--lr", type=float, default=d["lr"], help="peak learning rate (cosine decay after warm-up)")
+    sp.add_argument("--warmup", type=int, default=None, help="warm-up steps (default 5%% of --steps)")
+    sp.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay")
+    sp.add_argument("--clip", type=float, default=1.0, help="gradient norm clip")
+    sp.add_argument("--seed", type=int, default=0, help="initial weights and data order")
+    sp.add_argument("--save-every", type=int, default=500, help="steps between checkpoints")
+    sp.add_argument(
+        "--eval-every",
+        type=int,
+        default=d.get("eval_every", 500),
+        help="steps between held-out evaluations and sample grids",
+    )
+    sp.add_argument("--log-every", type=int, default=25, help="steps between logged losses")
+    sp.add_argument("--keep", type=int, default=3, help="checkpoints to keep")
+    sp.add_argument("--device", default="auto", choices=DEVICES, help="auto: cuda when torch sees one, else cpu")
+    sp.add_argument(
+        "--wandb",
+        default=None,
+        choices=["online", "offline", "disabled"],
+        help="default: online with an account configured, else offline",
+    )
+    sp.add_argument("--wandb-project", default=None, help="wandb project (default: $WANDB_PROJECT, else vqgpt)")
+    sp.add_argument(
+        "--wandb-name",
+        default=None,
+        help=f"wandb run name (default: $WANDB_NAME, else {wandb_prefix}-"
+        "<run directory>); --resume continues the run's own wandb run (runs/<run>/wandb.json)",
+    )
+    sp.add_argument("--resume", default=None, metavar="RUN_DIR", help="continue the run saved in RUN_DIR")
+    sp.add_argument("--compile", action="store_true", help="torch.compile the model")
+    sp.add_argument(
+        "--workers",
+        type=int,
+        default=None,
+        help="data loader processes (default: on a GPU one fewer than the cores, at most 8; "
+        "on a CPU none up to 4 cores)",
+    )
+    sp.add_argument(
+        "--precision",
+        default="auto",
+        choices=["auto", "bf16", "fp32"],
+        help="autocast; auto: bf16 on CUDA and on CPUs with native bf16 (AVX512-BF16, AMX), else fp32",
+    )
+    add_debug_flag(sp)
+
+
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
     """The module docstring as written (example commands), and "(default: X)" after every flag's help,
     unless the help already says what its default is (e.g. "default: the model's" for a None)."""

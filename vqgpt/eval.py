@@ -113,6 +113,24 @@ def _scorer(pipe, scorer, rerank: int = 1, required: bool = False):
     return scorer
 
 
+def _judge_and_ceiling(judge, image_tokenizer, device, batch_size: int) -> dict:
+    """The judge's accuracy on fresh true shapes, and on the tokenizer's reconstructions of the held-out test
+    images: the ceiling, the best a perfect GPT could score with this tokenizer."""
+    from . import data as vdata
+
+    fresh = judge.accuracy_on_fresh()
+    true, captions = vdata.load_image_tensors("shapes", "test", image_tokenizer.image_size)
+    x = true.float().div(255)
+    recon = torch.cat([image_tokenizer.decode(image_tokenizer.encode(b.to(device))).cpu() for b in x.split(batch_size)])
+    ceiling = judge.score(recon, [vdata.parse_shape_caption(c) for c in captions])
+    return {
+        "judge_accuracy": round(sum(fresh.values()) / len(fresh), 4),
+        "judge": {k: round(v, 4) for k, v in fresh.items()},
+        "ceiling": round(ceiling["mean"], 4),
+        "ceiling_by_attribute": {k: round(v, 4) for k, v in ceiling.items()},
+    }
+
+
 def eval_adherence(
     ckpt: str,
     cfg_scales: list[float],
@@ -172,18 +190,7 @@ def eval_adherence(
             if name == "cfg":
                 rows.append(images[shown])
                 labels.append(f"cfg {scale:g}")
-    fresh = judge.accuracy_on_fresh()
-    result["judge_accuracy"] = round(sum(fresh.values()) / len(fresh), 4)
-    result["judge"] = {k: round(v, 4) for k, v in fresh.items()}
-    true, captions = vdata.load_image_tensors("shapes", "test", pipe.image_tokenizer.image_size)
-    x = true.float().div(255)
-    recon = torch.cat(
-        [pipe.image_tokenizer.decode(pipe.image_tokenizer.encode(b.to(device))).cpu() for b in x.split(batch_size)]
-    )
-    specs = [vdata.parse_shape_caption(c) for c in captions]
-    ceiling = judge.score(recon, specs)
-    result["ceiling"] = round(ceiling["mean"], 4)
-    result["ceiling_by_attribute"] = {k: round(v, 4) for k, v in ceiling.items()}
+    result.update(_judge_and_ceiling(judge, pipe.image_tokenizer, device, batch_size))
     result["sampling"] = {**{k: v for k, v in vars(pipe.sampling).items() if k != "cfg_scale"}, **sampling}
     result["images"] = {"cfg": len(held), "seen": len(seen)}
     if scorer is not None:

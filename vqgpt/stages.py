@@ -217,44 +217,47 @@ def tokenizer_batches(args: argparse.Namespace, train_set, image_size: int, per_
     return (x.to(d.device, non_blocking=True).float().div_(255) for x in loader)
 
 
-def train_tokenizer(args: argparse.Namespace) -> Path:
-    """Stage 1: the image tokenizer (VQ-VAE) on the images of --data, into --out; returns the run directory."""
-    d = setup_distributed(args.device)
-    out = Path(args.out)
-    ckpts = CheckpointManager(out, keep=args.keep)
-    resume = ckpts.require_latest() if args.resume else None
+def start_wandb(args, run_config: dict, out: Path, d, resumed: bool, prefix: str):
+    """The stage's wandb run (None where tracking is off or on ranks other than 0), named PREFIX-<run dir>."""
+    return init_wandb(
+        args.wandb,
+        args.wandb_project,
+        args.wandb_name,
+        run_config,
+        str(out),
+        enabled=d.main,
+        resume=resumed,
+        default_name=f"{prefix}-{out.name}",
+    )
 
-    # Model: built after the process group exists, so a VQ codebook knows to synchronise across ranks.
+
+def tokenizer_run_config(args, resume) -> TokenizerConfig:
+    """The resumed run's tokenizer config, or --preset with the architecture flags given."""
     if resume is not None:
-        config = TokenizerConfig.from_dict(json.loads(resume.file("tokenizer_config.json").read_text()))
-    else:
-        overrides = {
-            k: v
-            for k, v in (
-                ("image_size", args.image_size),
-                ("quantizer", args.quantizer),
-                ("fsq_levels", args.fsq_levels and tuple(args.fsq_levels)),
-                ("norm", args.norm),
-            )
-            if v
-        }
-        config = tokenizer_config(args.preset, **overrides)
-    torch.manual_seed(args.seed)  # the same initial weights on every rank and every run
-    model = ImageTokenizer(config).to(d.device)
-    model.trained_on = {"data": args.data, "limit": args.limit}  # its model card names the data and its licence
+        return TokenizerConfig.from_dict(json.loads(resume.file("tokenizer_config.json").read_text()))
+    overrides = {
+        k: v
+        for k, v in (
+            ("image_size", args.image_size),
+            ("quantizer", args.quantizer),
+            ("fsq_levels", args.fsq_levels and tuple(args.fsq_levels)),
+            ("norm", args.norm),
+        )
+        if v
+    }
+    return tokenizer_config(args.preset, **overrides)
 
-    # Images stay on disk (memory-mapped Arrow); loader workers decode each step's batch (vqgpt/loader.py).
-    train_set, held_out = tokenizer_data(args, config.image_size, d)
 
+def tokenizer_loss(args, model, optimizer, guard, resume, d) -> tuple[TokenizerLoss, int]:
+    """The tokenizer's loss (reconstruction, then the optional perceptual and PatchGAN terms, the discriminator
+    with its own optimizer), with the run's state restored from RESUME; returns it and the first step."""
     disc = patch_discriminator().to(d.device) if args.gan_weight > 0 else None
     perceptual = None
     if args.perceptual_weights:
         from .perceptual import PerceptualLoss
 
         perceptual = PerceptualLoss(args.perceptual_weights).to(d.device)
-    optimizer = make_optimizer(model, args.lr, args.weight_decay)
     disc_opt = torch.optim.AdamW(disc.parameters(), lr=args.lr, betas=(0.5, 0.9)) if disc else None
-    guard = NonFiniteGuard()
     start, state = restore(resume, model, optimizer, guard, d)
     if disc is not None and "disc" in state:
         disc.load_state_dict(state["disc"])
@@ -268,6 +271,29 @@ def train_tokenizer(args: argparse.Namespace) -> Path:
         gan_weight=args.gan_weight,
         gan_start=args.gan_start if args.gan_start is not None else args.steps // 2,
     )
+    return loss, start
+
+
+def train_tokenizer(args: argparse.Namespace) -> Path:
+    """Stage 1: the image tokenizer (VQ-VAE) on the images of --data, into --out; returns the run directory."""
+    d = setup_distributed(args.device)
+    out = Path(args.out)
+    ckpts = CheckpointManager(out, keep=args.keep)
+    resume = ckpts.require_latest() if args.resume else None
+
+    # Model: built after the process group exists, so a VQ codebook knows to synchronise across ranks.
+    config = tokenizer_run_config(args, resume)
+    torch.manual_seed(args.seed)  # the same initial weights on every rank and every run
+    model = ImageTokenizer(config).to(d.device)
+    model.trained_on = {"data": args.data, "limit": args.limit}  # its model card names the data and its licence
+
+    # Images stay on disk (memory-mapped Arrow); loader workers decode each step's batch (vqgpt/loader.py).
+    train_set, held_out = tokenizer_data(args, config.image_size, d)
+
+    optimizer = make_optimizer(model, args.lr, args.weight_decay)
+    guard = NonFiniteGuard()
+    loss, start = tokenizer_loss(args, model, optimizer, guard, resume, d)
+    disc, disc_opt = loss.disc, loss.disc_opt
 
     per_rank = rank_batch_size(args.batch_size, args.grad_accum, d)
     bf16 = use_bf16(d.device, args.precision)
@@ -279,16 +305,7 @@ def train_tokenizer(args: argparse.Namespace) -> Path:
         "world": d.world,
         "params": sum(p.numel() for p in model.parameters()),
     }
-    wb = init_wandb(
-        args.wandb,
-        args.wandb_project,
-        args.wandb_name,
-        run_config,
-        str(out),
-        enabled=d.main,
-        resume=resume is not None,
-        default_name=f"tok-{out.name}",
-    )
+    wb = start_wandb(args, run_config, out, d, resumed=resume is not None, prefix="tok")
     if d.main:
         n_train = f"{train_set.n} streamed files of" if args.streaming else len(train_set)
         print(
@@ -595,10 +612,52 @@ def saved_sampling(args: argparse.Namespace, init, config):
     return sampling
 
 
+def gpt_saver(args, ckpts, model, optimizer, guard, adapter, config, finetune, image_tok, text_tok, pipeline, d):
+    """The GPT stage's save(step): a checkpoint (the whole model, or under LoRA only the adapters and new token
+    rows, the base being referenced) that also exports the pipeline; under FSDP every rank joins the gather."""
+    from .adapters import adapter_state
+
+    def save(step):
+        if adapter is not None:  # only the adapters (and new token rows): the base is referenced
+            weights, optim_state = adapter_state(adapter.peft_model), optimizer.state_dict()
+        else:
+            weights, optim_state = full_state(model, optimizer, args.fsdp)  # a collective under FSDP: all ranks
+        if not d.main:
+            return
+        files = {"gpt_config.json": json.dumps(config.to_dict())}
+        if finetune:
+            files["finetune.json"] = json.dumps(finetune)
+        ckpts.save(
+            step,
+            weights,
+            {**trainer_state(step, optimizer, guard), "optimizer": optim_state},
+            files=files,
+            writers={"image_tokenizer": image_tok.save_pretrained, "text_tokenizer": text_tok.save_pretrained},
+            export=lambda run_dir: pipeline().save_pretrained(run_dir, gpt_state=weights),
+        )
+
+    return save
+
+
+def report_cost(trainable: dict, step_seconds: float, d, wb) -> None:
+    """The run's `cost:` line (trainable parameters, step time without evaluation, peak memory), also in wandb."""
+    from .metrics import peak_memory_mb
+
+    report = {
+        **trainable,
+        "step_ms": round(1000 * step_seconds, 1),
+        "peak_memory_mb": round(peak_memory_mb(d.device)),
+        "device": d.device.type,
+    }
+    print("cost: " + json.dumps(report), flush=True)
+    if wb:
+        wb.summary.update(report)
+
+
 def train_gpt(args: argparse.Namespace) -> Path:
     """Stage 2: the text-to-image GPT on the codes of --data under a locked image tokenizer (new, or fine-tuning
     --init, fully or with LoRA adapters), into --out; returns the run directory."""
-    from .finetune import adapter_state, peak_memory_mb, trainable_summary
+    from .metrics import trainable_summary
     from .pipeline import TextToImage
 
     d = setup_distributed(args.device)
@@ -643,39 +702,13 @@ def train_gpt(args: argparse.Namespace) -> Path:
         "image_tokenizer": image_tok.fingerprint(),
         **trainable,
     }
-    wb = init_wandb(
-        args.wandb,
-        args.wandb_project,
-        args.wandb_name,
-        run_config,
-        str(out),
-        enabled=d.main,
-        resume=resume is not None,
-        default_name=f"gpt-{out.name}",
-    )
+    wb = start_wandb(args, run_config, out, d, resumed=resume is not None, prefix="gpt")
     trained_on = {"data": args.data, "include": args.include, "exclude": args.exclude, "limit": args.limit}
 
     def pipeline():
         return TextToImage(model, image_tok, text_tok, sampling, adapter, trained_on)
 
-    def save(step):
-        if adapter is not None:  # only the adapters (and new token rows): the base is referenced
-            weights, optim_state = adapter_state(adapter.peft_model), optimizer.state_dict()
-        else:
-            weights, optim_state = full_state(model, optimizer, args.fsdp)  # a collective under FSDP: all ranks
-        if not d.main:
-            return
-        files = {"gpt_config.json": json.dumps(config.to_dict())}
-        if finetune:
-            files["finetune.json"] = json.dumps(finetune)
-        ckpts.save(
-            step,
-            weights,
-            {**trainer_state(step, optimizer, guard), "optimizer": optim_state},
-            files=files,
-            writers={"image_tokenizer": image_tok.save_pretrained, "text_tokenizer": text_tok.save_pretrained},
-            export=lambda run_dir: pipeline().save_pretrained(run_dir, gpt_state=weights),
-        )
+    save = gpt_saver(args, ckpts, model, optimizer, guard, adapter, config, finetune, image_tok, text_tok, pipeline, d)
 
     bar = progress(args.steps, start, d.main)
     evaluate = (
@@ -696,16 +729,8 @@ def train_gpt(args: argparse.Namespace) -> Path:
     )
     step_seconds = fit(stage, schedule(args), start=start, d=d, guard=guard, bf16=bf16, wb=wb, bar=bar)
     bar.close()
-    if d.main and args.steps > start:  # what this run cost: the full vs LoRA comparison of the README
-        report = {
-            **trainable,
-            "step_ms": round(1000 * step_seconds / (args.steps - start), 1),
-            "peak_memory_mb": round(peak_memory_mb(d.device)),
-            "device": d.device.type,
-        }
-        print("cost: " + json.dumps(report), flush=True)
-        if wb:
-            wb.summary.update(report)
+    if d.main and args.steps > start:
+        report_cost(trainable, step_seconds / (args.steps - start), d, wb)
     if wb:
         wb.finish()
     return out
