@@ -172,11 +172,13 @@ def test_the_sampling_flags_are_one_family_in_every_script():
 
 
 def test_scripts_stay_short_and_read_top_to_bottom():
-    """train.py is a command line over vqgpt/stages.py; no function of the scripts or of the modules they are
-    built from runs over 80 lines (nested functions count toward the one that holds them)."""
+    """train.py is a command line over vqgpt/stages.py; no function of the scripts or of vqgpt runs over 80 lines
+    (nested functions count toward the one that holds them)."""
     import ast
 
-    files = ["train.py", "sample.py", "app.py", "vqgpt/eval.py", "vqgpt/cli.py", "vqgpt/training.py", "vqgpt/stages.py"]
+    files = ["train.py", "sample.py", "app.py"] + sorted(
+        str(p.relative_to(ROOT)) for p in (ROOT / "vqgpt").rglob("*.py")
+    )
     long = []
     for name in files:
         for node in ast.walk(ast.parse((ROOT / name).read_text())):

@@ -20,8 +20,22 @@ sys.path.insert(0, str(ROOT))
 import train  # noqa: E402  (the script, run in this process: no interpreter start-up per stage)
 
 COLORS = {"red": (220, 30, 30), "green": (30, 180, 60), "blue": (30, 60, 220), "yellow": (240, 220, 40)}
-LIT = ["--batch-size", "16", "--eval-every", "1000", "--log-every", "10", "--device", "cpu", "--lr", "3e-3",
-       "--text-vocab", "300", "--wandb", "disabled"]
+LIT = [
+    "--batch-size",
+    "16",
+    "--eval-every",
+    "1000",
+    "--log-every",
+    "10",
+    "--device",
+    "cpu",
+    "--lr",
+    "3e-3",
+    "--text-vocab",
+    "300",
+    "--wandb",
+    "disabled",
+]
 
 
 def _tokenizer(seed: int) -> ImageTokenizer:
@@ -49,8 +63,20 @@ def setup(tmp_path_factory):
     tok.save_pretrained(root / "tok")
     mp = pytest.MonkeyPatch()
     mp.setenv("VQGPT_CACHE", str(root / "cache"))
-    train.main(["lit", "--data", str(folder), "--tokenizer", str(root / "tok"), "--out", str(root / "lit"),
-                "--steps", "60", *LIT])
+    train.main(
+        [
+            "lit",
+            "--data",
+            str(folder),
+            "--tokenizer",
+            str(root / "tok"),
+            "--out",
+            str(root / "lit"),
+            "--steps",
+            "60",
+            *LIT,
+        ]
+    )
     yield root, folder, tok
     mp.undo()
 
@@ -107,7 +133,7 @@ def test_scores_are_batch_independent(setup):
     images, captions = vdata.load_image_tensors(str(folder), "train", 32)
     x, texts = images[:9].float() / 255, captions[:9][::-1]  # mismatched pairs too
     whole = scorer(x, texts)
-    alone = torch.cat([scorer(x[i:i + 1], texts[i:i + 1]) for i in range(9)])
+    alone = torch.cat([scorer(x[i : i + 1], texts[i : i + 1]) for i in range(9)])
     chunked = scorer.score_codes(tok.encode(x), texts, batch_size=4)
     assert whole.shape == (9,) and torch.allclose(whole, alone, atol=1e-5) and torch.allclose(whole, chunked, atol=1e-5)
     sim = scorer.similarity_codes(tok.encode(x), texts)  # (9, 9): its diagonal is the paired score
@@ -121,8 +147,16 @@ def _pipeline(tok: ImageTokenizer, scorer: ImageTextScorer):
 
     text_tok = scorer.text_tokenizer
     torch.manual_seed(1)
-    gpt = GPT(gpt_config("tiny", text_vocab_size=text_tok.vocab_size, text_pad_id=text_tok.pad_id, text_len=8,
-                         image_vocab_size=tok.codebook_size, image_grid=(tok.grid_size, tok.grid_size))).eval()
+    gpt = GPT(
+        gpt_config(
+            "tiny",
+            text_vocab_size=text_tok.vocab_size,
+            text_pad_id=text_tok.pad_id,
+            text_len=8,
+            image_vocab_size=tok.codebook_size,
+            image_grid=(tok.grid_size, tok.grid_size),
+        )
+    ).eval()
     return TextToImage(gpt, tok, text_tok, SamplingConfig(cfg_scale=1.5))
 
 
@@ -145,8 +179,7 @@ def test_rerank_one_is_plain_sampling_and_seeds_reproduce(setup):
     for r in range(6):  # each chosen seed alone redraws its image
         assert torch.equal(pipe.generate_codes([rows[r]], 1, seed=int(seeds[r]))[0], codes[r])
     # resampling rounds: below an unreachable score every round runs, and a row's best only improves
-    more, more_scores, _ = rerank_codes(pipe, PROMPTS, 3, seed=5, rerank=4, scorer=scorer, min_score=2.0,
-                                        max_rounds=3)
+    more, more_scores, _ = rerank_codes(pipe, PROMPTS, 3, seed=5, rerank=4, scorer=scorer, min_score=2.0, max_rounds=3)
     assert torch.all(more_scores >= scores - 1e-6) and not torch.equal(more_scores, scores)
     # the self score is the GPT's evidence for the caption: it is higher for the caption than for the null one
     ev = self_scores(pipe, codes, rows)
@@ -193,8 +226,9 @@ def test_saved_scorer_checks_its_files(setup, tmp_path):
     with pytest.raises(ValueError, match="unknown readout"):
         LiTConfig(readout="pooled")
     scorer = ImageTextScorer.from_pretrained(root / "lit")
-    head = ImageTextScorer(lit_config(tok, scorer.text_tokenizer, head="mlp", readout="latent"), tok,
-                           scorer.text_tokenizer)
+    head = ImageTextScorer(
+        lit_config(tok, scorer.text_tokenizer, head="mlp", readout="latent"), tok, scorer.text_tokenizer
+    )
     head.save_pretrained(tmp_path / "head")
     back = ImageTextScorer.from_pretrained(tmp_path / "head")
     x = torch.rand(3, 3, 32, 32)
@@ -234,15 +268,45 @@ def test_sample_script_reranks_and_refuses_a_foreign_scorer(setup, tmp_path, cap
     root, _, tok = setup
     scorer = ImageTextScorer.from_pretrained(root / "lit")
     _pipeline(tok, scorer).save_pretrained(tmp_path / "t2i")
-    sample.main(["--ckpt", str(tmp_path / "t2i"), "--prompt", PROMPTS[0], "--n", "2", "--rerank", "3", "--scorer",
-                 str(root / "lit"), "--out", str(tmp_path / "grid.png"), "--device", "cpu"])
+    sample.main(
+        [
+            "--ckpt",
+            str(tmp_path / "t2i"),
+            "--prompt",
+            PROMPTS[0],
+            "--n",
+            "2",
+            "--rerank",
+            "3",
+            "--scorer",
+            str(root / "lit"),
+            "--out",
+            str(tmp_path / "grid.png"),
+            "--device",
+            "cpu",
+        ]
+    )
     printed = capsys.readouterr().out
     assert printed.count("score ") == 2 and (tmp_path / "grid.png").is_file()
     other = ImageTextScorer(scorer.config, _tokenizer(7), scorer.text_tokenizer)
     other.save_pretrained(tmp_path / "other")
     with pytest.raises(SystemExit) as exit_:
-        sample.main(["--ckpt", str(tmp_path / "t2i"), "--prompt", PROMPTS[0], "--rerank", "2", "--scorer",
-                     str(tmp_path / "other"), "--out", str(tmp_path / "g2.png"), "--device", "cpu"])
+        sample.main(
+            [
+                "--ckpt",
+                str(tmp_path / "t2i"),
+                "--prompt",
+                PROMPTS[0],
+                "--rerank",
+                "2",
+                "--scorer",
+                str(tmp_path / "other"),
+                "--out",
+                str(tmp_path / "g2.png"),
+                "--device",
+                "cpu",
+            ]
+        )
     err = capsys.readouterr().err
     assert exit_.value.code == 2 and err.startswith("error: the scorer was trained on image tokenizer")
     assert "Traceback" not in err

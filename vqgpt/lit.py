@@ -90,8 +90,15 @@ class TextTower(nn.Module):
         self.pad_id = cfg.text_pad_id
         self.tok_emb = nn.Embedding(cfg.text_vocab_size, cfg.text_dim)
         self.pos_emb = nn.Parameter(torch.randn(cfg.text_len, cfg.text_dim) * 0.02)
-        layer = nn.TransformerEncoderLayer(cfg.text_dim, cfg.text_heads, 4 * cfg.text_dim, dropout=0.0,
-                                           activation="gelu", batch_first=True, norm_first=True)
+        layer = nn.TransformerEncoderLayer(
+            cfg.text_dim,
+            cfg.text_heads,
+            4 * cfg.text_dim,
+            dropout=0.0,
+            activation="gelu",
+            batch_first=True,
+            norm_first=True,
+        )
         self.blocks = nn.TransformerEncoder(layer, cfg.text_layers, enable_nested_tensor=False)
         self.norm = nn.LayerNorm(cfg.text_dim)
         self.proj = nn.Linear(cfg.text_dim, cfg.embed_dim)
@@ -114,11 +121,16 @@ class ImageTextScorer(nn.Module):
     def __init__(self, config: LiTConfig, image_tokenizer: ImageTokenizer, text_tokenizer):
         super().__init__()
         tc = image_tokenizer.config
-        if (config.grid_size, config.codebook_size, config.latent_dim) != (tc.grid_size, tc.codebook_size,
-                                                                           tc.latent_dim):
-            raise ValueError(f"the LiT config expects a {config.grid_size}x{config.grid_size} grid of "
-                             f"{config.codebook_size} codes, the image tokenizer makes {tc.grid_size}x{tc.grid_size} "
-                             f"of {tc.codebook_size}")
+        if (config.grid_size, config.codebook_size, config.latent_dim) != (
+            tc.grid_size,
+            tc.codebook_size,
+            tc.latent_dim,
+        ):
+            raise ValueError(
+                f"the LiT config expects a {config.grid_size}x{config.grid_size} grid of "
+                f"{config.codebook_size} codes, the image tokenizer makes {tc.grid_size}x{tc.grid_size} "
+                f"of {tc.codebook_size}"
+            )
         self.config = config
         # The locked tower is kept out of the module tree: no optimizer, state_dict or .train() ever reaches it.
         object.__setattr__(self, "image_tokenizer", image_tokenizer.eval().requires_grad_(False))
@@ -126,8 +138,9 @@ class ImageTextScorer(nn.Module):
         self.text = TextTower(config)
         self.head = None
         if config.head == "mlp":
-            self.head = nn.Sequential(nn.Linear(config.image_dim, config.head_dim), nn.GELU(),
-                                      nn.Linear(config.head_dim, config.head_dim))
+            self.head = nn.Sequential(
+                nn.Linear(config.image_dim, config.head_dim), nn.GELU(), nn.Linear(config.head_dim, config.head_dim)
+            )
         self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))  # CLIP's initial temperature
 
     @property
@@ -199,7 +212,9 @@ class ImageTextScorer(nn.Module):
         self.eval()
         out = []
         for i in range(0, len(texts), batch_size):
-            out.append(self._cosines(codes[i:i + batch_size], self.embed_texts(texts[i:i + batch_size]), True).cpu())
+            out.append(
+                self._cosines(codes[i : i + batch_size], self.embed_texts(texts[i : i + batch_size]), True).cpu()
+            )
         self.train(was)
         return torch.cat(out) if out else torch.zeros(0)
 
@@ -208,7 +223,7 @@ class ImageTextScorer(nn.Module):
         """(N_images, N_texts) cosine similarities: retrieval and zero-shot classification."""
         was = self.training
         self.eval()
-        txt = torch.cat([self.embed_texts(texts[i:i + batch_size]) for i in range(0, len(texts), batch_size)])
+        txt = torch.cat([self.embed_texts(texts[i : i + batch_size]) for i in range(0, len(texts), batch_size)])
         sim = torch.cat([self._cosines(c, txt).cpu() for c in codes.split(batch_size)])
         self.train(was)
         return sim
@@ -221,8 +236,10 @@ class ImageTextScorer(nn.Module):
         """A scorer reads the codes of the tokenizer it was trained against; any other one is refused."""
         mine, theirs = self.image_tokenizer.fingerprint(), image_tokenizer.fingerprint()
         if mine != theirs:
-            raise ValueError(f"the scorer was trained on image tokenizer {mine}, but {what} uses {theirs}: train "
-                             f"a scorer on this tokenizer (`python train.py lit --tokenizer DIR`)")
+            raise ValueError(
+                f"the scorer was trained on image tokenizer {mine}, but {what} uses {theirs}: train "
+                f"a scorer on this tokenizer (`python train.py lit --tokenizer DIR`)"
+            )
 
     # --- training ---------------------------------------------------------------------------------------
     def loss(self, text_ids: torch.Tensor, codes: torch.Tensor) -> tuple[torch.Tensor, dict]:
@@ -242,9 +259,12 @@ class ImageTextScorer(nn.Module):
 
     # --- persistence ------------------------------------------------------------------------------------
     def config_dict(self) -> dict:
-        return {"model_type": MODEL_TYPE, "lit": self.config.to_dict(),
-                "image_tokenizer": self.image_tokenizer.fingerprint(),
-                "text_tokenizer": self.text_tokenizer.fingerprint()}
+        return {
+            "model_type": MODEL_TYPE,
+            "lit": self.config.to_dict(),
+            "image_tokenizer": self.image_tokenizer.fingerprint(),
+            "text_tokenizer": self.text_tokenizer.fingerprint(),
+        }
 
     def save_pretrained(self, path: str | os.PathLike, state: dict | None = None) -> None:
         path = Path(path)
@@ -259,11 +279,16 @@ class ImageTextScorer(nn.Module):
         from .text import TextTokenizer
 
         path = Path(path)
-        missing = [n for n in ("config.json", "model.safetensors", "image_tokenizer", "text_tokenizer")
-                   if not (path / n).exists()]
+        missing = [
+            n
+            for n in ("config.json", "model.safetensors", "image_tokenizer", "text_tokenizer")
+            if not (path / n).exists()
+        ]
         if missing:
-            raise FileNotFoundError(f"{path} is not an ImageTextScorer: missing {', '.join(missing)} (train one "
-                                    f"with `python train.py lit --out {path}`)")
+            raise FileNotFoundError(
+                f"{path} is not an ImageTextScorer: missing {', '.join(missing)} (train one "
+                f"with `python train.py lit --out {path}`)"
+            )
         raw = read_json_file(path / "config.json")
         if raw.get("model_type") != MODEL_TYPE:
             raise ValueError(f"{path / 'config.json'} describes {raw.get('model_type')!r}, not {MODEL_TYPE!r}")
@@ -273,8 +298,10 @@ class ImageTextScorer(nn.Module):
         text_tok = TextTokenizer.from_pretrained(path / "text_tokenizer")
         for name, tok in (("image_tokenizer", image_tok), ("text_tokenizer", text_tok)):
             if raw.get(name) and raw[name] != tok.fingerprint():
-                raise ValueError(f"{path / name} is not the {name.replace('_', ' ')} this scorer was trained with "
-                                 f"(fingerprint {tok.fingerprint()}, config.json expects {raw[name]})")
+                raise ValueError(
+                    f"{path / name} is not the {name.replace('_', ' ')} this scorer was trained with "
+                    f"(fingerprint {tok.fingerprint()}, config.json expects {raw[name]})"
+                )
         scorer = cls(LiTConfig.from_dict(raw["lit"]), image_tok, text_tok)
         load_state_strict(scorer, str(path / "model.safetensors"))
         return scorer.to(device).eval()
@@ -283,8 +310,14 @@ class ImageTextScorer(nn.Module):
 def lit_config(image_tokenizer: ImageTokenizer, text_tokenizer, **overrides) -> LiTConfig:
     """The config of a scorer over these two tokenizers (overrides: readout, head, text_dim, ...)."""
     tc = image_tokenizer.config
-    return LiTConfig(grid_size=tc.grid_size, codebook_size=tc.codebook_size, latent_dim=tc.latent_dim,
-                     text_vocab_size=text_tokenizer.vocab_size, text_pad_id=text_tokenizer.pad_id, **overrides)
+    return LiTConfig(
+        grid_size=tc.grid_size,
+        codebook_size=tc.codebook_size,
+        latent_dim=tc.latent_dim,
+        text_vocab_size=text_tokenizer.vocab_size,
+        text_pad_id=text_tokenizer.pad_id,
+        **overrides,
+    )
 
 
 # --- evaluation ---------------------------------------------------------------------------------------------
@@ -300,4 +333,3 @@ def retrieval_recall(sim: torch.Tensor, texts: list[str], images_captions: list[
         hits = [any(images_captions[j] == t for j in order[i, :k].tolist()) for i, t in enumerate(distinct)]
         out[f"retrieval_r{k}"] = sum(hits) / max(len(hits), 1)
     return out
-

@@ -41,8 +41,8 @@ def self_scores(pipe, codes: torch.Tensor, texts: list[str], batch_size: int = 6
     gpt.eval()
     device = gpt.head.weight.device
     for i in range(0, len(texts), batch_size):
-        c = codes[i:i + batch_size].flatten(1).to(device)  # (b, h*w)
-        ids = pipe.text_tokenizer(texts[i:i + batch_size], gpt.config.text_len).to(device)
+        c = codes[i : i + batch_size].flatten(1).to(device)  # (b, h*w)
+        ids = pipe.text_tokenizer(texts[i : i + batch_size], gpt.config.text_len).to(device)
         null = torch.full_like(ids, gpt.config.text_pad_id)
         logp = F.log_softmax(gpt(torch.cat([ids, null]), torch.cat([c, c])).float(), -1)  # (2b, h*w, V)
         per_row = logp.gather(-1, torch.cat([c, c])[..., None]).squeeze(-1).sum(1)  # (2b,)
@@ -63,8 +63,9 @@ def resolve_scorer(pipe, scorer, device=None):
         scorer = ImageTextScorer.from_pretrained(scorer, device=device or pipe.device)
     if scorer != SELF:
         if not hasattr(scorer, "score_codes"):
-            raise ValueError(f"scorer must be an ImageTextScorer, a directory of one, or 'self'; got "
-                             f"{type(scorer).__name__}")
+            raise ValueError(
+                f"scorer must be an ImageTextScorer, a directory of one, or 'self'; got {type(scorer).__name__}"
+            )
         scorer.check_image_tokenizer(pipe.image_tokenizer)
     return scorer
 
@@ -76,10 +77,20 @@ def score_codes(pipe, scorer, codes: torch.Tensor, texts: list[str]) -> torch.Te
     return scorer.score_codes(codes, texts)
 
 
-def rerank_codes(pipe, prompts: str | list[str], num_images: int = 1, *, seed: int | list[int] = 0,
-                 rerank: int = 8, scorer=None, min_score: float | None = None, max_rounds: int = 1,
-                 batch_size: int = 64, negative_prompt: str | list[str] | None = None,
-                 **kw) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
+def rerank_codes(
+    pipe,
+    prompts: str | list[str],
+    num_images: int = 1,
+    *,
+    seed: int | list[int] = 0,
+    rerank: int = 8,
+    scorer=None,
+    min_score: float | None = None,
+    max_rounds: int = 1,
+    batch_size: int = 64,
+    negative_prompt: str | list[str] | None = None,
+    **kw,
+) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
     """(codes (R, h, w), scores (R,), seeds) for R = len(prompts) * num_images rows, prompt-major: each row the
     best of `rerank` candidates, all drawn in one call of `pipe.generate_codes` (batch_size rows at a time).
     seed: an int (row r's plain seed is seed + r) or one seed per row, as for the pipeline. With min_score,
@@ -106,8 +117,9 @@ def rerank_codes(pipe, prompts: str | list[str], num_images: int = 1, *, seed: i
         seeds = candidate_seeds(row_seeds, rerank, q)[:, todo]  # (N, r)
         texts = [rows[i] for i in todo.tolist()] * rerank  # candidate-major, as seeds.flatten()
         neg = None if negatives is None else [negatives[i] for i in todo.tolist()] * rerank
-        codes = pipe.generate_codes(texts, 1, seeds.flatten().tolist(), batch_size=batch_size, negative_prompt=neg,
-                                    **kw).cpu()  # (N * r, h, w)
+        codes = pipe.generate_codes(
+            texts, 1, seeds.flatten().tolist(), batch_size=batch_size, negative_prompt=neg, **kw
+        ).cpu()  # (N * r, h, w)
         scores = score_codes(pipe, scorer, codes, texts).float().reshape(rerank, len(todo))  # (N, r)
         top, k = scores.max(0)  # (r,): the first best candidate on ties
         pick = torch.arange(len(todo))
