@@ -122,9 +122,10 @@ class ConvHead(nn.Module):
 
     Why convolutions: a linear function of the grid (the locked readouts, or the first layer of the MLP head)
     is a sum of per-(position, code) weights, and in a new combination the codes at a shape's rim are ones
-    no training image had at that place in that colour: a linear probe of the one-hot grid reads shape at
-    0.98 on training combinations and 0.48 on held-out ones, a probe of two 3x3 convolutions on the latents (then a max
-    pool) 0.998 and 0.994 (docs/RESULTS.md). Shared filters learn what an edge of each silhouette looks like in any colour."""
+    no training image had at that place in that colour. On shapes, a linear probe of the one-hot grid reads
+    shape at 0.985 on training combinations and 0.477 on held-out ones; a probe of two 3x3 convolutions on the
+    latents (then a max pool) at 0.998 and 0.994. Shared filters learn what a silhouette's edge looks like in
+    any colour."""
 
     def __init__(self, cfg: LiTConfig):
         super().__init__()
