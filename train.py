@@ -188,8 +188,9 @@ def add_lit_parser(sub) -> None:
     lit.add_argument(
         "--head",
         default="none",
-        choices=["none", "mlp"],
-        help="none: the image side is fully locked (LiT); mlp: a small trainable image head",
+        choices=["none", "mlp", "conv"],
+        help="none: the image side is fully locked (LiT); mlp / conv: a small trainable image head over the "
+        "locked grid (conv: 3x3 convolutions shared by the positions)",
     )
     lit.add_argument("--text-dim", type=int, default=128, help="width of the text tower")
     lit.add_argument("--text-layers", type=int, default=2, help="transformer blocks of the text tower")

@@ -310,3 +310,52 @@ def test_sample_script_reranks_and_refuses_a_foreign_scorer(setup, tmp_path, cap
     err = capsys.readouterr().err
     assert exit_.value.code == 2 and err.startswith("error: the scorer was trained on image tokenizer")
     assert "Traceback" not in err
+
+
+def _batch(scorer, captions, n=6):
+    """n distinct captions and random code grids of the scorer's tokenizer."""
+    g, V = scorer.config.grid_size, scorer.config.codebook_size
+    return scorer.text_ids(captions[:n]), torch.randint(0, V, (n, g, g), generator=torch.Generator().manual_seed(0))
+
+
+def test_hard_negatives_and_ignored_pairs_enter_the_loss(setup):
+    root, _, _ = setup
+    scorer = ImageTextScorer.from_pretrained(root / "lit")
+    captions = [f"a {c} square on the {s}" for c in COLORS for s in ("left", "right")]
+    ids, codes = _batch(scorer, captions)
+    with torch.no_grad():
+        plain = scorer.loss(ids, codes)[0]
+        # every pair but the true one left out: each softmax holds its positive alone, so the loss is 0
+        alone = scorer.loss(ids, codes, ignore=~torch.eye(6, dtype=torch.bool))[0]
+        assert torch.isfinite(alone) and alone.item() == pytest.approx(0.0, abs=1e-6)
+        assert scorer.loss(ids, codes, ignore=torch.zeros(6, 6, dtype=torch.bool))[0].item() == pytest.approx(
+            plain.item(), abs=1e-6
+        )
+        # extra captions for each image only add terms to its softmax: the loss rises, and stays finite
+        negatives = scorer.text_ids([captions[(i + 1) % 8] for i in range(6) for _ in range(2)]).reshape(6, 2, -1)
+        hard = scorer.loss(ids, codes, negative_ids=negatives)[0]
+        assert torch.isfinite(hard) and hard.item() > plain.item()
+
+
+def test_conv_head_scores_batch_independently_and_round_trips(setup, tmp_path):
+    root, _, tok = setup
+    text_tok = ImageTextScorer.from_pretrained(root / "lit").text_tokenizer
+    torch.manual_seed(0)
+    conv = ImageTextScorer(
+        lit_config(tok, text_tok, head="conv", readout="latent", head_width=8, head_layers=2), tok, text_tok
+    )
+    assert conv.config.embed_dim == conv.config.head_dim
+    assert not any(p is q for p in conv.parameters() for q in tok.parameters())
+    x = torch.rand(5, 3, 32, 32)
+    texts = (PROMPTS * 3)[:5]
+    whole = conv(x, texts)
+    alone = torch.cat([conv(x[i : i + 1], texts[i : i + 1]) for i in range(5)])
+    assert whole.shape == (5,) and torch.allclose(whole, alone, atol=1e-5)
+    conv.save_pretrained(tmp_path / "conv")
+    back = ImageTextScorer.from_pretrained(tmp_path / "conv")
+    assert back.config == conv.config and torch.allclose(back(x, texts), whole, atol=1e-6)
+    loss, _ = conv.loss(*_batch(conv, [f"a {c} square on the {s}" for c in COLORS for s in ("left", "right")]))
+    loss.backward()  # the head learns; the locked tower gets no gradient
+    assert conv.head.proj.weight.grad is not None and all(p.grad is None for p in tok.parameters())
+    with pytest.raises(ValueError, match="head_layers"):
+        LiTConfig(head="conv", head_layers=0)
