@@ -35,9 +35,9 @@ DEMO = {
     "gpt": dict(data="openmoji", preset="demo", steps=3200, batch_size=16, lr=1e-3, eval_every=800),
     "lit": dict(data="openmoji", preset="small", steps=1500, batch_size=256, lr=1e-3),  # not part of the demo
 }  # eval_every: the GPT evaluates (held-out bits, two 8 x 4 sample grids) 4 times, not 7 (bench/demo_levers.py)
-# Batches of 16 (docs/RESULTS.md, "the demo in 20 minutes"): the tokenizer clears 21 dB on half the images
-# of the earlier recipe at a higher rate, and the GPT memorises about as fast per step as with 32 at a lower one.
-# What the demo adds to its GPT stage (README, "Recall on openmoji"). It leaves out the 1,945 skin-tone
+# Batches of 16 (docs/RESULTS.md, "the demo in 20 minutes"): at a higher rate the tokenizer clears 21 dB on 58%
+# of the earlier recipe's images; at a lower rate the GPT memorises enough for recall 12 / 16 in half the work.
+# What the demo adds to its GPT stage (docs/RESULTS.md, "Recall on openmoji"). It leaves out the 1,945 skin-tone
 # variants, recolourings of other drawings, so that the model memorises 1,907 distinct drawings more often;
 # a 12-token text context (8 of the 2,015 such captions are longer); and sampling defaults near the mode,
 # where a model this small draws the prompted drawing more often (guidance did not help that).
