@@ -123,3 +123,17 @@ def test_foreign_tokenizer_without_pad_gets_one_and_no_specials(tmp_path):
     assert tok.vocab_size == 6 and tok.pad_id == 5
     ids = tok(["a green apple", ""], length=5)
     assert ids.tolist() == [[1, 2, 3, 5, 5], [5, 5, 5, 5, 5]]
+
+
+def test_training_counts_truncated_captions_once_at_the_start(tok, capsys):
+    """The GPT and LiT stages say at their start how many captions the context cuts (also when --text-len
+    sets it), and their batches then encode without repeating it."""
+    from vqgpt.stages import fit_text_len
+
+    long = "a small blue circle in the top left corner on a black background"
+    captions = [long] * 3 + ["rocket"] * 13
+    assert fit_text_len(tok, captions, given=6) == 6
+    assert "3 of 16 captions looked at are longer" in capsys.readouterr().out
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert tok(captions, length=6, warn=False).shape == (16, 6)

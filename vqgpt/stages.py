@@ -404,12 +404,16 @@ def spread(rows: np.ndarray, n: int) -> np.ndarray:
     return rows[np.linspace(0, len(rows) - 1, n).round().astype(np.int64)]
 
 
-def fit_text_len(text_tok, captions: list[str], quantile: float = 0.99, verbose: bool = True) -> int:
-    """The text context: long enough for 99% of the captions, rounded up to a multiple of 8, at most
-    MAX_TEXT_LEN (one very long caption among a few would otherwise set it, and every step pays for it)."""
+def fit_text_len(text_tok, captions: list[str], given: int | None = None, verbose: bool = True) -> int:
+    """The text context: `given` (--text-len), else long enough for 99% of the captions, rounded up to a multiple
+    of 8, at most MAX_TEXT_LEN (one very long caption among a few would otherwise set it, and every step pays
+    for it). How many captions it truncates is said here, once, not by every batch."""
     lengths = sorted(len(text_tok.hf(c)["input_ids"]) for c in captions[:5000])
-    need = lengths[min(len(lengths) - 1, int(quantile * len(lengths)))]
-    text_len = min(MAX_TEXT_LEN, max(8, -(-need // 8) * 8))
+    if given:
+        text_len = given
+    else:
+        need = lengths[min(len(lengths) - 1, int(0.99 * len(lengths)))]
+        text_len = min(MAX_TEXT_LEN, max(8, -(-need // 8) * 8))
     cut = sum(n > text_len for n in lengths)
     if cut and verbose:
         print(
@@ -424,11 +428,11 @@ def caption_batches(
     args: argparse.Namespace, store, rows: np.ndarray, text_tok, text_len: int, start: int, d: Dist, per_rank: int
 ):
     """This rank's rows of each step's batch from `start` on, read from the memory-mapped store: (text ids
-    (B, T_text), codes (B, h*w)) on the device."""
+    (B, T_text), codes (B, h*w)) on the device. Truncated captions were counted once, at the start."""
     for step in range(start, args.steps):
         pos = epoch_batch(len(rows), step, args.batch_size, args.seed)[d.rank * per_rank : (d.rank + 1) * per_rank]
         idx = rows[pos.numpy()]
-        yield text_tok(store.captions(idx), text_len).to(d.device), store.codes(idx).to(d.device)
+        yield text_tok(store.captions(idx), text_len, warn=False).to(d.device), store.codes(idx).to(d.device)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -537,6 +541,7 @@ def gpt_text_and_config(
             "lora_alpha": args.lora_alpha,
             "new_token_ids": sorted(new_ids),
         }
+        fit_text_len(text_tok, captions, config.text_len, verbose=d.main)  # says how many the model's context cuts
     else:
         if args.lora_rank:
             raise ValueError("--lora-rank needs --init: adapters fine-tune a trained model")
@@ -545,7 +550,7 @@ def gpt_text_and_config(
             if args.text_tokenizer
             else TextTokenizer.train(captions, vocab_size=args.text_vocab)
         )
-        text_len = args.text_len or fit_text_len(text_tok, captions, verbose=d.main)
+        text_len = fit_text_len(text_tok, captions, args.text_len, verbose=d.main)
         overrides = {
             k: v
             for k, v in (("cfg_dropout", args.cfg_dropout), ("text_loss_weight", args.text_loss_weight))
@@ -761,7 +766,7 @@ def lit_text_and_config(args: argparse.Namespace, resume, image_tok: ImageTokeni
         head=args.head,
         text_dim=args.text_dim,
         text_layers=args.text_layers,
-        text_len=args.text_len or fit_text_len(text_tok, captions, verbose=d.main),
+        text_len=fit_text_len(text_tok, captions, args.text_len, verbose=d.main),
     )
     return text_tok, config
 

@@ -88,8 +88,9 @@ class TextTokenizer:
     def pad_id(self) -> int:
         return int(self.hf.pad_token_id)
 
-    def __call__(self, captions: list[str], length: int) -> torch.LongTensor:
-        """Encode to (B, length) ids, right-padded with `pad_id`; longer captions are truncated.
+    def __call__(self, captions: list[str], length: int, warn: bool = True) -> torch.LongTensor:
+        """Encode to (B, length) ids, right-padded with `pad_id`; longer captions are truncated, with a warning
+        unless `warn` is False (a training loop that counted them once at its start).
 
         No BOS/EOS/CLS are added, so "" encodes to all PAD (the null caption).
         """
@@ -107,7 +108,7 @@ class TextTokenizer:
                 n_long += 1
                 seq = seq[:length]
             ids[row, : len(seq)] = torch.tensor(seq, dtype=torch.long)
-        if n_long:
+        if n_long and warn:
             warnings.warn(
                 f"{n_long} of {len(captions)} captions were longer than the {length}-token text context "
                 "and were truncated",
